@@ -1,0 +1,102 @@
+"""Step 0: fetch the training data, the benchmark and a base model.
+
+Two modes:
+* ``--sample`` (the default, and the only one that works offline): install the embedded default, our own small sample
+  in the release formats from ``assets/sample/`` into ``data/raw/sample/`` and SmolLM2-135M-Instruct converted from
+  GGUF into ``models/SmolLM2-135M-Instruct``. Idempotent.
+* ``--hub``: download FreedomIntelligence/ApolloMoEDataset, FreedomIntelligence/ApolloMoEBench and ``--model`` with
+  huggingface_hub into ``data/raw/hub/`` and ``models/``, then split data and bench into major and minor parts
+  (the reference's extract step, which never ran there because of a misspelled main guard).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..common.io import read_json, write_json
+from .embedded import DEFAULT_MODEL_NAME, convert_gguf
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE_DIR = ROOT / "assets" / "sample"
+SAMPLE_FILES = ("bench_test.json", "bench_dev.json", "train.json")
+HUB_DATASET = "FreedomIntelligence/ApolloMoEDataset"
+HUB_BENCH = "FreedomIntelligence/ApolloMoEBench"
+
+
+def split_by_class(records: list, path: Path) -> dict[str, list]:
+    """Split release records on their ``class`` field ('major'/'minor'); a record without it is an error."""
+    from ..common.errors import DataError
+
+    parts: dict[str, list] = {"major": [], "minor": []}
+    for i, rec in enumerate(records):
+        cls = rec.get("class") if isinstance(rec, dict) else None
+        if cls not in parts:
+            raise DataError(path, i, "class", f"expected 'major' or 'minor', got {cls!r}")
+        parts[cls].append(rec)
+    return parts
+
+
+def install_sample(data_dir: Path, models_dir: Path) -> dict:
+    out = data_dir / "sample"
+    out.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in SAMPLE_FILES:
+        src, dst = SAMPLE_DIR / name, out / name
+        if not dst.exists() or dst.read_bytes() != src.read_bytes():
+            shutil.copyfile(src, dst)
+            copied.append(name)
+    model_dir = models_dir / DEFAULT_MODEL_NAME
+    t = time.time()
+    converted = convert_gguf(model_dir)
+    return {"mode": "sample", "data": str(out), "files_copied": copied, "files_up_to_date": len(SAMPLE_FILES) - len(copied),
+            "model": str(model_dir), "model_converted": converted,
+            "model_seconds": round(time.time() - t, 1) if converted else 0.0}
+
+
+def download_hub(data_dir: Path, models_dir: Path, model: str, dataset_file: str, bench_file: str) -> dict:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise SystemExit("--hub needs network access to the Hugging Face hub, but HF_HUB_OFFLINE=1 is set")
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    hub_dir = data_dir / "hub"
+    report: dict = {"mode": "hub", "model": model}
+    for repo, fname, stem in ((HUB_DATASET, dataset_file, "train"), (HUB_BENCH, bench_file, "bench")):
+        local = Path(hf_hub_download(repo_id=repo, filename=fname, repo_type="dataset", local_dir=hub_dir / repo.split("/")[1]))
+        parts = split_by_class(read_json(local), local)
+        for cls, recs in parts.items():
+            write_json(hub_dir / f"{stem}_{cls}.json", recs, indent=None)
+        report[stem] = {"file": str(local), **{cls: len(recs) for cls, recs in parts.items()}}
+    model_dir = models_dir / model.split("/")[-1]
+    snapshot_download(repo_id=model, local_dir=model_dir)
+    report["model_dir"] = str(model_dir)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="0.download_data.sh", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--sample", action="store_true", help="install the embedded default (default)")
+    mode.add_argument("--hub", action="store_true", help="download the real data, bench and --model from the hub")
+    p.add_argument("--model", default="Qwen/Qwen2-0.5B", help="base model repo id for --hub (default: %(default)s)")
+    p.add_argument("--dataset-file", default="ApolloMoEDataset.json",
+                   help="file of the dataset repo to fetch with --hub (the 609 MB ApolloMoEDataset_sample.json "
+                        "is a smaller alternative; default: %(default)s)")
+    p.add_argument("--bench-file", default="ApolloMoEBench.json", help="file of the bench repo (default: %(default)s)")
+    p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "raw")
+    p.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    args = p.parse_args(argv)
+    if args.hub:
+        report = download_hub(args.data_dir, args.models_dir, args.model, args.dataset_file, args.bench_file)
+    else:
+        report = install_sample(args.data_dir, args.models_dir)
+    print("[step 0] " + ", ".join(f"{k}={v}" for k, v in report.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Step 1: build k-shot XMedBench prompts (test.jsonl, dev.jsonl) for one model's chat format.
+
+Each output line is one item: a stable ``id``, ``source``, ``language``, ``family``, the full ``prompt``, the gold
+``answer`` letter, the item's option ``letters``, the ``shots`` used (ids), ``prompt_tokens``, the ``answer_phrase``
+(for log-likelihood scoring), and the original ``question``/``options``/``context``.
+
+Shots are drawn (seeded) from the dev pool of the same source when a dev file is given, else from the other test
+items of the same source. Prompts must fit ``--max-tokens`` tokens of the model's tokenizer: shots are dropped first;
+an item that does not fit even with zero shots is left out and listed in the report and the rejects file.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..common.chat_formats import FORMAT_NAMES, resolve_format
+from ..common.io import write_json, write_jsonl
+from ..common.languages import family_id
+from .bench_items import BenchItem, load_bench
+from .prompts import PromptBuilder, candidate_shots
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "data" / "raw" / "sample"
+DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
+
+
+def _token_counts(tokenizer, texts: list[str], desc: str, batch: int = 2048) -> list[int]:
+    out: list[int] = []
+    for i in tqdm(range(0, len(texts), batch), desc=desc, unit="batch", leave=False, disable=len(texts) < batch):
+        out += [len(ids) for ids in tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"]]
+    return out
+
+
+def build_split(items: list[BenchItem], pools: dict[str, list[BenchItem]], builder: PromptBuilder, tokenizer,
+                k: int, seed: int, fixed: bool, max_tokens: int, split: str) -> tuple[list[dict], dict, list[dict]]:
+    """Prompts for one split. Returns (records, report, over-budget rejects)."""
+    shots = [candidate_shots(it, pools.get(it.source, []), k, seed, fixed) for it in items]
+    prompts = [builder.prompt(s, it) for s, it in zip(shots, items)]
+    lengths = _token_counts(tokenizer, prompts, f"{split}: tokenizing")
+    # Over budget: drop the last shot and measure again until it fits (rare, so re-tokenizing is cheap).
+    for i in [i for i, n in enumerate(lengths) if n > max_tokens]:
+        while lengths[i] > max_tokens and shots[i]:
+            shots[i] = shots[i][:-1]
+            prompts[i] = builder.prompt(shots[i], items[i])
+            lengths[i] = _token_counts(tokenizer, [prompts[i]], "")[0]
+    records, too_long = [], []
+    for it, sh, prompt, n in zip(items, shots, prompts, lengths):
+        if n > max_tokens:
+            too_long.append({"index": it.index, "id": it.id, "field": "prompt",
+                             "reason": f"prompt has {n} tokens with zero shots, over the budget of {max_tokens}"})
+            continue
+        records.append({
+            "id": it.id, "source": it.source, "language": it.language, "family": family_id(it.language),
+            "prompt": prompt, "answer": it.answer, "letters": it.letters, "shots": [s.id for s in sh],
+            "prompt_tokens": n, "answer_phrase": builder.answer_phrase(it),
+            "question": it.question, "options": it.options_block(), "context": it.context,
+        })
+    n_shots = Counter(len(r["shots"]) for r in records)
+    report = {
+        "read": len(items), "written": len(records), "over_budget": len(too_long),
+        "shots_histogram": {str(n): c for n, c in sorted(n_shots.items())},
+        "fewer_than_k_shots": sum(c for n, c in n_shots.items() if n < k),
+        "by_source": dict(sorted(Counter(r["source"] for r in records).items())),
+        "by_language": dict(sorted(Counter(r["language"] for r in records).items())),
+        "max_prompt_tokens": max((r["prompt_tokens"] for r in records), default=0),
+    }
+    return records, report, too_long
+
+
+def _by_source(items: list[BenchItem]) -> dict[str, list[BenchItem]]:
+    pools: dict[str, list[BenchItem]] = defaultdict(list)
+    for it in items:
+        pools[it.source].append(it)
+    return dict(pools)
+
+
+def _dev_sample(test: list[BenchItem], fraction: float, seed: int) -> list[BenchItem]:
+    """The reference's dev set (utils/gen_dev.py) but seeded: a fraction of each source's test items."""
+    out = []
+    for source, items in sorted(_by_source(test).items()):
+        rng = random.Random(f"{seed}|dev|{source}")
+        out += sorted(rng.sample(items, max(1, int(len(items) * fraction))), key=lambda it: it.index)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="1.data_process_test_dev.sh", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", type=Path, default=SAMPLE / "bench_test.json", help="test items (default: the sample)")
+    p.add_argument("--dev", type=Path, default=None,
+                   help="dev items: the shot pool and dev.jsonl (default: the sample's dev file when --bench is the "
+                        "sample; without one, dev.jsonl is a seeded 10%% sample of test, as in the reference)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="tokenizer/config to format and count tokens for")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: data/sample_<model> for the sample, else data/<bench>_<model>)")
+    p.add_argument("--shots", type=int, default=3, help="shots per prompt (default: %(default)s)")
+    p.add_argument("--shot-mode", choices=["per-item", "fixed"], default="per-item",
+                   help="per-item: shots drawn for each item (reference); fixed: the same shots for every item of a "
+                        "source (shared prefix, cacheable in step 4)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-tokens", type=int, default=4096, help="prompt budget in tokens (default: %(default)s)")
+    p.add_argument("--format", choices=FORMAT_NAMES, default=None, help="chat format (default: from the model)")
+    p.add_argument("--dev-fraction", type=float, default=0.1, help="dev share of test when no --dev is given")
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="malformed items: stop with an error (default) or write them to rejects.jsonl and go on")
+    args = p.parse_args(argv)
+    if args.dev is None and args.bench == SAMPLE / "bench_test.json":
+        args.dev = SAMPLE / "bench_dev.json"
+    stem = "sample" if args.bench == SAMPLE / "bench_test.json" else args.bench.stem
+    out = args.out or ROOT / "data" / f"{stem}_{Path(args.model).name}"
+    t0 = time.time()
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    try:
+        config = AutoConfig.from_pretrained(args.model)
+    except (OSError, ValueError):
+        config = None
+    fmt = resolve_format(tokenizer, config, args.format)
+    builder = PromptBuilder(fmt)
+    skip = args.on_error == "skip"
+
+    test, rejects = load_bench(args.bench, skip)
+    if args.dev:
+        dev, dev_rejects = load_bench(args.dev, skip)
+        rejects += dev_rejects
+        pool = _by_source(dev)
+        missing = sorted(set(_by_source(test)) - set(pool))
+        for source in missing:  # a source with no dev items draws its shots from its own test items
+            pool[source] = _by_source(test)[source]
+    else:
+        dev, missing = _dev_sample(test, args.dev_fraction, args.seed), []
+        pool = _by_source(test)
+
+    fixed = args.shot_mode == "fixed"
+    test_rec, test_rep, test_long = build_split(test, pool, builder, tokenizer, args.shots, args.seed, fixed,
+                                                args.max_tokens, "test")
+    dev_pool = _by_source(dev) if args.dev else pool
+    dev_rec, dev_rep, dev_long = build_split(dev, dev_pool, builder, tokenizer, args.shots, args.seed, fixed,
+                                             args.max_tokens, "dev")
+    rejects += [{"file": str(args.bench), **r} for r in test_long] + \
+               [{"file": str(args.dev or args.bench), **r} for r in dev_long]
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "test.jsonl", test_rec)
+    write_jsonl(out / "dev.jsonl", dev_rec)
+    write_jsonl(out / "rejects.jsonl", rejects)
+    report = {
+        "bench": str(args.bench), "dev": str(args.dev) if args.dev else None, "model": str(args.model),
+        "format": fmt.to_dict(), "shots": args.shots, "shot_mode": args.shot_mode, "seed": args.seed,
+        "max_tokens": args.max_tokens,
+        "shot_pool": "dev items of the same source" if args.dev else "other test items of the same source",
+        "sources_without_dev_items": missing,
+        "dev_is_subset_of_test": not args.dev,
+        "rejected_malformed": len(rejects) - len(test_long) - len(dev_long),
+        "test": test_rep, "dev": dev_rep,
+    }
+    write_json(out / "report.json", report)
+    print(f"[step 1] format={fmt.name} shots={args.shots} ({args.shot_mode}) seed={args.seed} -> {out}")
+    for split, rep in (("test", test_rep), ("dev", dev_rep)):
+        print(f"  {split}: read {rep['read']}, wrote {rep['written']}, over budget {rep['over_budget']}, "
+              f"fewer than {args.shots} shots {rep['fewer_than_k_shots']}, languages {len(rep['by_language'])}, "
+              f"longest prompt {rep['max_prompt_tokens']} tokens")
+    print(f"  malformed items rejected: {report['rejected_malformed']}"
+          + (f" (see {out / 'rejects.jsonl'})" if rejects else ""))
+    if not args.dev:
+        print("  note: no --dev given, so dev.jsonl is a sample of test (checkpoint selection on it leaks test)")
+    print(f"  done in {time.time() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

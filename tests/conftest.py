@@ -1,0 +1,64 @@
+"""Shared fixtures. Every test runs offline; tests on the real data in ../shared skip when it is absent."""
+from __future__ import annotations
+
+import os
+
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[_var] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "xmedbench"
+SAMPLE = ROOT / "assets" / "sample"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real XMedBench slice beside the checkout (absent on a user's machine: the test is skipped)."""
+    if not (SHARED / "bench_test.json").is_file():
+        pytest.skip("../shared/data/xmedbench is not present")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded default model as an HF folder (converted from the GGUF file once, as step 0 does)."""
+    from src.download.embedded import DEFAULT_MODEL_NAME, convert_gguf
+
+    path = ROOT / "models" / DEFAULT_MODEL_NAME
+    convert_gguf(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def make_tiny_llama(tokenizer, out_dir: Path, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+    """A tiny random Llama-architecture model with a real tokenizer, saved as an HF folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A tiny random Llama (2 layers, hidden 64) with SmolLM2's tokenizer: fast enough for any CPU test."""
+    return make_tiny_llama(smollm2_tokenizer, tmp_path_factory.mktemp("tiny_llama"))
