@@ -33,6 +33,86 @@ def iter_jsonl(path) -> Iterator[dict]:
                 raise DataError(path, f"line {lineno}", None, f"invalid JSON: {e.msg}") from None
 
 
+def iter_json_array(path, chunk_chars: int = 1 << 20) -> Iterator[object]:
+    """Yield the elements of a top-level JSON list one at a time, reading the file in chunks.
+
+    The release training file is ~13.5 GB; ``json.load`` would need several times that in memory."""
+    path = Path(path)
+    decoder = json.JSONDecoder()
+    with path.open(encoding="utf-8") as f:
+        buf, pos, eof, index = "", 0, False, 0
+
+        def fill() -> bool:
+            nonlocal buf, pos, eof
+            more = f.read(chunk_chars)
+            eof = not more
+            buf, pos = buf[pos:] + more, 0
+            return bool(more)
+
+        def skip_space():
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos].isspace():
+                    pos += 1
+                if pos < len(buf) or not fill():
+                    return
+
+        skip_space()
+        if buf[pos:pos + 1] != "[":
+            raise DataError(path, "(top level)", None, "expected a JSON list")
+        pos += 1
+        skip_space()
+        if buf[pos:pos + 1] == "]":
+            return
+        while True:
+            try:
+                obj, end = decoder.raw_decode(buf, pos)
+                if end == len(buf) and not eof:  # a number or literal may continue in the next chunk
+                    raise json.JSONDecodeError("incomplete", buf, end)
+            except json.JSONDecodeError as e:
+                if not eof and fill():
+                    continue
+                raise DataError(path, index, None, f"invalid JSON: {e.msg}") from None
+            yield obj
+            index += 1
+            pos = end
+            skip_space()
+            sep = buf[pos:pos + 1]
+            if sep == "]":
+                return
+            if sep != ",":
+                raise DataError(path, index, None, f"invalid JSON: expected ',' or ']' after record {index - 1}")
+            pos += 1
+            skip_space()
+            if pos > chunk_chars:  # drop what has been parsed so the buffer stays about one chunk long
+                buf, pos = buf[pos:], 0
+
+
+class JsonArrayWriter:
+    """Write a JSON list element by element (the counterpart of ``iter_json_array``), atomically on close."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self._f = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
+        self._f.write("[")
+        self.count = 0
+
+    def write(self, obj) -> None:
+        self._f.write((",\n" if self.count else "\n") + dumps(obj))
+        self.count += 1
+
+    def close(self) -> None:
+        self._f.write("\n]\n")
+        self._f.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._f.close()
+        Path(self._tmp).unlink(missing_ok=True)
+
+
 def dumps(obj) -> str:
     """The one JSON spelling used for outputs: UTF-8 text, stable key order as built, no trailing spaces."""
     return json.dumps(obj, ensure_ascii=False)

@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-from ..common.io import read_json, write_json
 from .embedded import DEFAULT_MODEL_NAME, convert_gguf
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,17 +26,26 @@ HUB_DATASET = "FreedomIntelligence/ApolloMoEDataset"
 HUB_BENCH = "FreedomIntelligence/ApolloMoEBench"
 
 
-def split_by_class(records: list, path: Path) -> dict[str, list]:
-    """Split release records on their ``class`` field ('major'/'minor'); a record without it is an error."""
+def split_by_class(path: Path, out_stem: Path) -> dict[str, int]:
+    """Stream the release records of ``path`` into ``<out_stem>_major.json`` and ``<out_stem>_minor.json`` by their
+    ``class`` field; a record without a valid class is an error naming it. Returns the counts."""
     from ..common.errors import DataError
+    from ..common.io import JsonArrayWriter, iter_json_array
 
-    parts: dict[str, list] = {"major": [], "minor": []}
-    for i, rec in enumerate(records):
-        cls = rec.get("class") if isinstance(rec, dict) else None
-        if cls not in parts:
-            raise DataError(path, i, "class", f"expected 'major' or 'minor', got {cls!r}")
-        parts[cls].append(rec)
-    return parts
+    writers = {cls: JsonArrayWriter(f"{out_stem}_{cls}.json") for cls in ("major", "minor")}
+    try:
+        for i, rec in enumerate(iter_json_array(path)):
+            cls = rec.get("class") if isinstance(rec, dict) else None
+            if cls not in writers:
+                raise DataError(path, i, "class", f"expected 'major' or 'minor', got {cls!r}")
+            writers[cls].write(rec)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    for w in writers.values():
+        w.close()
+    return {cls: w.count for cls, w in writers.items()}
 
 
 def install_sample(data_dir: Path, models_dir: Path) -> dict:
@@ -65,11 +73,9 @@ def download_hub(data_dir: Path, models_dir: Path, model: str, dataset_file: str
     hub_dir = data_dir / "hub"
     report: dict = {"mode": "hub", "model": model}
     for repo, fname, stem in ((HUB_DATASET, dataset_file, "train"), (HUB_BENCH, bench_file, "bench")):
-        local = Path(hf_hub_download(repo_id=repo, filename=fname, repo_type="dataset", local_dir=hub_dir / repo.split("/")[1]))
-        parts = split_by_class(read_json(local), local)
-        for cls, recs in parts.items():
-            write_json(hub_dir / f"{stem}_{cls}.json", recs, indent=None)
-        report[stem] = {"file": str(local), **{cls: len(recs) for cls, recs in parts.items()}}
+        local = Path(hf_hub_download(repo_id=repo, filename=fname, repo_type="dataset",
+                                     local_dir=hub_dir / repo.split("/")[1]))
+        report[stem] = {"file": str(local), **split_by_class(local, hub_dir / stem)}
     model_dir = models_dir / model.split("/")[-1]
     snapshot_download(repo_id=model, local_dir=model_dir)
     report["model_dir"] = str(model_dir)
