@@ -93,7 +93,7 @@ def test_chat_through_a_pipe(trio):
     assert r.stdout.count("Assistant: ") == 2  # one reply per message; the line after quit is not read
     assert "[history cleared]" in r.stdout
     long = "Describe the symptoms of diabetes in detail please. " * 8
-    r = _chat(trio[0], f"{long}\n{long}\n{long}\n", "--max-context", "300")
+    r = _chat(trio[0], f"{long}\n{long}\n{long}\n", "--max-context", "200")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("Assistant: ") == 3 and "[dropped the" in r.stdout
 

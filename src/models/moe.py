@@ -1,0 +1,605 @@
+"""Post-MoE upcycling for any HF decoder (DESIGN.md "Models", REFERENCE.md section 6), done right.
+
+`upcycle(model)` turns the MLP of the last N decoder layers into a `SparseMoeBlock`: E experts, each a copy of that
+layer's gated MLP, stored fused like transformers' own MoE classes (`experts.gate_up_proj [E, 2I, H]`,
+`experts.down_proj [E, H, I]`), plus a router `gate: Linear(H, E)`. The settings live in one config field
+(`config.post_moe`) so a checkpoint says what it is.
+
+Routing: softmax over E in fp32, top-k; the k weights are renormalised by default so that with identical experts the
+upcycled model computes exactly what the dense one did (`norm_topk_prob=False` is the reference's raw probabilities).
+Hybrid routing (training only, when `language_ids` are given): each token's family expert (language id = expert index)
+is always among its k experts, replacing the lowest-weighted choice when the router did not pick it. At eval the
+router decides alone.
+
+How language ids reach the blocks: `model(..., language_ids=B x S)` is an extra keyword argument, which transformers
+passes down to every decoder layer and on to its attention call (the layer calls `self.mlp(h)` without arguments). A
+forward pre-hook on each layer's attention module takes it out there and hands it to the layer's sparse block, which
+runs next. Because the attention module runs inside the layer's forward, a gradient-checkpoint recompute goes through
+the hook again with the same saved keyword arguments and routes exactly as the forward did. A hook on the top-level
+model checks the ids' shape, adds the 2D attention mask the same way (the padding fallback when no ids are given) and
+raises if an architecture did not pass the ids down.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MOE_CONFIG_KEY = "post_moe"
+# Private keyword argument carrying the 2D attention mask from the top-level hook to the layers (see module doc).
+_PADDING_MASK_KWARG = "post_moe_padding_mask"
+
+
+@dataclass(frozen=True)
+class MoESettings:
+    """What `upcycle` did; stored as a dict in `config.post_moe`."""
+
+    num_experts: int
+    top_k: int
+    moe_layers: tuple[int, ...]
+    norm_topk_prob: bool = True
+    shared_expert: bool = False
+    router_aux_loss_coef: float = 0.0
+
+    def to_config(self) -> dict:
+        return {**asdict(self), "moe_layers": list(self.moe_layers)}
+
+    @classmethod
+    def from_config(cls, entry: dict) -> MoESettings:
+        return cls(**{**entry, "moe_layers": tuple(entry["moe_layers"])})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Expert compute
+
+
+def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """torch's grouped GEMM runs on CPU (forward and backward) and, per its docs, on CUDA SM80+ in bf16 only."""
+    if not hasattr(F, "grouped_mm") or x.dtype != weight.dtype:
+        return False
+    if x.device.type == "cpu":
+        return True
+    return (x.device.type == "cuda" and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (8, 0)
+            and x.shape[-1] % 8 == 0 and weight.shape[1] % 8 == 0)
+
+
+def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` grouped by expert (counts[e] consecutive rows for expert e) times weight[e]^T; weight [E, out, in]
+    (the `nn.Linear` layout)."""
+    if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware: cast like F.linear would
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    if _grouped_mm_supported(x, weight):
+        return F.grouped_mm(x, weight.transpose(1, 2), offs=torch.cumsum(counts, 0, dtype=torch.int32))
+    # One matmul per expert. unbind (not weight[e]) so the backward stacks one gradient instead of summing E
+    # full-size ones.
+    chunks = x.split(counts.tolist())
+    return torch.cat([F.linear(chunk, w) for chunk, w in zip(chunks, weight.unbind(0))])
+
+
+class Experts(nn.Module):
+    """E gated MLPs, down(act(gate(x)) * up(x)), fused like transformers' MoE classes (gate rows first in gate_up)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act_fn: nn.Module,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
+        self.act_fn = act_fn
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; experts, weights [T, k] -> sum_j weights[:, j] * expert_{experts[:, j]}(x), [T, H]."""
+        num_tokens, k = experts.shape
+        flat = experts.reshape(-1)
+        # Sort the T*k (token, slot) pairs by expert once; every expert then reads one contiguous slice.
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        gate, up = _grouped_linear(x[order // k], self.gate_up_proj, counts).chunk(2, dim=-1)
+        out = _grouped_linear(self.act_fn(gate) * up, self.down_proj, counts)
+        # Undo the sort with a gather (deterministic, unlike index_add_ on GPU) and sum each token's k outputs.
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        out = out[inverse].view(num_tokens, k, -1)
+        return (out * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The sparse block
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: a gradient-checkpointed layer is being recomputed. torch's own
+    checkpoint code asks the same question this way."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _force_family_expert(experts: torch.Tensor, family: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Hybrid routing: put each token's family expert among its k choices. topk sorts descending, so the last column is
+    the lowest-weighted choice; it is replaced when the router did not pick the family expert. Ids outside [0, E)
+    (padding, unknown family) force nothing."""
+    family = family.to(experts.device)
+    forced = (family >= 0) & (family < num_experts) & (experts != family[:, None]).all(dim=-1)
+    last = torch.where(forced, family, experts[:, -1])
+    return torch.cat([experts[:, :-1], last[:, None]], dim=1)
+
+
+# Called after routing with (block, experts [T, k], language ids [T] or None, real-token mask [T] or None).
+RoutingObserver = Callable[["SparseMoeBlock", torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], None]
+
+
+class SparseMoeBlock(nn.Module):
+    """Drop-in replacement for a decoder layer's MLP: router + E experts (+ optional gated shared expert).
+
+    Submodule names follow transformers' Qwen2MoeSparseMoeBlock (`gate`, `experts`, `shared_expert`,
+    `shared_expert_gate`), so a Qwen2-based checkpoint exports to Qwen2MoeForCausalLM key for key.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act_fn: nn.Module, settings: MoESettings,
+                 layer_idx: int, shared_expert: nn.Module | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_experts = settings.num_experts
+        self.top_k = settings.top_k
+        self.norm_topk_prob = settings.norm_topk_prob
+        self.router_aux_loss_coef = settings.router_aux_loss_coef
+        self.gate = nn.Linear(hidden_size, settings.num_experts, bias=False, device=device, dtype=dtype)
+        self.experts = Experts(settings.num_experts, hidden_size, intermediate_size, act_fn, device, dtype)
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = (nn.Linear(hidden_size, 1, bias=False, device=device, dtype=dtype)
+                                   if shared_expert is not None else None)
+        # Per-call inputs, set by the attention pre-hook just before the layer calls this block (see module doc).
+        self.language_ids: torch.Tensor | None = None
+        self.padding_mask: torch.Tensor | None = None
+        # Switch load-balancing loss of the last forward (training with a coefficient > 0 only); read by aux_loss().
+        self.balance_loss: torch.Tensor | None = None
+        self.routing_observers: list[RoutingObserver] = []
+
+    @classmethod
+    def from_mlp(cls, mlp: nn.Module, settings: MoESettings, layer_idx: int, router_init_std: float) -> SparseMoeBlock:
+        """Upcycle a gated MLP: every expert is a copy of it; the router is drawn from N(0, router_init_std)."""
+        gate_w, up_w, down_w = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        shared = None
+        if settings.shared_expert:
+            shared = copy.deepcopy(mlp)
+            # Zero output projection: the shared expert starts silent, so the upcycled model still computes the dense
+            # one (the reference copies it whole, which adds sigmoid(gate) x MLP to the output).
+            nn.init.zeros_(shared.down_proj.weight)
+        block = cls(gate_w.shape[1], gate_w.shape[0], copy.deepcopy(mlp.act_fn), settings, layer_idx, shared,
+                    device=gate_w.device, dtype=gate_w.dtype)
+        with torch.no_grad():
+            block.experts.gate_up_proj.copy_(torch.cat([gate_w, up_w]).expand_as(block.experts.gate_up_proj))
+            block.experts.down_proj.copy_(down_w.expand_as(block.experts.down_proj))
+            block.gate.weight.normal_(0.0, router_init_std)
+            if block.shared_expert_gate is not None:
+                block.shared_expert_gate.weight.zero_()
+        return block
+
+    def route(self, x: torch.Tensor, language_ids: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (experts [T, k], weights [T, k] fp32, router probabilities [T, E] fp32)."""
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.training and language_ids is not None:
+            experts = _force_family_expert(experts, language_ids, self.num_experts)
+            weights = probs.gather(1, experts)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return experts, weights, probs
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        language_ids = self._flat_language_ids(x.shape[0])
+        experts, weights, probs = self.route(x, language_ids)
+        out = self.experts(x, experts, weights)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        real = self._real_tokens(language_ids, shape)
+        # Computed in a checkpoint recompute too, so the recompute saves the same tensors as the forward did;
+        # only the forward publishes it and notifies observers (no double counting).
+        balance = (self._balance_loss(probs, experts, real)
+                   if self.training and self.router_aux_loss_coef > 0 else None)
+        if not _in_backward():
+            self.balance_loss = balance
+            for observer in self.routing_observers:
+                observer(self, experts, language_ids, real)
+        return out.view(shape)
+
+    def _flat_language_ids(self, num_tokens: int) -> torch.Tensor | None:
+        if self.language_ids is None:
+            return None
+        if self.language_ids.numel() != num_tokens:
+            raise ValueError(f"layer {self.layer_idx}: language_ids has {self.language_ids.numel()} entries for "
+                             f"{num_tokens} tokens (pass a batch x sequence tensor matching input_ids; "
+                             "generation needs no language ids)")
+        return self.language_ids.reshape(-1)
+
+    def _real_tokens(self, language_ids: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+        """Mask of non-padding tokens: language id >= 0 when ids are given, else the 2D attention mask, else None."""
+        if language_ids is not None:
+            return language_ids >= 0
+        mask = self.padding_mask
+        if mask is None or len(shape) != 3 or mask.shape[0] != shape[0] or mask.shape[1] < shape[1]:
+            return None
+        # With a KV cache the mask also covers the past tokens; this call sees the last shape[1] of them.
+        return mask[:, -shape[1]:].reshape(-1).to(torch.bool)
+
+    def _balance_loss(self, probs: torch.Tensor, experts: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """Switch/Mixtral loss E * sum_e f_e * P_e over real tokens (1.0 when perfectly balanced): f_e = share of the
+        T*k final selections (hybrid forcing included) that went to e, P_e = mean router probability of e."""
+        w = real.to(probs.dtype) if real is not None else probs.new_ones(probs.shape[0])
+        n = w.sum().clamp(min=1.0)
+        selections = probs.new_zeros(self.num_experts).scatter_add_(
+            0, experts.reshape(-1), w.repeat_interleave(self.top_k))
+        f = selections / (n * self.top_k)
+        p = (probs * w[:, None]).sum(dim=0) / n
+        return self.num_experts * (f * p).sum()
+
+
+SPARSE_BLOCK_CLASSES: tuple[type[nn.Module], ...] = (SparseMoeBlock,)  # e.g. for deepspeed set_z3_leaf_modules
+
+
+def sparse_blocks(model: nn.Module) -> list[SparseMoeBlock]:
+    """The sparse blocks of a model (also through DeepSpeed/DDP wrappers), in layer order."""
+    return [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+
+
+def is_moe(model: nn.Module) -> bool:
+    return bool(sparse_blocks(model))
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """coef x sum over MoE layers of the last training forward's load-balancing loss; a 0 tensor when coef is 0.
+
+    Padding is excluded: tokens whose language id is < 0 or, when no ids are given, whose 2D attention mask is 0.
+    Under gradient checkpointing use the default non-reentrant mode (the loss is built inside the checkpointed layer).
+    """
+    blocks = sparse_blocks(model)
+    losses = [b.balance_loss for b in blocks if b.balance_loss is not None]
+    if not losses:
+        return torch.zeros((), device=next(model.parameters()).device)
+    if torch.is_grad_enabled() and not all(loss.requires_grad for loss in losses):
+        warnings.warn("the load-balancing loss has no gradient: the layers ran without autograd (reentrant gradient "
+                      "checkpointing does that); use non-reentrant checkpointing")
+    return blocks[0].router_aux_loss_coef * torch.stack(losses).sum()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hooks carrying per-forward data to the blocks (see module doc). They are small callable objects rather than
+# closures so that copy.deepcopy(model) gives the copy hooks that point at its own blocks.
+
+
+class _ForwardState:
+    """Whether the current top-level forward was given language ids and whether they reached a layer."""
+
+    def __init__(self) -> None:
+        self.ids_given = False
+        self.ids_delivered = False
+
+
+class _BeforeModelForward:
+    """Top-level forward pre-hook: check `language_ids`, pass the 2D attention mask down beside them."""
+
+    def __init__(self, state: _ForwardState) -> None:
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        ids = kwargs.get("language_ids")
+        if ids is not None:
+            reference = kwargs.get("input_ids", args[0] if args else None)
+            if reference is None and kwargs.get("inputs_embeds") is not None:
+                reference = kwargs["inputs_embeds"][..., 0]
+            if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or (
+                    reference is not None and ids.shape != reference.shape):
+                shape = tuple(reference.shape) if reference is not None else "?"
+                raise ValueError(f"language_ids must be an integer tensor shaped like input_ids {shape}, got "
+                                 f"{type(ids).__name__} {tuple(getattr(ids, 'shape', ()))}")
+        mask = kwargs.get("attention_mask")
+        kwargs[_PADDING_MASK_KWARG] = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.state.ids_given, self.state.ids_delivered = ids is not None, False
+        return args, kwargs
+
+
+class _AfterModelForward:
+    """Top-level forward hook: fail loudly if an architecture did not pass the ids down to its layers."""
+
+    def __init__(self, state: _ForwardState) -> None:
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        if self.state.ids_given and not self.state.ids_delivered:
+            raise RuntimeError(f"language_ids did not reach the decoder layers of {type(module).__name__}: this "
+                               "architecture does not pass extra keyword arguments down to its attention modules")
+        return output
+
+
+class _DeliverToBlock:
+    """Pre-hook on a layer's attention: take our keyword arguments out and hand them to the layer's sparse block."""
+
+    def __init__(self, block: SparseMoeBlock | None, state: _ForwardState) -> None:
+        self.block, self.state = block, state
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        ids = kwargs.pop("language_ids", None)
+        mask = kwargs.pop(_PADDING_MASK_KWARG, None)
+        self.state.ids_delivered |= ids is not None
+        if self.block is not None:
+            self.block.language_ids, self.block.padding_mask = ids, mask
+        return args, kwargs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Upcycling
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: no decoder layers found (expected a `.layers` ModuleList on "
+                         f"{type(decoder).__name__})")
+    return layers
+
+
+def _gated_mlp(layer: nn.Module, idx: int) -> nn.Module:
+    """The layer's MLP, checked to be the gated kind upcycling copies (Qwen2, Llama/SmolLM2, Gemma, Mistral...)."""
+    name = type(layer).__name__
+    mlp = getattr(layer, "mlp", None)
+    if mlp is None:
+        raise ValueError(f"decoder layer {idx} ({name}) has no `.mlp`: cannot upcycle this architecture")
+    if isinstance(mlp, SparseMoeBlock):
+        raise ValueError(f"decoder layer {idx} ({name}) is already a sparse block: the model is upcycled")
+    projections = [getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(p, nn.Linear) and p.bias is None for p in projections) or not hasattr(mlp, "act_fn"):
+        raise ValueError(f"decoder layer {idx} ({name}): its mlp ({type(mlp).__name__}) is not a gated MLP with "
+                         "bias-free gate_proj/up_proj/down_proj and an act_fn, which upcycling needs")
+    if not isinstance(getattr(layer, "self_attn", None), nn.Module):
+        raise ValueError(f"decoder layer {idx} ({name}) has no `.self_attn`, which carries language ids to the block")
+    return mlp
+
+
+def _resolve_layers(moe_layers: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
+    if isinstance(moe_layers, int):
+        if not 1 <= moe_layers <= num_layers:
+            raise ValueError(f"moe_layers={moe_layers}: the model has {num_layers} layers")
+        return tuple(range(num_layers - moe_layers, num_layers))
+    resolved = sorted({i + num_layers if i < 0 else i for i in moe_layers})
+    if not resolved or resolved[0] < 0 or resolved[-1] >= num_layers:
+        raise ValueError(f"moe_layers={list(moe_layers)}: indices must be in [0, {num_layers}) (or negative from end)")
+    return tuple(resolved)
+
+
+def _build(model: nn.Module, settings: MoESettings, router_init_std: float) -> None:
+    """Swap the MLPs of settings.moe_layers for sparse blocks and install the hooks."""
+    layers = decoder_layers(model)
+    mlps = {idx: _gated_mlp(layers[idx], idx) for idx in settings.moe_layers}  # check everything before changing
+    state = _ForwardState()
+    for idx, layer in enumerate(layers):
+        block = None
+        if idx in mlps:
+            block = layer.mlp = SparseMoeBlock.from_mlp(mlps[idx], settings, idx, router_init_std)
+        layer.self_attn.register_forward_pre_hook(_DeliverToBlock(block, state), with_kwargs=True)
+    model.register_forward_pre_hook(_BeforeModelForward(state), with_kwargs=True)
+    model.register_forward_hook(_AfterModelForward(state), with_kwargs=True)
+
+
+def upcycle(model: nn.Module, num_experts: int = 7, top_k: int = 2, moe_layers: int | Sequence[int] = 2,
+            norm_topk_prob: bool = True, shared_expert: bool = False, router_aux_loss_coef: float = 0.0,
+            router_init_std: float | None = None) -> nn.Module:
+    """Upcycle a dense HF causal LM in place (and return it); defaults are the paper's (7 experts, top-2, last 2).
+
+    moe_layers: an int N (the last N layers) or a list of layer indices. router_init_std defaults to the config's
+    initializer_range (0.02 when absent). The settings are recorded in `model.config.post_moe`.
+    """
+    if is_moe(model):
+        raise ValueError("the model is already upcycled")
+    if num_experts < 1 or not 1 <= top_k <= num_experts:
+        raise ValueError(f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
+    if top_k == 1 and norm_topk_prob:
+        warnings.warn("top_k=1 with norm_topk_prob: the single weight is always 1, so the router never gets a "
+                      "gradient; use norm_topk_prob=False (raw probability, as Switch does) to train it")
+    settings = MoESettings(num_experts, top_k, _resolve_layers(moe_layers, len(decoder_layers(model))),
+                           norm_topk_prob, shared_expert, float(router_aux_loss_coef))
+    if router_init_std is None:
+        router_init_std = getattr(model.config, "initializer_range", 0.02)
+    _build(model, settings, router_init_std)
+    setattr(model.config, MOE_CONFIG_KEY, settings.to_config())
+    return model
+
+
+def moe_settings(model: nn.Module) -> MoESettings:
+    entry = getattr(model.config, MOE_CONFIG_KEY, None)
+    if entry is None or not is_moe(model):
+        raise ValueError(f"{type(model).__name__} is not an upcycled Post-MoE model")
+    return MoESettings.from_config(entry)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Routing statistics
+
+
+class RoutingStats:
+    """Expert selections per MoE layer and language over the forwards run inside `with RoutingStats(model) as s:`.
+
+    counts[layer][language] is an int64 CPU tensor [E]: each real token adds its k final selections (hybrid forcing
+    included while training). Padding (language id < 0, or attention mask 0 when no ids are given) is skipped; tokens of
+    a forward without language ids count under language None. Checkpoint recomputes are not counted twice.
+    In eval mode language ids only label tokens (nothing is forced), so any non-negative ids work as language keys.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.blocks = sparse_blocks(model)
+        if not self.blocks:
+            raise ValueError(f"{type(model).__name__} has no sparse blocks: nothing to count")
+        self.counts: dict[int, dict[int | None, torch.Tensor]] = {}
+
+    def __enter__(self) -> RoutingStats:
+        for block in self.blocks:
+            block.routing_observers.append(self.record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for block in self.blocks:
+            block.routing_observers.remove(self.record)
+
+    @torch.no_grad()
+    def record(self, block: SparseMoeBlock, experts: torch.Tensor, language_ids: torch.Tensor | None,
+               real: torch.Tensor | None) -> None:
+        layer = self.counts.setdefault(block.layer_idx, {})
+        if real is not None:
+            experts = experts[real]
+            language_ids = language_ids[real] if language_ids is not None else None
+        num_experts = block.num_experts
+        if language_ids is None:
+            per_language = {None: torch.bincount(experts.reshape(-1), minlength=num_experts)}
+        elif language_ids.numel() == 0:
+            return
+        else:
+            # One bincount over (language, expert) pairs instead of a loop over languages.
+            langs = language_ids.to(experts.device).repeat_interleave(block.top_k)
+            table = torch.bincount(langs * num_experts + experts.reshape(-1),
+                                   minlength=(int(langs.max()) + 1) * num_experts).view(-1, num_experts)
+            per_language = {lang: table[lang] for lang in langs.unique().tolist()}
+        for lang, counts in per_language.items():
+            counts = counts.cpu()
+            layer[lang] = layer[lang] + counts if lang in layer else counts
+
+    def ratios(self) -> dict[int, dict[int | None, list[float]]]:
+        """counts normalised to sum to 1 per layer and language."""
+        return {layer: {lang: (c / c.sum().clamp(min=1)).tolist() for lang, c in langs.items()}
+                for layer, langs in sorted(self.counts.items())}
+
+    def reset(self) -> None:
+        self.counts.clear()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Save, load, export
+
+
+def is_moe_checkpoint(path: str | Path) -> bool:
+    """True for a checkpoint folder written by save_moe (its config.json has the post_moe field)."""
+    config = Path(path) / "config.json"
+    return config.is_file() and MOE_CONFIG_KEY in json.loads(config.read_text(encoding="utf-8"))
+
+
+def save_moe(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
+    """save_pretrained-style folder: config.json (with post_moe), safetensors, and the tokenizer when given."""
+    moe_settings(model)  # refuses a dense model
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def _as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    return getattr(torch, value) if isinstance(value, str) else value
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+        return [path / name for name in sorted(set(shards))]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _load_weights_strict(model: nn.Module, path: Path) -> None:
+    """Load every shard into the built model; every key must be expected and every weight present (tied ones, which
+    save_pretrained writes once, count as present when the weight they share is loaded)."""
+    from safetensors.torch import load_file
+
+    expected = set(model.state_dict())
+    loaded: set[str] = set()
+    for file in _weight_files(path):
+        shard = load_file(file)
+        unexpected = sorted(set(shard) - expected)
+        if unexpected:
+            raise ValueError(f"{file}: weights the model does not have: {unexpected[:5]}")
+        model.load_state_dict(shard, strict=False)
+        loaded |= set(shard)
+    names: dict[int, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), set()).add(name)
+    shared = {name: group for group in names.values() for name in group}
+    missing = sorted(k for k in expected - loaded if not shared.get(k, set()) & loaded)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks weights: {missing[:5]}")
+
+
+def load_model(path: str | Path, torch_dtype: torch.dtype | str | None = None, device=None) -> nn.Module:
+    """Load a dense HF checkpoint or one of our MoE checkpoints, in eval mode.
+
+    torch_dtype None keeps the checkpoint's dtype. An MoE checkpoint is rebuilt as its base architecture (from its
+    config), upcycled structurally, then loaded with a strict key check.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    if not is_moe_checkpoint(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_as_dtype(torch_dtype) or "auto")
+    else:
+        path = Path(path)
+        config = AutoConfig.from_pretrained(path)
+        dtype = _as_dtype(torch_dtype) or _as_dtype(getattr(config, "dtype", None)) or torch.float32
+        with no_init_weights():  # every weight comes from the checkpoint
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.tie_weights()  # no_init_weights also skips the tying that init normally does
+        _build(model, MoESettings.from_config(getattr(config, MOE_CONFIG_KEY)), router_init_std=0.0)
+        _load_weights_strict(model, path)
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def export_qwen2_moe(moe_model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write a Qwen2-based upcycled model as transformers' own Qwen2MoeForCausalLM (stock tools can load and serve it).
+
+    Dense layers go to mlp_only_layers; each expert has the dense intermediate size. Qwen2-MoE always builds a shared
+    expert, so without ours it gets shared_expert_intermediate_size=0 (a zero-width MLP whose output is exactly 0).
+    Inference routing is identical; hybrid routing is a training-time rule and needs nothing at inference.
+    """
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+    from transformers.initialization import no_init_weights
+
+    settings = moe_settings(moe_model)
+    dense = moe_model.config
+    if dense.model_type != "qwen2":
+        raise ValueError(f"export_qwen2_moe needs a Qwen2-based model, got model_type={dense.model_type!r}")
+    fields = {k: v for k, v in dense.to_dict().items()
+              if k not in ("model_type", "architectures", "transformers_version", MOE_CONFIG_KEY)}
+    config = Qwen2MoeConfig(
+        **fields, num_experts=settings.num_experts, num_experts_per_tok=settings.top_k,
+        norm_topk_prob=settings.norm_topk_prob, moe_intermediate_size=dense.intermediate_size,
+        shared_expert_intermediate_size=dense.intermediate_size if settings.shared_expert else 0,
+        decoder_sparse_step=1, mlp_only_layers=[i for i in range(dense.num_hidden_layers)
+                                                if i not in settings.moe_layers],
+        router_aux_loss_coef=settings.router_aux_loss_coef, output_router_logits=False, qkv_bias=True,
+        architectures=["Qwen2MoeForCausalLM"])
+    dtype = next(moe_model.parameters()).dtype
+    with no_init_weights():
+        exported = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    exported.tie_weights()
+    state = moe_model.state_dict()
+    target = exported.state_dict()
+    for key in target.keys() - state.keys():  # only the zero-width shared expert and its gate may be absent
+        if ".shared_expert" not in key or settings.shared_expert:
+            raise ValueError(f"export_qwen2_moe: no source weight for {key}")
+        state[key] = torch.zeros_like(target[key])
+    exported.load_state_dict(state, strict=True)
+    out = Path(out_dir)
+    exported.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,112 @@
+"""Upcycle a dense checkpoint into a Post-MoE one (docs/moe.md).
+
+    python -m src.models.upcycle --model models/SmolLM2-135M-Instruct --out models/SmolLM2-135M-MoE
+    python -m src.models.upcycle --model models/Qwen2-0.5B --out models/Qwen2-0.5B-MoE --moe-layers 22,23 \\
+        --export-qwen2-moe models/Qwen2-0.5B-MoE-hf
+
+Defaults are the paper's: 7 language-family experts, top-2, the last 2 layers. With renormalised top-k weights
+(the default) the upcycled model must compute what the dense one did: the logits on a short text are compared and
+nothing is saved if they differ.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from src.models import moe
+
+CHECK_TEXT = "The patient presented with fever and a persistent cough. Le patient a de la fièvre. 患者发烧。"
+# Max abs logit difference allowed, relative to the logits' scale: fp32 is near exact; bf16/fp16 round the k weights.
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+LOW_PRECISION_TOLERANCE = 5e-2
+
+
+def parse_layers(text: str) -> int | list[int]:
+    """'2' -> the last 2 layers; '22,23' -> those layer indices; '22,' -> layer 22 alone."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()] if "," in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--moe-layers takes N or a comma-separated list of indices, got {text!r}")
+
+
+@torch.no_grad()
+def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids).logits.float()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="dense checkpoint folder (local; this step is offline)")
+    parser.add_argument("--out", required=True, help="output folder for the MoE checkpoint")
+    parser.add_argument("--experts", type=int, default=7, help="experts per MoE layer (default 7: language families)")
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    parser.add_argument("--moe-layers", type=parse_layers, default=2,
+                        help="N (the last N layers, default 2) or comma-separated layer indices, e.g. 22,23 "
+                             "(one index: 22,)")
+    parser.add_argument("--no-norm-topk", action="store_true",
+                        help="reference routing: raw softmax probabilities of the k experts (not function-preserving)")
+    parser.add_argument("--shared-expert", action="store_true",
+                        help="add a sigmoid-gated shared expert (a copy of the MLP with a zeroed output projection)")
+    parser.add_argument("--aux-loss-coef", type=float, default=0.0,
+                        help="load-balancing loss coefficient stored in the config (default 0, as in the paper)")
+    parser.add_argument("--router-init-std", type=float, default=None,
+                        help="router weights ~ N(0, std); default the config's initializer_range")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the router initialisation")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="dtype to upcycle and save in (default: the checkpoint's)")
+    parser.add_argument("--export-qwen2-moe", metavar="DIR",
+                        help="also write a transformers Qwen2MoeForCausalLM copy (Qwen2-based models only)")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(args.model)
+    if not (source / "config.json").is_file():
+        parser.error(f"{source} is not a local model folder (run 0.download_data.sh to fetch or convert models)")
+    if moe.is_moe_checkpoint(source):
+        parser.error(f"{source} is already an MoE checkpoint")
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = moe.load_model(source, torch_dtype=None if args.dtype == "auto" else args.dtype)
+    input_ids = tokenizer(CHECK_TEXT, return_tensors="pt").input_ids
+    if input_ids.numel() == 0:
+        parser.error(f"the tokenizer in {source} turns the check text into no tokens")
+    before = logits(model, input_ids)
+    dense_params = sum(p.numel() for p in model.parameters())
+
+    moe.upcycle(model, num_experts=args.experts, top_k=args.top_k, moe_layers=args.moe_layers,
+                norm_topk_prob=not args.no_norm_topk, shared_expert=args.shared_expert,
+                router_aux_loss_coef=args.aux_loss_coef, router_init_std=args.router_init_std)
+    settings = moe.moe_settings(model)
+    after = logits(model, input_ids)
+    diff = (after - before).abs().max().item()
+    dtype = next(model.parameters()).dtype
+    tolerance = TOLERANCE.get(dtype, LOW_PRECISION_TOLERANCE) * max(1.0, before.abs().max().item())
+    print(f"[upcycle] max |logit difference| dense vs MoE on {input_ids.shape[1]} tokens: {diff:.3g} ({dtype})")
+    if settings.norm_topk_prob and diff > tolerance:
+        print(f"[upcycle] ERROR: the upcycled model does not reproduce the dense one (tolerance {tolerance:.3g}); "
+              "nothing saved")
+        return 1
+    if not settings.norm_topk_prob:
+        print("[upcycle] raw top-k probabilities (--no-norm-topk): the output differs from the dense model by design")
+
+    out = moe.save_moe(model, tokenizer, args.out)
+    moe_params = sum(p.numel() for p in model.parameters())
+    print(f"[upcycle] {source} -> {out}: {settings.num_experts} experts, top-{settings.top_k}, MoE layers "
+          f"{list(settings.moe_layers)}, norm_topk_prob={settings.norm_topk_prob}, "
+          f"shared_expert={settings.shared_expert}, aux_loss_coef={settings.router_aux_loss_coef}")
+    print(f"[upcycle] parameters: dense {dense_params / 1e6:.1f}M -> MoE {moe_params / 1e6:.1f}M")
+
+    if args.export_qwen2_moe:
+        exported_dir = moe.export_qwen2_moe(model, args.export_qwen2_moe, tokenizer)
+        exported = AutoModelForCausalLM.from_pretrained(exported_dir, dtype=dtype).eval()
+        export_diff = (logits(exported, input_ids) - after).abs().max().item()
+        print(f"[upcycle] exported {type(exported).__name__} -> {exported_dir}; max |logit difference| "
+              f"vs our MoE: {export_diff:.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
