@@ -1,0 +1,261 @@
+"""Reading and validating training records (the DESIGN contract for a training record), streamed.
+
+Accepted files:
+
+- the release list ``[{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}, ...],
+  "source": "<category>_<lang>[_qa]", "class": ...}, ...]`` (a turn may also be a plain string, or use
+  ``role``/``content``);
+- the extracted dict ``{"<source>": [[q, a, q, a, ...], ...], ...}`` (REFERENCE.md 2.1);
+- JSON Lines with one release record per line (``.jsonl``).
+
+Files are parsed one element at a time (``json.JSONDecoder.raw_decode`` over a sliding buffer), so a multi-gigabyte
+release file never has to fit in memory as Python objects. Valid records are appended to an Arrow stream file in
+batches; invalid ones raise a ``DataError`` naming the file, the record and the field, or (``skip``) are returned as
+rejects with their reason.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+
+from ..common.errors import DataError
+from ..common.languages import parse_train_source
+
+USER_ROLES = {"human", "user"}
+ASSISTANT_ROLES = {"gpt", "assistant", "bot", "model", "chatgpt"}
+
+RECORD_SCHEMA = pa.schema([
+    ("file", pa.int32()),  # position of the input file in --data
+    ("index", pa.string()),  # the record's place in its file: "17", or "general_fr[3]" in the dict format
+    ("source_id", pa.int32()),  # index into ReadResult.sources
+    ("turns", pa.list_(pa.string())),
+])
+
+
+class _JsonStream:
+    """Incremental parser for a top-level JSON list, or an object whose values are lists, element by element."""
+
+    def __init__(self, path: Path, chunk_chars: int = 1 << 20):
+        self.path = path
+        self.f = path.open(encoding="utf-8-sig")
+        self.chunk = chunk_chars
+        self.buf, self.pos, self.base, self.eof = "", 0, 0, False
+        self.decoder = json.JSONDecoder()
+
+    def close(self) -> None:
+        self.f.close()
+
+    def _more(self) -> bool:
+        data = self.f.read(self.chunk)
+        if not data:
+            self.eof = True
+            return False
+        if self.pos:
+            self.base += self.pos
+            self.buf, self.pos = self.buf[self.pos:], 0
+        self.buf += data
+        return True
+
+    def _error(self, msg: str) -> DataError:
+        return DataError(self.path, f"at character {self.base + self.pos}", None, f"invalid JSON: {msg}")
+
+    def peek(self) -> str:
+        """The next non-whitespace character ('' at the end of the file), not consumed."""
+        while True:
+            n = len(self.buf)
+            while self.pos < n and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < n:
+                return self.buf[self.pos]
+            if not self._more():
+                return ""
+
+    def expect(self, chars: str) -> str:
+        c = self.peek()
+        if not c or c not in chars:
+            raise self._error(f"expected one of {' '.join(repr(x) for x in chars)}, found {c or 'end of file'!r}")
+        self.pos += 1
+        return c
+
+    def value(self):
+        self.peek()
+        while True:
+            try:
+                obj, end = self.decoder.raw_decode(self.buf, self.pos)
+                # A value that ends exactly at the buffer's end may be cut short (a number): read on to be sure.
+                if end < len(self.buf) or self.eof:
+                    self.pos = end
+                    return obj
+            except json.JSONDecodeError as e:
+                if self.eof:
+                    self.pos = e.pos
+                    raise self._error(e.msg) from None
+            if len(self.buf) - self.pos > self.chunk:  # one element larger than a chunk: grow, stay linear
+                self.chunk *= 2
+            self._more()
+
+    def elements(self) -> Iterator[tuple[str | None, object]]:
+        """Yield (key, element): key is None for a top-level list, the dict key for a dict of lists."""
+        top = self.expect("[{")
+        if top == "[":
+            yield from ((None, v) for v in self._list_items())
+        else:
+            if self.peek() == "}":
+                self.pos += 1
+            else:
+                while True:
+                    key = self.value()
+                    if not isinstance(key, str):
+                        raise self._error("object keys must be strings")
+                    self.expect(":")
+                    if self.peek() != "[":
+                        raise DataError(self.path, key, None,
+                                        "in the dict format every source key must map to a list of records")
+                    self.pos += 1
+                    yield from ((key, v) for v in self._list_items())
+                    if self.expect(",}") == "}":
+                        break
+        if self.peek():
+            raise self._error("trailing content after the top-level value")
+
+    def _list_items(self) -> Iterator[object]:
+        if self.peek() == "]":
+            self.pos += 1
+            return
+        while True:
+            yield self.value()
+            if self.expect(",]") == "]":
+                return
+
+
+def iter_file(path: Path) -> Iterator[tuple[int | str, str | None, object]]:
+    """Yield (index, source or None, raw element) for every record of a training file, streamed."""
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8-sig") as f:
+            n = 0
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    raw = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(path, f"line {lineno}", None, f"invalid JSON: {e.msg}") from None
+                yield n, None, raw
+                n += 1
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    stream = _JsonStream(path)
+    try:
+        counters: dict[str, int] = {}
+        n = 0
+        for key, raw in stream.elements():
+            if key is None:
+                yield n, None, raw
+                n += 1
+            else:
+                i = counters.get(key, 0)
+                counters[key] = i + 1
+                yield f"{key}[{i}]", key, raw
+    finally:
+        stream.close()
+
+
+def parse_record(raw, path, index, source: str | None = None) -> tuple[str, list[str]]:
+    """Validate one record; return (source, turns). ``source`` is given in the dict format (``raw`` = the turns)."""
+    if source is None:
+        if not isinstance(raw, dict):
+            raise DataError(path, index, None, f"expected an object with 'conversations' and 'source', "
+                                               f"got {type(raw).__name__}")
+        for name in ("conversations", "source"):
+            if name not in raw:
+                raise DataError(path, index, name, "missing")
+        source, convs, fname = raw["source"], raw["conversations"], "conversations"
+        if not isinstance(source, str):
+            raise DataError(path, index, "source", f"must be a string, got {type(source).__name__}")
+    else:
+        convs, fname = raw, "turns"
+    try:
+        parse_train_source(source)
+    except ValueError as e:
+        raise DataError(path, index, "source", str(e)) from None
+    if not isinstance(convs, list) or not convs:
+        raise DataError(path, index, fname, "expected a non-empty list of turns")
+    turns = []
+    for j, t in enumerate(convs):
+        want = "user" if j % 2 == 0 else "assistant"
+        if isinstance(t, dict):
+            role = t.get("from", t.get("role"))
+            value = t.get("value", t.get("content"))
+            where = f"{fname}[{j}]"
+            if role is not None and str(role).lower() not in (USER_ROLES if want == "user" else ASSISTANT_ROLES):
+                raise DataError(path, index, f"{where}.from",
+                                f"role {role!r} where a {want} turn is expected (turns alternate user, assistant)")
+            if value is None:
+                raise DataError(path, index, f"{where}.value", "missing")
+            where += ".value"
+        else:
+            value, where = t, f"{fname}[{j}]"
+        if not isinstance(value, str):
+            raise DataError(path, index, where, f"a turn must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise DataError(path, index, where, "empty turn")
+        turns.append(value)
+    if len(turns) % 2:
+        raise DataError(path, index, fname,
+                        f"odd number of turns ({len(turns)}): every user turn needs an assistant answer")
+    return source, turns
+
+
+@dataclass
+class ReadResult:
+    sources: list[str] = field(default_factory=list)  # source_id -> key, in order of first appearance
+    records: int = 0  # valid records written
+    read_per_file: list[int] = field(default_factory=list)  # elements read per input file (valid + rejected)
+    rejects: list[dict] = field(default_factory=list)
+
+
+def read_records(paths: list[Path], out_file: Path, skip_errors: bool = False, batch: int = 8192) -> ReadResult:
+    """Stream every record of ``paths`` into an Arrow stream file with RECORD_SCHEMA."""
+    res = ReadResult()
+    ids: dict[str, int] = {}
+    cols: dict[str, list] = {name: [] for name in RECORD_SCHEMA.names}
+
+    with pa.OSFile(str(out_file), "wb") as sink, pa.ipc.new_stream(sink, RECORD_SCHEMA) as writer:
+        def flush():
+            if cols["file"]:
+                writer.write_batch(pa.record_batch([pa.array(cols[n], type=RECORD_SCHEMA.field(n).type)
+                                                    for n in RECORD_SCHEMA.names], schema=RECORD_SCHEMA))
+                for v in cols.values():
+                    v.clear()
+
+        for f, path in enumerate(paths):
+            path = Path(path)
+            n_read = 0
+            for index, key, raw in iter_file(path):
+                n_read += 1
+                try:
+                    source, turns = parse_record(raw, path, index, key)
+                except DataError as e:
+                    if not skip_errors:
+                        raise
+                    res.rejects.append({"file": str(path), "index": index, "field": e.field, "reason": e.reason})
+                    continue
+                sid = ids.get(source)
+                if sid is None:
+                    sid = ids[source] = len(res.sources)
+                    res.sources.append(source)
+                cols["file"].append(f)
+                cols["index"].append(str(index))
+                cols["source_id"].append(sid)
+                cols["turns"].append(turns)
+                res.records += 1
+                if len(cols["file"]) >= batch:
+                    flush()
+            res.read_per_file.append(n_read)
+        flush()
+    return res

@@ -1,0 +1,357 @@
+"""Step 2: priority-ordered, tokenized, packed training rows (REFERENCE.md section 3, done right).
+
+Reads training records (release list, extracted dict or JSONL; several --data files are concatenated), gives every
+source a priority and a number of epochs from one rule table (src/prepare/priorities.yaml, overridable), orders all
+epoch copies by seeded exponential keys Exp(1)/priority (the reference's sequential weighted sampling, without its 2^24
+cap), tokenizes them in the model's chat format with the loss on answers and the end string after each answer, and
+packs them in that order into rows of at most --max-seq-len tokens with per-document position ids.
+
+Writes into --out: train/ (datasets.load_from_disk; columns input_ids, labels, position_ids, language_ids; rows in
+training order, not padded), mixture.json (what went in: entries, tokens and loss tokens per source, language and
+family; priorities, epochs, seed, truncations, rejects, packing efficiency, the curriculum), curriculum.png (share of
+pretrain-QA vs SFT tokens from the start to the end of training) and train_rejects.jsonl (records left out, with
+reasons; not rejects.jsonl, which step 1 writes into the same folder).
+The same inputs and seed give identical files, whatever --num-proc.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..common.chat_formats import FORMAT_NAMES, resolve_format
+from ..common.errors import DataError
+from ..common.io import write_json, write_jsonl
+from ..common.languages import PAD_LANGUAGE_ID, families, family_id, language_id, languages, parse_train_source
+from . import mixture as mx
+from .packing import IGNORE_INDEX, ROW_SCHEMA, ListColumn, plan_rows, write_dataset_metadata, write_rows
+from .records import read_records
+from .tokenize_chat import ChatEncoder
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "data" / "raw" / "sample" / "train.json"
+DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
+PAPER_MAX_SEQ_LEN = 4096
+SAMPLE_MAX_SEQ_LEN = 1024  # the embedded sample's documents are < 400 tokens; short rows keep CPU training quick
+TOKENIZE_BATCH = 1000
+MAX_EXAMPLES = 20  # truncated records listed by name in mixture.json (all are counted)
+
+
+def default_num_proc() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="2.data_process_train.sh", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, action="append", default=None,
+                   help="training records (repeatable); default: the embedded sample data/raw/sample/train.json")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder: its tokenizer and chat format")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: data/sample_<model> for the sample, else data/<data stem>_<model>)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help=f"tokens per row; longer documents are truncated (default: {PAPER_MAX_SEQ_LEN}, the paper's; "
+                        f"{SAMPLE_MAX_SEQ_LEN} for the embedded sample)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the priority order (default: %(default)s)")
+    p.add_argument("--priorities", type=Path, default=None,
+                   help="YAML/JSON rule file tried before the defaults in src/prepare/priorities.yaml")
+    p.add_argument("--num-proc", type=int, default=default_num_proc(),
+                   help="tokenizer processes (default: half the cores, at most 8: %(default)s); output is identical")
+    p.add_argument("--language-ids", choices=["family", "language"], default="family",
+                   help="per-token language_ids: the 7-family id (default; the MoE expert) or the 50 per-language id")
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="malformed records: stop with an error (default) or write them to train_rejects.jsonl and "
+                        "go on")
+    p.add_argument("--format", choices=FORMAT_NAMES, default=None, help="chat format (default: from the model)")
+    return p
+
+
+def _per_record(tokenized) -> dict[str, np.ndarray]:
+    """Per-record arrays from the tokenized Arrow table (small: a few numbers per record)."""
+    ids = ListColumn(tokenized.column("input_ids"))
+    spans_col = ListColumn(tokenized.column("label_spans"))
+    spans = spans_col.gather(np.arange(len(spans_col.lengths))).astype(np.int64).reshape(-1, 2)
+    pair_doc = np.repeat(np.arange(len(spans_col.lengths)), spans_col.lengths // 2)
+    loss = np.bincount(pair_doc, weights=spans[:, 1] - spans[:, 0], minlength=len(ids.lengths)).astype(np.int64)
+    return {
+        "source": tokenized.column("source_id").to_numpy().astype(np.int32),
+        "length": ids.lengths,
+        "full_length": tokenized.column("full_length").to_numpy().astype(np.int64),
+        "loss": loss,
+        "split": tokenized.column("boundary_split").to_numpy(zero_copy_only=False),
+    }
+
+
+def _counts(keys: np.ndarray, weights, n: int) -> np.ndarray:
+    return np.bincount(keys, weights=weights, minlength=n)
+
+
+def run(args) -> dict:
+    t0 = time.time()
+    sample = args.data is None
+    data = [SAMPLE] if sample else list(args.data)
+    if sample and not SAMPLE.is_file():
+        raise FileNotFoundError(f"{SAMPLE}: the embedded sample is not there yet; run ./0.download_data.sh first "
+                                f"(it copies assets/sample/) or pass --data")
+    max_len = args.max_seq_len or (SAMPLE_MAX_SEQ_LEN if sample else PAPER_MAX_SEQ_LEN)
+    if max_len < 16:
+        raise ValueError(f"--max-seq-len must be at least 16, got {max_len}")
+    if args.num_proc < 1:
+        raise ValueError("--num-proc must be at least 1")
+    out = args.out or ROOT / "data" / f"{'sample' if sample else data[0].stem}_{Path(args.model).name}"
+    table = mx.PriorityTable.load(args.priorities)
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    try:
+        config = AutoConfig.from_pretrained(args.model)
+    except (OSError, ValueError):
+        config = None
+    fmt = resolve_format(tokenizer, config, args.format)
+    encoder = ChatEncoder(tokenizer, fmt, max_len)
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".step2-tmp-"))
+    timings = {"load tokenizer": time.time() - t0}
+    try:
+        report = _build(args, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timings)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    timings["total"] = time.time() - t0
+    _print_summary(report, out, timings)
+    # timings are printed, not written: mixture.json stays byte-identical between runs
+    return report | {"_timings": timings}
+
+
+def _build(args, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timings: dict) -> dict:
+    import datasets
+    from datasets.table import MemoryMappedTable
+
+    clock = [time.time()]
+
+    def lap(name):
+        now = time.time()
+        timings[name] = now - clock[0]
+        clock[0] = now
+
+    # 1. read and validate, streamed into an Arrow file
+    read = read_records(data, tmp / "records.arrow", skip_errors=args.on_error == "skip")
+    if read.records == 0:
+        raise ValueError(f"no valid training records in {', '.join(map(str, data))}")
+    rules = table.resolve(read.sources)
+    lap("read + validate")
+    n_src = len(read.sources)
+    parsed = [parse_train_source(s) for s in read.sources]
+
+    # 2. tokenize (parallel, into Arrow cache files; map keeps the record order whatever num_proc)
+    records = datasets.Dataset(MemoryMappedTable.from_file(str(tmp / "records.arrow")), fingerprint="step2-records")
+    tokenized = records.with_format("arrow").map(
+        encoder, batched=True, batch_size=TOKENIZE_BATCH, num_proc=args.num_proc if args.num_proc > 1 else None,
+        cache_file_name=str(tmp / "tokenized.arrow"), new_fingerprint="step2-tokenized", desc="tokenizing")
+    tok_table = tokenized.data.table
+    lap("tokenize")
+    rec = _per_record(tok_table)
+    truncated = rec["full_length"] > rec["length"]
+    meta = tokenized.with_format(None).select_columns(["file", "index", "source_id", "full_length"])
+    truncated_examples = []
+    for i in np.flatnonzero(truncated)[:MAX_EXAMPLES].tolist():  # a few row lookups, no table copy
+        r = meta[i]
+        truncated_examples.append({"file": str(data[r["file"]]), "index": r["index"],
+                                   "source": read.sources[r["source_id"]], "tokens": r["full_length"],
+                                   "kept": int(rec["length"][i])})
+    del meta
+
+    # 3. entries and their priority order
+    src_prio = np.array([r.priority for r in rules], dtype=np.float32)
+    src_epochs = [r.epochs for r in rules]
+    src_is_qa = np.array([qa for _, _, qa in parsed], dtype=bool)
+    lang_of = family_id if args.language_ids == "family" else language_id
+    src_lang_id = np.array([lang_of(lang) for _, lang, _ in parsed], dtype=np.int32)
+    entry_record = mx.build_entries(rec["source"], src_epochs)
+    perm = mx.exponential_order(src_prio[rec["source"][entry_record]], args.seed)
+    order = entry_record[perm]  # record index of each entry, in training order
+    del perm, entry_record
+    n_entries = len(order)
+    if n_entries == 0:
+        raise ValueError("every source has epochs 0: nothing to train on")
+    lap("order")
+
+    # 4. pack and write
+    lengths = rec["length"][order]
+    bounds = plan_rows(lengths, max_len)
+    hasher = hashlib.sha256()
+    partial = out / ".train.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shards = write_rows(tok_table, order, bounds, src_lang_id[rec["source"]], partial, hasher=hasher)
+    digest = hasher.hexdigest()
+    n_rows = len(bounds) - 1
+    write_dataset_metadata(partial, shards, fingerprint=digest[:32])
+    del tokenized, records, tok_table
+    shutil.rmtree(out / "train", ignore_errors=True)
+    partial.rename(out / "train")
+    lap("pack + write rows")
+
+    # 5. the report
+    entry_source = rec["source"][order]
+    copies = np.bincount(order, minlength=len(rec["length"]))  # entries per record
+    pos = np.arange(n_entries, dtype=np.float64) / max(n_entries - 1, 1)
+    mean_pos = _counts(entry_source, pos, n_src) / np.maximum(_counts(entry_source, None, n_src), 1)
+    del pos
+    per_src = {
+        "records": _counts(rec["source"], None, n_src),
+        "entries": _counts(rec["source"], copies, n_src),
+        "tokens": _counts(rec["source"], copies * rec["length"], n_src),
+        "loss_tokens": _counts(rec["source"], copies * rec["loss"], n_src),
+        "truncated_records": _counts(rec["source"], truncated, n_src),
+        "truncated_entries": _counts(rec["source"], copies * truncated, n_src),
+        "entries_without_loss": _counts(rec["source"], copies * (rec["loss"] == 0), n_src),
+    }
+    by_source = {}
+    for s in sorted(range(n_src), key=lambda i: read.sources[i]):
+        category, lang, qa = parsed[s]
+        by_source[read.sources[s]] = {
+            "category": category, "language": lang, "family": family_id(lang), "pretrain_qa": qa,
+            "rule": rules[s].pattern, "priority": rules[s].priority, "epochs": rules[s].epochs,
+            **{k: int(v[s]) for k, v in per_src.items()},
+            "mean_position": round(float(mean_pos[s]), 4) if per_src["entries"][s] else None,
+        }
+    tot_tokens = int(lengths.sum())
+    row_tokens = np.add.reduceat(lengths, bounds[:-1])
+    report = {
+        "format_version": 1,
+        "inputs": [{"file": str(p), "records_read": n} for p, n in zip(data, read.read_per_file)],
+        "model": _rel(args.model),
+        "chat_format": fmt.to_dict(),
+        "stop_token_id": fmt.stop_token(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "max_seq_len": max_len,
+        "seed": args.seed,
+        "language_ids": args.language_ids,
+        "num_language_ids": len(families()) if args.language_ids == "family" else len(languages()),
+        "pad_language_id": PAD_LANGUAGE_ID,
+        "ignore_index": IGNORE_INDEX,
+        "columns": ROW_SCHEMA.names,
+        "rows_sha256": digest,
+        "order": "every epoch copy is an entry; entries sorted by Exp(1)/priority (float64 keys, numpy PCG64 seeded "
+                 "by seed, stable argsort); packed next-fit in that order; rows stored in training order, unpadded, "
+                 "position_ids restart per document",
+        "priority_table": {"default": str(mx.DEFAULT_PRIORITIES.relative_to(ROOT)),
+                           "override": str(args.priorities) if args.priorities else None,
+                           "rules": [{k: v for k, v in r.items() if k != "origin"} | {"from": _rel(r["origin"])}
+                                     for r in table.to_list()],
+                           "unused_patterns": table.unused(read.sources)},
+        "totals": {
+            "records_read": sum(read.read_per_file),
+            "records": read.records,
+            "rejected": len(read.rejects),
+            "entries": n_entries,
+            "rows": n_rows,
+            "tokens": tot_tokens,
+            "loss_tokens": int(rec["loss"][order].sum()),
+            "truncated_records": int(truncated.sum()),
+            "truncated_entries": int(copies[truncated].sum()),
+            "truncated_tokens_dropped": int(((rec["full_length"] - rec["length"]) * copies).sum()),
+            "entries_without_loss": int(copies[rec["loss"] == 0].sum()),
+            "boundary_splits": int(rec["split"].sum()),
+            "packing_efficiency": round(tot_tokens / (n_rows * max_len), 4),
+            "mean_row_tokens": round(tot_tokens / n_rows, 1),
+            "max_row_tokens": int(row_tokens.max()),
+            "mean_documents_per_row": round(n_entries / n_rows, 2),
+        },
+        "by_source": by_source,
+        "by_language": _group(by_source, "language", {"family": family_id, "language_id": language_id}),
+        "by_family": {str(k): {"name": families()[k], **v}
+                      for k, v in sorted(_group(by_source, "family", {}).items())},
+        "by_class": _group({k: {**v, "class": "pretrain_qa" if v["pretrain_qa"] else "sft"}
+                            for k, v in by_source.items()}, "class", {}, mean_position=True),
+        "rejects": {"count": len(read.rejects), "file": "train_rejects.jsonl",
+                    "by_field": _tally(r["field"] for r in read.rejects),
+                    "by_reason": _tally(r["reason"].split(":")[0] for r in read.rejects)},
+        "truncated_examples": truncated_examples,
+        "curriculum": mx.curriculum(lengths, src_is_qa[entry_source]),
+    }
+    write_json(out / "mixture.json", report)
+    write_jsonl(out / "train_rejects.jsonl", read.rejects)
+    classes = "; ".join(
+        f"{name}: " + ", ".join(sorted({f"priority {v['priority']:g}, {v['epochs']:g} epoch(s)"
+                                        for v in by_source.values() if v["pretrain_qa"] == (name == "pretrain-QA")}))
+        for name in ("pretrain-QA", "SFT") if any(v["pretrain_qa"] == (name == "pretrain-QA")
+                                                  for v in by_source.values()))
+    qa_share = report["by_class"].get("pretrain_qa", {}).get("tokens", 0) / tot_tokens
+    mx.plot_curriculum(report["curriculum"], out / "curriculum.png",
+                       f"Token share over training: seed {args.seed}, {n_entries} entries, {tot_tokens:,} tokens\n"
+                       f"{classes}", overall_qa_share=qa_share)
+    lap("report")
+    return report
+
+
+def _rel(path) -> str:
+    """A path relative to the repository when it is inside it (stable across checkouts), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _tally(values) -> dict:
+    out: dict = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _group(by_source: dict, key: str, extra: dict, mean_position: bool = False) -> dict:
+    fields = ["records", "entries", "tokens", "loss_tokens", "truncated_entries"]
+    out: dict = {}
+    for v in by_source.values():
+        g = out.setdefault(v[key], {**{name: f(v[key]) for name, f in extra.items()}, "sources": 0,
+                                    **{f: 0 for f in fields}})
+        g["sources"] += 1
+        for f in fields:
+            g[f] += v[f]
+        if mean_position and v["mean_position"] is not None:
+            g["_pos"] = g.get("_pos", 0.0) + v["mean_position"] * v["entries"]
+    for g in out.values():
+        if mean_position:
+            g["mean_position"] = round(g.pop("_pos", 0.0) / g["entries"], 4) if g["entries"] else None
+    return dict(sorted(out.items(), key=lambda kv: str(kv[0])))
+
+
+def _print_summary(report: dict, out: Path, timings: dict) -> None:
+    t = report["totals"]
+    print(f"[step 2] format={report['chat_format']['name']} max_seq_len={report['max_seq_len']} "
+          f"seed={report['seed']} language_ids={report['language_ids']} -> {out}")
+    print(f"  records: read {t['records_read']}, kept {t['records']}, rejected {t['rejected']}"
+          + (f" (see {out / 'train_rejects.jsonl'})" if t["rejected"] else ""))
+    print(f"  entries {t['entries']} -> rows {t['rows']}: {t['tokens']} tokens ({t['loss_tokens']} with loss), "
+          f"packing efficiency {t['packing_efficiency']:.1%}, {t['mean_documents_per_row']} documents/row")
+    print(f"  truncated: {t['truncated_records']} records ({t['truncated_entries']} entries, "
+          f"{t['truncated_tokens_dropped']} tokens dropped); entries without loss tokens: {t['entries_without_loss']}")
+    for name, c in report["by_class"].items():
+        print(f"  {name}: {c['entries']} entries, {c['tokens']} tokens, mean position {c['mean_position']}")
+    if report["priority_table"]["unused_patterns"]:
+        print(f"  note: priority rules matching no source: {', '.join(report['priority_table']['unused_patterns'])}")
+    print("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if k != "total")
+          + f"; done in {timings['total']:.1f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(args)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0 if report else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
