@@ -59,11 +59,14 @@ def test_iter_json_array_across_chunk_boundaries(tmp_path):
     assert list(iter_json_array(path, chunk_chars=5)) == values
     path.write_text("[]")
     assert list(iter_json_array(path)) == []
+    path.write_text('{"general_en": []}')
+    with pytest.raises(DataError, match="expected a JSON list"):
+        list(iter_json_array(path))
     path.write_text('[{"a": 1} {"b": 2}]')
-    with pytest.raises(DataError, match="expected ',' or ']'"):
+    with pytest.raises(DataError, match="expected one of ',' ']'"):
         list(iter_json_array(path, chunk_chars=4))
     path.write_text('[{"a": 1}, {"b": ')
-    with pytest.raises(DataError, match="record 1.*invalid JSON"):
+    with pytest.raises(DataError, match="invalid JSON"):
         list(iter_json_array(path, chunk_chars=4))
 
 

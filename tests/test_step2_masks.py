@@ -8,7 +8,8 @@ import pytest
 
 from src.common.chat_formats import RELEASE_FORMATS, ChatFormat, release_layout, resolve_format
 from src.common.errors import DataError
-from src.prepare.records import _JsonStream, iter_file, parse_record, read_records
+from src.common.io import JsonStream
+from src.prepare.records import iter_file, parse_record, read_records
 from src.prepare.tokenize_chat import ChatEncoder, render_with_spans
 
 TRICKY = [
@@ -157,12 +158,12 @@ def test_streamed_parser_equals_json_load(tmp_path):
     path = tmp_path / "big.json"
     path.write_text(json.dumps(items, indent=rnd.choice([None, 2]), ensure_ascii=False), encoding="utf-8")
     for chunk in (7, 100, 1 << 20):  # tiny chunks force elements across buffer boundaries
-        stream = _JsonStream(path, chunk_chars=chunk)
+        stream = JsonStream(path, chunk_chars=chunk)
         assert [v for _, v in stream.elements()] == items
         stream.close()
     nums = tmp_path / "nums.json"
     nums.write_text("[123456789, 2.5e10 , \n-7]", encoding="utf-8")
-    stream = _JsonStream(nums, chunk_chars=3)  # a number cut by the buffer must not parse short
+    stream = JsonStream(nums, chunk_chars=3)  # a number cut by the buffer must not parse short
     assert [v for _, v in stream.elements()] == [123456789, 2.5e10, -7]
 
 

@@ -33,59 +33,113 @@ def iter_jsonl(path) -> Iterator[dict]:
                 raise DataError(path, f"line {lineno}", None, f"invalid JSON: {e.msg}") from None
 
 
-def iter_json_array(path, chunk_chars: int = 1 << 20) -> Iterator[object]:
-    """Yield the elements of a top-level JSON list one at a time, reading the file in chunks.
+class JsonStream:
+    """Incremental parser for a top-level JSON list, or an object whose values are lists, element by element."""
 
-    The release training file is ~13.5 GB; ``json.load`` would need several times that in memory."""
-    path = Path(path)
-    decoder = json.JSONDecoder()
-    with path.open(encoding="utf-8") as f:
-        buf, pos, eof, index = "", 0, False, 0
+    def __init__(self, path: Path, chunk_chars: int = 1 << 20):
+        self.path = path
+        self.f = path.open(encoding="utf-8-sig")
+        self.chunk = chunk_chars
+        self.buf, self.pos, self.base, self.eof = "", 0, 0, False
+        self.decoder = json.JSONDecoder()
 
-        def fill() -> bool:
-            nonlocal buf, pos, eof
-            more = f.read(chunk_chars)
-            eof = not more
-            buf, pos = buf[pos:] + more, 0
-            return bool(more)
+    def close(self) -> None:
+        self.f.close()
 
-        def skip_space():
-            nonlocal pos
-            while True:
-                while pos < len(buf) and buf[pos].isspace():
-                    pos += 1
-                if pos < len(buf) or not fill():
-                    return
+    def _more(self) -> bool:
+        data = self.f.read(self.chunk)
+        if not data:
+            self.eof = True
+            return False
+        if self.pos:
+            self.base += self.pos
+            self.buf, self.pos = self.buf[self.pos:], 0
+        self.buf += data
+        return True
 
-        skip_space()
-        if buf[pos:pos + 1] != "[":
-            raise DataError(path, "(top level)", None, "expected a JSON list")
-        pos += 1
-        skip_space()
-        if buf[pos:pos + 1] == "]":
-            return
+    def _error(self, msg: str) -> DataError:
+        return DataError(self.path, f"at character {self.base + self.pos}", None, f"invalid JSON: {msg}")
+
+    def peek(self) -> str:
+        """The next non-whitespace character ('' at the end of the file), not consumed."""
+        while True:
+            n = len(self.buf)
+            while self.pos < n and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < n:
+                return self.buf[self.pos]
+            if not self._more():
+                return ""
+
+    def expect(self, chars: str) -> str:
+        c = self.peek()
+        if not c or c not in chars:
+            raise self._error(f"expected one of {' '.join(repr(x) for x in chars)}, found {c or 'end of file'!r}")
+        self.pos += 1
+        return c
+
+    def value(self):
+        self.peek()
         while True:
             try:
-                obj, end = decoder.raw_decode(buf, pos)
-                if end == len(buf) and not eof:  # a number or literal may continue in the next chunk
-                    raise json.JSONDecodeError("incomplete", buf, end)
+                obj, end = self.decoder.raw_decode(self.buf, self.pos)
+                # A value that ends exactly at the buffer's end may be cut short (a number): read on to be sure.
+                if end < len(self.buf) or self.eof:
+                    self.pos = end
+                    return obj
             except json.JSONDecodeError as e:
-                if not eof and fill():
-                    continue
-                raise DataError(path, index, None, f"invalid JSON: {e.msg}") from None
-            yield obj
-            index += 1
-            pos = end
-            skip_space()
-            sep = buf[pos:pos + 1]
-            if sep == "]":
+                if self.eof:
+                    self.pos = e.pos
+                    raise self._error(e.msg) from None
+            if len(self.buf) - self.pos > self.chunk:  # one element larger than a chunk: grow, stay linear
+                self.chunk *= 2
+            self._more()
+
+    def elements(self) -> Iterator[tuple[str | None, object]]:
+        """Yield (key, element): key is None for a top-level list, the dict key for a dict of lists."""
+        top = self.expect("[{")
+        if top == "[":
+            yield from ((None, v) for v in self._list_items())
+        else:
+            if self.peek() == "}":
+                self.pos += 1
+            else:
+                while True:
+                    key = self.value()
+                    if not isinstance(key, str):
+                        raise self._error("object keys must be strings")
+                    self.expect(":")
+                    if self.peek() != "[":
+                        raise DataError(self.path, key, None,
+                                        "in the dict format every source key must map to a list of records")
+                    self.pos += 1
+                    yield from ((key, v) for v in self._list_items())
+                    if self.expect(",}") == "}":
+                        break
+        if self.peek():
+            raise self._error("trailing content after the top-level value")
+
+    def _list_items(self) -> Iterator[object]:
+        if self.peek() == "]":
+            self.pos += 1
+            return
+        while True:
+            yield self.value()
+            if self.expect(",]") == "]":
                 return
-            if sep != ",":
-                raise DataError(path, index, None, f"invalid JSON: expected ',' or ']' after record {index - 1}")
-            pos += 1
-            skip_space()
-            if pos > chunk_chars:  # drop what has been parsed so the buffer stays about one chunk long
-                buf, pos = buf[pos:], 0
+
+
+def iter_json_array(path, chunk_chars: int = 1 << 20) -> Iterator[object]:
+    """Yield the elements of a top-level JSON list one at a time (the release training file is ~13.5 GB;
+    ``json.load`` would need several times that in memory)."""
+    stream = JsonStream(Path(path), chunk_chars)
+    try:
+        if stream.peek() != "[":
+            raise DataError(path, "(top level)", None, "expected a JSON list")
+        for _, element in stream.elements():
+            yield element
+    finally:
+        stream.close()
 
 
 class JsonArrayWriter:

@@ -69,6 +69,12 @@ class ProxyTuned(torch.nn.Module):
         return SimpleNamespace(logits=logits,
                                past_key_values=tuple(o.past_key_values for o in outs) if use_cache else None)
 
+    def forward_step(self, input_ids, attention_mask, position_ids, past_key_values, logits_to_keep=1):
+        """Step 4's ``StepModel`` protocol (src/evaluate/engine.py): logits of the last positions and the cache."""
+        out = self(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   past_key_values=past_key_values, use_cache=True, logits_to_keep=logits_to_keep)
+        return out.logits, out.past_key_values
+
 
 def load_proxy_tuned(base_path, tuned_path, raw_path, torch_dtype=None, device=None):
     """Load the three models and their tokenizers; returns (ProxyTuned, the base tokenizer)."""

@@ -23,6 +23,7 @@ from typing import Iterator
 import pyarrow as pa
 
 from ..common.errors import DataError
+from ..common.io import JsonStream
 from ..common.languages import parse_train_source
 
 USER_ROLES = {"human", "user"}
@@ -34,102 +35,6 @@ RECORD_SCHEMA = pa.schema([
     ("source_id", pa.int32()),  # index into ReadResult.sources
     ("turns", pa.list_(pa.string())),
 ])
-
-
-class _JsonStream:
-    """Incremental parser for a top-level JSON list, or an object whose values are lists, element by element."""
-
-    def __init__(self, path: Path, chunk_chars: int = 1 << 20):
-        self.path = path
-        self.f = path.open(encoding="utf-8-sig")
-        self.chunk = chunk_chars
-        self.buf, self.pos, self.base, self.eof = "", 0, 0, False
-        self.decoder = json.JSONDecoder()
-
-    def close(self) -> None:
-        self.f.close()
-
-    def _more(self) -> bool:
-        data = self.f.read(self.chunk)
-        if not data:
-            self.eof = True
-            return False
-        if self.pos:
-            self.base += self.pos
-            self.buf, self.pos = self.buf[self.pos:], 0
-        self.buf += data
-        return True
-
-    def _error(self, msg: str) -> DataError:
-        return DataError(self.path, f"at character {self.base + self.pos}", None, f"invalid JSON: {msg}")
-
-    def peek(self) -> str:
-        """The next non-whitespace character ('' at the end of the file), not consumed."""
-        while True:
-            n = len(self.buf)
-            while self.pos < n and self.buf[self.pos] in " \t\r\n":
-                self.pos += 1
-            if self.pos < n:
-                return self.buf[self.pos]
-            if not self._more():
-                return ""
-
-    def expect(self, chars: str) -> str:
-        c = self.peek()
-        if not c or c not in chars:
-            raise self._error(f"expected one of {' '.join(repr(x) for x in chars)}, found {c or 'end of file'!r}")
-        self.pos += 1
-        return c
-
-    def value(self):
-        self.peek()
-        while True:
-            try:
-                obj, end = self.decoder.raw_decode(self.buf, self.pos)
-                # A value that ends exactly at the buffer's end may be cut short (a number): read on to be sure.
-                if end < len(self.buf) or self.eof:
-                    self.pos = end
-                    return obj
-            except json.JSONDecodeError as e:
-                if self.eof:
-                    self.pos = e.pos
-                    raise self._error(e.msg) from None
-            if len(self.buf) - self.pos > self.chunk:  # one element larger than a chunk: grow, stay linear
-                self.chunk *= 2
-            self._more()
-
-    def elements(self) -> Iterator[tuple[str | None, object]]:
-        """Yield (key, element): key is None for a top-level list, the dict key for a dict of lists."""
-        top = self.expect("[{")
-        if top == "[":
-            yield from ((None, v) for v in self._list_items())
-        else:
-            if self.peek() == "}":
-                self.pos += 1
-            else:
-                while True:
-                    key = self.value()
-                    if not isinstance(key, str):
-                        raise self._error("object keys must be strings")
-                    self.expect(":")
-                    if self.peek() != "[":
-                        raise DataError(self.path, key, None,
-                                        "in the dict format every source key must map to a list of records")
-                    self.pos += 1
-                    yield from ((key, v) for v in self._list_items())
-                    if self.expect(",}") == "}":
-                        break
-        if self.peek():
-            raise self._error("trailing content after the top-level value")
-
-    def _list_items(self) -> Iterator[object]:
-        if self.peek() == "]":
-            self.pos += 1
-            return
-        while True:
-            yield self.value()
-            if self.expect(",]") == "]":
-                return
 
 
 def iter_file(path: Path) -> Iterator[tuple[int | str, str | None, object]]:
@@ -149,7 +54,7 @@ def iter_file(path: Path) -> Iterator[tuple[int | str, str | None, object]]:
         return
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
-    stream = _JsonStream(path)
+    stream = JsonStream(path)
     try:
         counters: dict[str, int] = {}
         n = 0
