@@ -1,0 +1,191 @@
+"""Step 3 input: step 2's packed rows, read in their stored order, split into micro-batches per rank, and collated.
+
+Rows (``datasets.load_from_disk(DIR)``) are already in training order and at most ``max_seq_len`` tokens long, unpadded:
+``input_ids``, ``labels`` (-100 = no loss), ``position_ids`` (restart at 0 at every packed document) and
+``language_ids`` (family id per token, -1 = padding). The order is never shuffled.
+
+Data position. A *global micro-batch* is ``world_size * batch_size`` consecutive rows; rank ``r`` takes the ``r``-th
+slice of ``batch_size`` rows of it. An optimizer step is ``grad_accum`` global micro-batches (the last step of an epoch
+may have fewer). So the rows a step consumes depend only on (step, world size, batch size, grad accum), which is what
+makes resume exact: the trainer state records the step, and the plan below regenerates the remaining batches without
+reading the skipped rows. The few rows at the end of an epoch that do not fill a global micro-batch
+(< world_size * batch_size) are dropped and reported, never silently.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from src.common.languages import PAD_LANGUAGE_ID
+
+IGNORE_INDEX = -100
+REQUIRED_COLUMNS = ("input_ids", "labels")
+
+
+def load_rows(path):
+    """Step 2's training rows as a ``datasets.Dataset`` (Arrow, memory-mapped), with a clear error when malformed."""
+    import datasets
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: training rows not found (step 2 writes them: 2.data_process_train.sh)")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # a folder that is not a saved dataset
+        raise ValueError(f"{path}: not a dataset saved with save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"{path}: a DatasetDict without a 'train' split (splits: {list(ds)})")
+        ds = ds["train"]
+    missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{path}: training rows lack column(s) {missing}; columns are {ds.column_names}")
+    if len(ds) == 0:
+        raise ValueError(f"{path}: the training set has no rows")
+    keep = [c for c in ("input_ids", "labels", "position_ids", "language_ids") if c in ds.column_names]
+    return ds.select_columns(keep)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which rows each rank reads at each micro-step: a pure function of the sizes, so resume needs only the step."""
+    num_rows: int
+    world_size: int
+    batch_size: int
+    grad_accum: int
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.grad_accum < 1 or self.world_size < 1:
+            raise ValueError("batch size, grad accum and world size must be >= 1")
+        if self.micro_steps_per_epoch == 0:
+            raise ValueError(
+                f"{self.num_rows} training rows cannot fill one global micro-batch of world_size x batch_size = "
+                f"{self.world_size} x {self.batch_size} rows; use a smaller --batch-size or fewer processes")
+
+    @property
+    def rows_per_micro_step(self) -> int:
+        return self.world_size * self.batch_size
+
+    @property
+    def micro_steps_per_epoch(self) -> int:
+        return self.num_rows // self.rows_per_micro_step
+
+    @property
+    def dropped_rows_per_epoch(self) -> int:
+        return self.num_rows - self.micro_steps_per_epoch * self.rows_per_micro_step
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.micro_steps_per_epoch / self.grad_accum)
+
+    def micro_steps_in(self, step_in_epoch: int) -> int:
+        """Number of micro-batches of optimizer step ``step_in_epoch`` (the last step of an epoch may be shorter)."""
+        return min(self.grad_accum, self.micro_steps_per_epoch - step_in_epoch * self.grad_accum)
+
+    def rows(self, micro_step: int, rank: int) -> list[int]:
+        """Row indices read by ``rank`` at micro-step ``micro_step`` (counted within the epoch)."""
+        start = (micro_step * self.world_size + rank) * self.batch_size
+        return list(range(start, start + self.batch_size))
+
+    def batches(self, rank: int, start_step_in_epoch: int = 0) -> list[list[int]]:
+        """This rank's micro-batches (row indices) from optimizer step ``start_step_in_epoch`` to the epoch's end."""
+        first = start_step_in_epoch * self.grad_accum
+        return [self.rows(m, rank) for m in range(first, self.micro_steps_per_epoch)]
+
+
+class Collator:
+    """Pads the rows of a micro-batch to the batch maximum, or flattens them into one row (padding-free).
+
+    Padding: pad token id, label -100, language id -1 and position ids restarting at 0, so the padding is a document
+    of its own that no real token attends to. Labels at every document start (position id 0) are set to -100: a
+    document's first token cannot be predicted from inside that document (with the causal shift it would otherwise be
+    predicted from the previous packed document's last token).
+
+    ``flatten=True`` (flash-attention varlen on GPU) concatenates the rows into a single row of length sum(lengths)
+    and adds ``cu_seq_lens_q/k`` and ``max_length_q/k``, the document boundaries transformers' flash-attention path
+    takes directly (no per-layer inference from the position ids).
+    """
+
+    def __init__(self, pad_token_id: int, flatten: bool = False, with_language_ids: bool = False):
+        if pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token id (load it with src.models.loading.load_tokenizer)")
+        self.pad_token_id = int(pad_token_id)
+        self.flatten = flatten
+        self.with_language_ids = with_language_ids
+
+    def __call__(self, rows: list[dict]) -> dict:
+        seqs = []
+        for row in rows:
+            ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
+            labels = torch.as_tensor(row["labels"], dtype=torch.long)
+            n = ids.numel()
+            if labels.numel() != n:
+                raise ValueError(f"row with {n} input ids has {labels.numel()} labels")
+            if row.get("position_ids") is not None:
+                pos = torch.as_tensor(row["position_ids"], dtype=torch.long)
+            else:  # an unpacked row: one document
+                pos = torch.arange(n)
+            if pos.numel() != n:
+                raise ValueError(f"row with {n} input ids has {pos.numel()} position ids")
+            labels = labels.masked_fill(pos == 0, IGNORE_INDEX)
+            lang = None
+            if self.with_language_ids:
+                if row.get("language_ids") is None:
+                    raise ValueError("an MoE model is trained but the rows have no language_ids column "
+                                     "(step 2 writes it)")
+                lang = torch.as_tensor(row["language_ids"], dtype=torch.long)
+            seqs.append((ids, labels, pos, lang))
+        out = self._flatten(seqs) if self.flatten else self._pad(seqs)
+        # Real tokens and the sum of squared document lengths (padding excluded): the FLOPs estimate behind MFU.
+        out["num_tokens"] = sum(s[0].numel() for s in seqs)
+        out["doc_len_sq"] = sum(n * n for s in seqs for n in document_lengths(s[2]))
+        return out
+
+    def _pad(self, seqs) -> dict:
+        width = max(s[0].numel() for s in seqs)
+        b = len(seqs)
+        out = {
+            "input_ids": torch.full((b, width), self.pad_token_id, dtype=torch.long),
+            "labels": torch.full((b, width), IGNORE_INDEX, dtype=torch.long),
+            "position_ids": torch.zeros((b, width), dtype=torch.long),
+        }
+        if self.with_language_ids:
+            out["language_ids"] = torch.full((b, width), PAD_LANGUAGE_ID, dtype=torch.long)
+        for i, (ids, labels, pos, lang) in enumerate(seqs):
+            n = ids.numel()
+            out["input_ids"][i, :n] = ids
+            out["labels"][i, :n] = labels
+            out["position_ids"][i, :n] = pos
+            out["position_ids"][i, n:] = torch.arange(width - n)  # padding: its own document
+            if lang is not None:
+                out["language_ids"][i, :n] = lang
+        return out
+
+    def _flatten(self, seqs) -> dict:
+        out = {
+            "input_ids": torch.cat([s[0] for s in seqs])[None],
+            "labels": torch.cat([s[1] for s in seqs])[None],
+            "position_ids": torch.cat([s[2] for s in seqs])[None],
+        }
+        if self.with_language_ids:
+            out["language_ids"] = torch.cat([s[3] for s in seqs])[None]
+        pos = out["position_ids"][0]
+        starts = torch.nonzero(pos == 0).flatten()
+        if starts.numel() == 0 or starts[0] != 0:
+            starts = torch.cat([torch.zeros(1, dtype=starts.dtype), starts])
+        bounds = torch.cat([starts, torch.tensor([pos.numel()])])
+        out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = bounds.to(torch.int32)
+        out["max_length_q"] = out["max_length_k"] = int((bounds[1:] - bounds[:-1]).max())
+        return out
+
+
+def document_lengths(position_ids: torch.Tensor) -> list[int]:
+    """Lengths of the documents of one row of position ids (a new document starts wherever the id is 0)."""
+    starts = torch.nonzero(position_ids == 0).flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    bounds = starts + [position_ids.numel()]
+    return [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
