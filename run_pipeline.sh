@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/env.sh
-EXP=data/sample_SmolLM2-135M-Instruct
-bash 0.download_data.sh
-bash 1.data_process_test_dev.sh --out "$EXP"
+EXP=sample_SmolLM2-135M-Instruct
+bash 0.download_data.sh                                  # sample -> data/raw/sample, SmolLM2 -> models/
+bash 1.data_process_test_dev.sh --out "data/$EXP"        # 3-shot test/dev prompts
+bash 2.data_process_train.sh --out "data/$EXP"           # priority-ordered, packed training rows
+bash 3.single_node_train.sh                              # a few CPU training steps -> ckpts/$EXP
+CKPT="$(python -c "from src.train.checkpoint import latest_checkpoint; print(latest_checkpoint('ckpts/$EXP'))")"
+bash 4.eval.sh --model "$CKPT" --input "data/$EXP/test.jsonl" --out "results/$EXP"

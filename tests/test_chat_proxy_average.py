@@ -115,3 +115,27 @@ def test_average_refuses_different_shapes(tmp_path, trio, smollm2_tokenizer):
     deeper = make_tiny_llama(smollm2_tokenizer, tmp_path / "deep", layers=3)
     with pytest.raises(ValueError, match="different tensors"):
         average([trio[0], deeper])
+
+
+def test_step4_runs_with_the_proxy_wrapper(tmp_path, trio):
+    import json
+
+    from src.evaluate import eval as step4
+    from src.prepare import test_dev
+    from tests.conftest import SAMPLE
+
+    data = tmp_path / "data"
+    assert test_dev.main(["--bench", str(SAMPLE / "bench_test.json"), "--dev", str(SAMPLE / "bench_dev.json"),
+                          "--model", str(trio[0]), "--out", str(data), "--shots", "1"]) == 0
+    common = ["--input", str(data / "test.jsonl"), "--limit", "3", "--max-new-tokens", "6", "--no-progress"]
+    base, tuned, raw = (str(p) for p in trio)
+    assert step4.main(["--model", base, "--proxy-tuned", tuned, "--proxy-raw", raw, "--out", str(tmp_path / "p"),
+                       *common]) == 0
+    assert step4.main(["--model", base, "--out", str(tmp_path / "b"), *common]) == 0
+    read = lambda d: [json.loads(x) for x in (tmp_path / d / "predictions.jsonl").open()]  # noqa: E731
+    proxy, plain = read("p"), read("b")
+    assert len(proxy) == len(plain) == 3
+    assert [p["raw"] for p in proxy] != [p["raw"] for p in plain]  # the offset changed what was generated
+    run = json.loads((tmp_path / "p" / "run.json").read_text())
+    assert run["settings"]["proxy_tuned"] == tuned and "accuracy" in json.dumps(
+        json.loads((tmp_path / "p" / "score.json").read_text()))

@@ -1,0 +1,297 @@
+"""Step 4 speed: our engine against a loop written like the reference, on the same model and the same real items.
+
+    python bench/eval_speed.py [--model models/SmolLM2-135M-Instruct] [--data ../shared/data/xmedbench]
+                               [--items 48] [--max-prompt-tokens 1000] [--json results/bench_eval_speed.json]
+
+Items: real XMedBench test items from ``--data`` (never copied into the project), drawn seeded and round-robin over
+the sources (so several languages), 3-shot prompts built by step 1's code with shots from the dev file, keeping
+prompts of at most ``--max-prompt-tokens`` tokens (so the run fits in ~10 minutes on a 2-core CPU).
+
+Measured, in this order, all with the same model, dtype and threads:
+
+* floor: one forward pass over every prompt, one prompt at a time (no padding, logits of the last position only).
+  Prefill is the cost no scorer can avoid on a CPU; decoding and padding are what a scorer adds on top.
+* ours: ``src.evaluate.engine.predict`` (length-sorted batches, early stop at the end of the first non-empty line,
+  finished rows dropped), default settings.
+* reference-style: HF ``generate`` in file order, batch 4, left padding with an attention mask, greedy, 256 max new
+  tokens, min 2, stopping on the same stop tokens, answers extracted by the same extractor.
+* fixed shots (``--shot-mode fixed`` prompts for the same items): the floor becomes one forward over each source's
+  shared prefix plus one over every item's suffix; ours reuses the prefix KV cache.
+
+Prints items/s for each, the ratio ours/reference, the share of identical extracted letters, our time against the
+floor, and the time each scorer spends above the floor (decoding, padding, overheads).
+
+Timing on a shared CPU: by default one torch thread (``--threads 1``): with two threads on two cores that other jobs
+also use, every parallel op waits for the second core (~13 ms per op here), which swamps decoding steps. Wall and
+process CPU seconds are both reported (with one thread, CPU seconds are the work done, whatever the foreign load).
+``--round-items N`` measures in rounds of N items, every method on each round in turn, so a burst of foreign load hits
+all methods alike (but each round is then scored on its own, which costs our continuous batching its refills).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_items(data: Path, tokenizer, fmt, n: int, max_tokens: int, seed: int, k: int = 3):
+    """(per-item-shot records, fixed-shot records) for the same n items, in file order."""
+    from src.prepare.bench_items import load_bench
+    from src.prepare.prompts import PromptBuilder
+    from src.prepare.test_dev import _by_source, build_split
+
+    test, _ = load_bench(data / "bench_test.json")
+    dev, _ = load_bench(data / "bench_dev.json")
+    pools = _by_source(dev)
+    builder = PromptBuilder(fmt)
+    by_source = _by_source(test)
+    rng = random.Random(seed)
+    candidates = {}
+    for source, items in sorted(by_source.items()):
+        pick = rng.sample(items, min(len(items), 3 * n))
+        recs, _, _ = build_split(pick, {source: pools.get(source, items)}, builder, tokenizer, k, seed, False,
+                                 max_tokens, "bench")
+        candidates[source] = [r for r in recs if r["prompt_tokens"] <= max_tokens and len(r["shots"]) == k]
+    chosen_ids: list[str] = []
+    while len(chosen_ids) < n and any(candidates.values()):
+        for source in sorted(candidates):
+            if candidates[source] and len(chosen_ids) < n:
+                chosen_ids.append(candidates[source].pop(0)["id"])
+    chosen = set(chosen_ids)
+    items = [it for it in test if it.id in chosen]  # file order
+    per_item, _, _ = build_split(items, pools, builder, tokenizer, k, seed, False, 10 ** 6, "bench")
+    fixed, _, _ = build_split(items, pools, builder, tokenizer, k, seed, True, 10 ** 6, "bench")
+    return per_item, fixed
+
+
+def floor_per_item(model, ids_list) -> float:
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for ids in ids_list:
+            t = torch.tensor([ids])
+            model(input_ids=t, use_cache=False, logits_to_keep=1)
+    return time.perf_counter() - t0
+
+
+def floor_fixed(model, records, ids_list) -> tuple[float, int]:
+    """Each group's shared prefix once, then every item's suffix on a copy of the prefix cache."""
+    import torch
+
+    from src.evaluate.engine import plan_groups
+
+    t0 = time.perf_counter()
+    computed = 0
+    with torch.no_grad():
+        for g in plan_groups(records, ids_list, "auto"):
+            P = len(g.prefix)
+            cache = None
+            if P:
+                out = model(input_ids=torch.tensor([g.prefix]), use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
+                computed += P
+            for i in g.members:
+                suffix = ids_list[i][P:]
+                c = copy.deepcopy(cache) if cache is not None else None
+                pos = torch.arange(P, P + len(suffix))[None]
+                model(input_ids=torch.tensor([suffix]), position_ids=pos, past_key_values=c, use_cache=True,
+                      logits_to_keep=1)
+                computed += len(suffix)
+    return time.perf_counter() - t0, computed
+
+
+def reference_style(model, tokenizer, records, stop_ids, batch_size=4, max_new_tokens=256):
+    """The reference's loop (REFERENCE.md 5.1): HF generate on batches in file order."""
+    import torch
+
+    from src.evaluate.extract import extract
+
+    letters, raws = [], []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(records), batch_size):
+            batch = records[s:s + batch_size]
+            enc = tokenizer([r["prompt"] for r in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=False,
+                                 max_new_tokens=max_new_tokens, min_new_tokens=2, eos_token_id=stop_ids,
+                                 pad_token_id=tokenizer.pad_token_id, num_return_sequences=1)
+            for r, row in zip(batch, out[:, enc["input_ids"].shape[1]:]):
+                raw = tokenizer.decode(row, skip_special_tokens=True)
+                raws.append(raw)
+                letters.append(extract(raw, r["letters"]).letter)
+    return time.perf_counter() - t0, letters, raws
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "xmedbench")
+    p.add_argument("--items", type=int, default=48)
+    p.add_argument("--max-prompt-tokens", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="ours (default %(default)s)")
+    p.add_argument("--round-items", type=int, default=0,
+                   help="measure in rounds of this many items, every method on each round in turn (0: every "
+                        "method over all items, one after the other; default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared machine two threads wait for each other's core)")
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--skip-fixed", action="store_true")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = p.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from src.common.chat_formats import resolve_format
+    from src.evaluate.engine import predict, stop_token_ids
+    from src.models.loading import load_model, load_tokenizer
+
+    if not (args.data / "bench_test.json").is_file():
+        print(f"no bench data at {args.data}", file=sys.stderr)
+        return 2
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model).eval()
+    fmt = resolve_format(tokenizer, model.config)
+    stops = stop_token_ids(tokenizer, fmt, model)
+    t = time.perf_counter()
+    per_item, fixed = build_items(args.data, tokenizer, fmt, args.items, args.max_prompt_tokens, args.seed)
+    langs = sorted({r["language"] for r in per_item})
+    ids = tokenizer([r["prompt"] for r in per_item], add_special_tokens=False)["input_ids"]
+    tokens = sum(len(x) for x in ids)
+    print(f"[bench] {len(per_item)} items, {len({r['source'] for r in per_item})} sources, languages {langs}, "
+          f"{tokens} prompt tokens (mean {tokens / len(ids):.0f}), built in {time.perf_counter() - t:.1f}s; "
+          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}", flush=True)
+    with torch.no_grad():  # warm-up
+        model(input_ids=torch.tensor([ids[0][:64]]), use_cache=False, logits_to_keep=1)
+
+    fig: dict = {"model": args.model, "items": len(per_item), "languages": langs,
+                 "sources": sorted({r["source"] for r in per_item}), "prompt_tokens": tokens,
+                 "max_prompt_tokens": args.max_prompt_tokens, "round_items": args.round_items,
+                 "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                 "device": "cpu", "dtype": "float32", "load_average_start": round(os.getloadavg()[0], 2)}
+    fids = tokenizer([r["prompt"] for r in fixed], add_special_tokens=False)["input_ids"]
+
+    # The machine is shared: measure in rounds of a few items, every method on the same round back to back, in a
+    # rotating order, so a burst of foreign load hits all methods alike. Wall and process CPU seconds are summed.
+    methods = ["floor", "ours"] + ([] if args.skip_reference else ["reference"]) + \
+              ([] if args.skip_fixed else ["fixed_floor", "fixed_ours"])
+    wall = {m: 0.0 for m in methods}
+    cpu = {m: 0.0 for m in methods}
+    ours: list = []
+    ref_letters: list = []
+    ref_raws: list = []
+    ours_f: list = []
+    stats: dict = {}
+    stats_f: dict = {}
+    computed_fixed = 0
+
+    def add_stats(total: dict, part: dict):
+        for k, v in part.items():
+            if isinstance(v, dict):
+                sub = total.setdefault(k, {})
+                for kk, vv in v.items():
+                    sub[kk] = sub.get(kk, 0) + vv
+            elif isinstance(v, (int, float)):
+                total[k] = total.get(k, 0) + v
+
+    size = args.round_items or len(per_item)
+    n_rounds = (len(per_item) + size - 1) // size
+    for r in range(n_rounds):
+        sl = slice(r * size, (r + 1) * size)
+        recs, recs_f, rids, rfids = per_item[sl], fixed[sl], ids[sl], fids[sl]
+        for m in methods[r % len(methods):] + methods[:r % len(methods)]:
+            if n_rounds == 1:
+                print(f"[bench] {m} ...", flush=True)
+            w0, c0 = time.perf_counter(), time.process_time()
+            if m == "floor":
+                floor_per_item(model, rids)
+            elif m == "ours":
+                st: dict = {}
+                ours += predict(model, tokenizer, recs, fmt=fmt, batch_size=args.batch_size, progress=False,
+                                stats=st)
+                add_stats(stats, st)
+            elif m == "reference":
+                _, letters, raws = reference_style(model, tokenizer, recs, stops)
+                ref_letters += letters
+                ref_raws += raws
+            elif m == "fixed_floor":
+                computed_fixed += floor_fixed(model, recs_f, rfids)[1]
+            elif m == "fixed_ours":
+                st = {}
+                ours_f += predict(model, tokenizer, recs_f, fmt=fmt, batch_size=args.batch_size, progress=False,
+                                  stats=st)
+                add_stats(stats_f, st)
+            wall[m] += time.perf_counter() - w0
+            cpu[m] += time.process_time() - c0
+        print(f"[bench] round {r + 1}/{n_rounds}: " + ", ".join(f"{m} {wall[m]:.1f}s" for m in methods)
+              + f" (load average {os.getloadavg()[0]:.1f})", flush=True)
+
+    n = len(per_item)
+    fig["wall_s"] = {m: round(v, 2) for m, v in wall.items()}
+    fig["cpu_s"] = {m: round(v, 2) for m, v in cpu.items()}
+    fig["load_average_end"] = round(os.getloadavg()[0], 2)
+    fig["items_per_s"] = {m: round(n / v, 4) for m, v in wall.items()}
+    fig["ours_vs_floor"] = round(wall["ours"] / wall["floor"], 3)
+    fig["ours_vs_floor_cpu"] = round(cpu["ours"] / cpu["floor"], 3)
+    fig["ours_engine"] = stats
+    print(f"[bench] floor (one forward per prompt): {wall['floor']:.1f}s wall / {cpu['floor']:.1f}s cpu, "
+          f"{n / wall['floor']:.3f} items/s")
+    print(f"[bench] ours: {wall['ours']:.1f}s wall / {cpu['ours']:.1f}s cpu, {n / wall['ours']:.3f} items/s, "
+          f"{wall['ours'] / wall['floor']:.3f}x the floor (cpu {cpu['ours'] / cpu['floor']:.3f}x); "
+          f"padding {stats.get('padded_tokens')} tokens, {stats.get('new_tokens')} new tokens, "
+          f"stops {stats.get('stops')}")
+    if "reference" in wall:
+        same = sum(a["letter"] == b for a, b in zip(ours, ref_letters))
+        fig.update(ratio=round(wall["reference"] / wall["ours"], 3),
+                   above_floor_s={"ours": round(wall["ours"] - wall["floor"], 2),
+                                  "reference": round(wall["reference"] - wall["floor"], 2)},
+                   ratio_cpu=round(cpu["reference"] / cpu["ours"], 3),
+                   identical_letters=round(same / n, 4), identical_letters_count=f"{same}/{n}",
+                   reference_vs_floor=round(wall["reference"] / wall["floor"], 3))
+        print(f"[bench] reference-style: {wall['reference']:.1f}s wall / {cpu['reference']:.1f}s cpu, "
+              f"{n / wall['reference']:.3f} items/s, {wall['reference'] / wall['floor']:.3f}x the floor")
+        print(f"[bench] ratio (reference time / our time): {wall['reference'] / wall['ours']:.2f}x wall, "
+              f"{cpu['reference'] / cpu['ours']:.2f}x cpu; identical letters {same}/{n}; time above the floor: "
+              f"ours {wall['ours'] - wall['floor']:.1f}s, reference-style {wall['reference'] - wall['floor']:.1f}s")
+        for a, letter, raw in zip(ours, ref_letters, ref_raws):
+            if a["letter"] != letter:
+                print(f"[bench]   differs: {a['id']}: ours {a['raw']!r} -> {a['letter']}, "
+                      f"reference-style {raw!r} -> {letter}")
+    if "fixed_ours" in wall:
+        ftok = sum(len(x) for x in fids)
+        fig["fixed"] = {"prompt_tokens": ftok, "tokens_computed_with_prefix_reuse": computed_fixed,
+                        "floor_s": round(wall["fixed_floor"], 2), "ours_s": round(wall["fixed_ours"], 2),
+                        "ours_items_per_s": round(n / wall["fixed_ours"], 4),
+                        "ours_vs_floor": round(wall["fixed_ours"] / wall["fixed_floor"], 3),
+                        "ours_vs_floor_cpu": round(cpu["fixed_ours"] / cpu["fixed_floor"], 3),
+                        "speedup_vs_per_item_shots": round(wall["ours"] / wall["fixed_ours"], 3),
+                        "fixed_floor_vs_per_item_floor": round(wall["fixed_floor"] / wall["floor"], 3),
+                        "engine": stats_f}
+        print(f"[bench] fixed shots: {ftok} prompt tokens, {computed_fixed} computed with the prefix once per "
+              f"source and round; floor {wall['fixed_floor']:.1f}s; ours {wall['fixed_ours']:.1f}s "
+              f"({n / wall['fixed_ours']:.3f} items/s, {wall['fixed_ours'] / wall['fixed_floor']:.3f}x its floor, "
+              f"{wall['ours'] / wall['fixed_ours']:.2f}x faster than ours with per-item shots)")
+
+    print(json.dumps(fig, indent=1))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(fig, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The Post-MoE path on the embedded default: upcycle SmolLM2 into language-family experts (last 2 layers, 7 experts,
+# top-2), train a few steps on step 2's rows with hybrid routing, and score the result with step 4.
+# Runs steps 0-2 first if their outputs are missing. CPU, a few minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+EXP=sample_SmolLM2-135M-Instruct
+[ -f models/SmolLM2-135M-Instruct/config.json ] || bash 0.download_data.sh
+[ -f "data/$EXP/test.jsonl" ] || bash 1.data_process_test_dev.sh --out "data/$EXP"
+[ -f "data/$EXP/mixture.json" ] || bash 2.data_process_train.sh --out "data/$EXP"
+bash scripts/upcycle_moe.sh --model models/SmolLM2-135M-Instruct --out models/SmolLM2-135M-MoE \
+  --experts 7 --top-k 2 --moe-layers 2
+bash 3.single_node_train.sh --model models/SmolLM2-135M-MoE --expect moe --train "data/$EXP/train" \
+  --dev "data/$EXP/dev.jsonl" --out "ckpts/${EXP}_moe" --max-steps 3 --batch-size 1 --grad-accum 1 \
+  --save-every 0 --max-ckpts 1 --eval-every 0 --dev-limit 7 --dev-batch-size 7 --dev-max-new-tokens 8
+CKPT="$(python -c "from src.train.checkpoint import latest_checkpoint; print(latest_checkpoint('ckpts/${EXP}_moe'))")"
+bash 4.eval.sh --model "$CKPT" --input "data/$EXP/test.jsonl" --out "results/${EXP}_moe"
+python util/routing_analysis.py --model "$CKPT" --input "data/$EXP/test.jsonl" --out "results/${EXP}_moe/routing" --limit 4

@@ -1,0 +1,696 @@
+"""Step 4's inference engine: batched greedy generation that stops as soon as the extractor's input is complete, and a
+log-likelihood mode. ``predict`` is the one entry point (the CLI, the trainer's dev evaluation and the benchmark use it).
+
+Generation (``mode="generate"``)
+    Prompts are tokenized as they are (step 1 prompts already carry BOS/system prefix: ``add_special_tokens=False``)
+    and queued longest first (an out-of-memory shows up at once). Decoding runs on one batch of at most
+    ``batch_size`` rows that is kept full: whenever a quarter of its rows have finished, the next prompts of the queue
+    are prefilled and their KV cache is merged into the running batch (continuous batching, ``kvcache.cache_merge``;
+    rows of different lengths are left-padded in the cache and masked). Prefill computes the logits of the last
+    position only. On a CPU each prompt is prefilled on its own (``prefill_batch=1``: no padding, and the causal
+    attention kernel runs without a mask; a padded batch costs ~25% more there), so prefill costs exactly one forward
+    pass per prompt; on a GPU the admitted prompts are prefilled together (left padding kept under ``max_padding`` of
+    their tokens). Decoding is greedy with a preallocated KV cache (``kvcache.SlotCache``: no copy of the cache per
+    step). A row stops as soon as
+
+    * it emitted a stop token (the chat format's end token, the tokenizer's EOS or the generation config's EOS ids;
+      they are suppressed during the first ``min_new_tokens`` tokens, as ``min_new_tokens`` does in HF generate), or
+    * its text has a complete first non-empty line (a newline after any other character,
+      ``extract.line_complete``): the extractor reads only that line, so the letter cannot change any more, or
+    * it reached ``max_new_tokens``.
+
+    Finished rows leave the batch (and its KV cache) at once, and cache columns no row needs any more are dropped, so
+    no compute is spent on them. The extracted letters are therefore those of the full decode with the same settings
+    (a test checks it against HF generate). Caches that cannot be merged (sliding-window layers) fall back to
+    batch-by-batch decoding.
+
+Log-likelihood (``mode="loglik"``)
+    One forward pass per item over ``prompt + answer_phrase + "("``; the answer is the item's option letter with the
+    highest next-token log-probability (lm-evaluation-harness style). When a letter is not a single token after that
+    context for this tokenizer, the letter's full continuation is scored (sum of its token log-probabilities).
+
+Shared prefixes (``prefix_cache="auto"``)
+    Items of one source that share the same shots (step 1 ``--shot-mode fixed``) share a token prefix (system block,
+    the shots, the next user tag). It is computed once per group; its KV cache is copied for every admitted row, and
+    only the suffixes are prefilled. Items with per-item shots share no useful prefix and run as above.
+
+Out of memory
+    The batch size halves on an out-of-memory error and the work is retried: a failed prefill puts its prompts back
+    in the queue, a failed decoding step rolls the cache back and returns the most recently admitted rows to the
+    queue. The smaller batch size is kept for the rest of the run; finished rows are never redone.
+
+The model behind the engine: the ``StepModel`` protocol
+    Every model call goes through one method::
+
+        forward_step(input_ids, attention_mask, position_ids, past_key_values, logits_to_keep=1) -> (logits, cache)
+
+    ``input_ids``/``position_ids`` are [B, T] (long), ``attention_mask`` is [B, past + T] (1 = real token),
+    ``past_key_values`` is None on the first call and afterwards whatever the previous call returned; ``logits`` are
+    [B, logits_to_keep, V] for the last positions. A plain transformers model is wrapped in ``HFStepModel``. Anything
+    else with a ``forward_step`` method and a ``device`` attribute (optionally ``eval()``/``train()``/``training``)
+    can be passed to ``predict`` instead of a model, e.g. a proxy-tuning wrapper computing
+    ``logits = base + (tuned - raw)`` over three ``HFStepModel``s. Its cache may be a transformers ``Cache`` or a
+    (nested) tuple/list of them: the engine only selects, repeats, merges and trims batch rows/columns of a cache
+    (``kvcache``), applied to each element.
+
+Training-time use: ``predict`` switches the model to eval mode, runs under ``torch.no_grad()`` and restores the
+previous mode. Ranks stop decoding at different times, so with DeepSpeed ZeRO-3 (where every forward is a collective)
+call it on a gathered/unsharded model or on rank-local copies only.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from .extract import extract, line_complete
+from .kvcache import (SlotCache, cache_merge, cache_repeat, cache_select, cache_trim, cache_truncate,
+                      mergeable, supports_slot_cache)
+
+MIN_PREFIX_TOKENS = 16  # a shared prefix shorter than this is not worth a separate forward
+
+
+class StepModel(Protocol):
+    device: torch.device
+
+    def forward_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                     past_key_values: Any, logits_to_keep: int = 1) -> tuple[torch.Tensor, Any]: ...
+
+
+class HFStepModel:
+    """``StepModel`` over a transformers causal LM (dense or our MoE)."""
+
+    def __init__(self, model, reserve: int = 64):
+        self.model = model
+        self.reserve = reserve  # spare cache columns per prefill (the engine sets max_new_tokens)
+        self._keep_ok: bool | None = None
+        self._slots = supports_slot_cache(model)
+
+    @property
+    def device(self) -> torch.device:
+        dev = getattr(self.model, "device", None)
+        return torch.device(dev) if dev is not None else next(self.model.parameters()).device
+
+    @property
+    def config(self):
+        return getattr(self.model, "config", None)
+
+    @property
+    def generation_config(self):
+        return getattr(self.model, "generation_config", None)
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def forward_step(self, input_ids, attention_mask, position_ids, past_key_values, logits_to_keep=1):
+        if past_key_values is None and self._slots:
+            past_key_values = SlotCache(self.reserve)
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=past_key_values, use_cache=True)
+        if self._keep_ok is not False:
+            try:
+                out = self.model(**kwargs, logits_to_keep=logits_to_keep)
+                self._keep_ok = True
+                return out.logits[:, -logits_to_keep:], out.past_key_values
+            except TypeError as e:  # a model without logits_to_keep: compute all logits and slice
+                if "logits_to_keep" not in str(e):
+                    raise
+                self._keep_ok = False
+        out = self.model(**kwargs)
+        return out.logits[:, -logits_to_keep:], out.past_key_values
+
+
+def as_step_model(model) -> StepModel:
+    return model if hasattr(model, "forward_step") else HFStepModel(model)
+
+
+def is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    msg = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def _free_memory():
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- stop tokens
+def stop_token_ids(tokenizer, fmt=None, model=None) -> list[int]:
+    """Token ids that end a generation: the chat format's end token, the tokenizer's EOS and the generation config's
+    EOS ids (what HF generate would stop on)."""
+    ids: list[int] = []
+    if fmt is not None:
+        ids.append(fmt.stop_token(tokenizer))
+    ids.append(tokenizer.eos_token_id)
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    ids += eos if isinstance(eos, (list, tuple)) else [eos]
+    out = []
+    for i in ids:
+        if i is not None and int(i) >= 0 and int(i) not in out:
+            out.append(int(i))
+    return out
+
+
+def resolve_fmt(tokenizer, model, fmt):
+    if fmt is not None and not isinstance(fmt, str):
+        return fmt
+    from ..common.chat_formats import resolve_format
+
+    return resolve_format(tokenizer, getattr(model, "config", None), fmt)
+
+
+# ----------------------------------------------------------------------------------------------- work plan
+@dataclass
+class _Group:
+    prefix: list[int]  # shared token prefix ([] for none)
+    members: list[int]  # record indices
+
+
+@dataclass
+class EngineStats:
+    items: int = 0
+    batches: int = 0
+    forward_calls: int = 0
+    prompt_tokens: int = 0  # real prompt tokens processed (prefix counted once per group)
+    padded_tokens: int = 0  # padding positions computed in prefill
+    prefix_tokens: int = 0  # tokens of shared prefixes computed once
+    prefix_saved_tokens: int = 0  # prompt tokens not recomputed thanks to shared prefixes
+    new_tokens: int = 0
+    decode_steps: int = 0  # forward calls of the decoding loop (one per generated position of the running batch)
+    merges: int = 0  # times new rows joined a running batch
+    oom_splits: int = 0
+    seconds: float = 0.0
+    stops: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def _lcp(seqs: list[list[int]]) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        i = 0
+        lim = min(n, len(s))
+        while i < lim and s[i] == first[i]:
+            i += 1
+        n = i
+        if n == 0:
+            break
+    return n
+
+
+def plan_groups(records: list[dict], ids: list[list[int]], prefix_cache: str = "auto") -> list[_Group]:
+    """Group items that share shots (same source, same shot ids) and a long enough token prefix."""
+    if prefix_cache not in ("auto", "off"):
+        raise ValueError("prefix_cache must be 'auto' or 'off'")
+    if prefix_cache == "off":
+        return [_Group([], list(range(len(records))))]
+    by_key: dict = {}
+    loose: list[int] = []
+    for i, r in enumerate(records):
+        shots = r.get("shots")
+        if shots:
+            by_key.setdefault((r.get("source"), tuple(shots)), []).append(i)
+        else:
+            loose.append(i)
+    groups = []
+    for members in by_key.values():
+        if len(members) < 2:
+            loose += members
+            continue
+        n = min(_lcp([ids[i] for i in members]), min(len(ids[i]) for i in members) - 1)
+        if n < MIN_PREFIX_TOKENS:
+            loose += members
+            continue
+        groups.append(_Group(ids[members[0]][:n], members))
+    if loose:
+        groups.append(_Group([], sorted(loose)))
+    return groups
+
+
+def make_batches(lengths: dict[int, int], members: list[int], batch_size: int, max_padding: float) -> list[list[int]]:
+    """Longest first; a batch takes the next item while it has room and its padding stays <= max_padding."""
+    order = sorted(members, key=lambda i: (-lengths[i], i))
+    batches, cur, total = [], [], 0
+    for i in order:
+        n = lengths[i]
+        if cur:
+            width = lengths[cur[0]]
+            waste = width * (len(cur) + 1) - (total + n)
+            if len(cur) >= batch_size or waste > max_padding * width * (len(cur) + 1):
+                batches.append(cur)
+                cur, total = [], 0
+        cur.append(i)
+        total += n
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------- the engine
+class _Running:
+    """The decoding batch: one entry per row, and the tensors of the whole batch."""
+
+    def __init__(self):
+        self.rows: list[int] = []  # record indices
+        self.units: list[tuple] = []  # (group, record index) to requeue a row after an out-of-memory
+        self.gens: list[list[int]] = []
+        self.cache = None
+        self.mask = None  # [B, cached columns]
+        self.last_pos = None  # [B, 1]
+        self.logits = None  # [B, V] float: the next token's logits of every row
+
+    def __len__(self):
+        return len(self.rows)
+
+    def keep(self, keep: list[int], device):
+        index = torch.tensor(keep, dtype=torch.long, device=device)
+        self.cache = cache_select(self.cache, index)
+        self.mask, self.last_pos = self.mask[index], self.last_pos[index]
+        if self.logits is not None:
+            self.logits = self.logits[index]
+        self.rows = [self.rows[b] for b in keep]
+        self.units = [self.units[b] for b in keep]
+        self.gens = [self.gens[b] for b in keep]
+        # columns that are padding for every remaining row are not needed any more
+        lead = int((self.mask.sum(0) == 0).long().cumprod(0).sum())
+        if lead and mergeable(self.cache):
+            self.cache = cache_trim(self.cache, lead)
+            self.mask = self.mask[:, lead:]
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, fmt=None, batch_size: int = 8, max_new_tokens: int = 128,
+                 min_new_tokens: int = 2, mode: str = "generate", max_padding: float = 0.1,
+                 prefix_cache: str = "auto", early_stop: bool = True, stop_ids: list[int] | None = None,
+                 refill: float = 0.25, prefill_batch: int | None = None):
+        if mode not in ("generate", "loglik"):
+            raise ValueError("mode must be 'generate' or 'loglik'")
+        if batch_size < 1 or max_new_tokens < 1 or min_new_tokens < 0:
+            raise ValueError("batch_size and max_new_tokens must be >= 1, min_new_tokens >= 0")
+        self.raw_model = model
+        self.step = as_step_model(model)
+        if isinstance(self.step, HFStepModel):
+            self.step.reserve = max_new_tokens + 8
+        self.tokenizer = tokenizer
+        self.fmt = resolve_fmt(tokenizer, model, fmt) if (fmt is not None or stop_ids is None) else None
+        self.stop_ids = stop_ids if stop_ids is not None else stop_token_ids(tokenizer, self.fmt, model)
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min_new_tokens
+        self.mode = mode
+        self.max_padding = max_padding
+        self.prefix_cache = prefix_cache
+        self.early_stop = early_stop
+        self.refill = refill  # admit new rows once this share of the batch is free
+        # Prompts prefilled together: one by one on a CPU (no padding, and the causal attention kernel without a
+        # mask: a padded batch costs ~25% more there), the whole admission on a GPU.
+        self.prefill_batch = prefill_batch
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+        self.stats = EngineStats()
+
+    # -- public -------------------------------------------------------------------------------------------------
+    def run(self, records: list[dict], callback: Callable[[dict], None] | None = None,
+            progress: bool = True) -> list[dict]:
+        from tqdm import tqdm
+
+        t0 = time.time()
+        records = list(records)
+        out: list[dict | None] = [None] * len(records)
+        if not records:
+            return []
+        texts = [r["prompt"] + (r.get("answer_phrase", "") + "(" if self.mode == "loglik" else "") for r in records]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        letter_ids = self._letter_token_ids(records) if self.mode == "loglik" else None
+        bar = tqdm(total=len(records), desc=f"step 4 ({self.mode})", unit="item", disable=not progress,
+                   dynamic_ncols=True)
+
+        def emit(i: int, pred: dict):
+            out[i] = pred
+            self.stats.items += 1
+            if callback is not None:
+                callback(pred)
+            bar.update(1)
+
+        general = [i for i in range(len(records)) if letter_ids is not None and letter_ids[i] is None]
+        general_set = set(general)
+        fast = [i for i in range(len(records)) if i not in general_set]
+        groups = [_Group(g.prefix, [fast[j] for j in g.members])
+                  for g in plan_groups([records[i] for i in fast], [ids[i] for i in fast], self.prefix_cache)]
+        device = self.step.device
+        if self.prefill_batch is None:
+            self.prefill_batch = 1 if device.type == "cpu" else self.batch_size
+        was_training = getattr(self.step, "training", False)
+        if hasattr(self.step, "eval"):
+            self.step.eval()
+        try:
+            with torch.no_grad():
+                if self.mode == "generate":
+                    self._generate(records, ids, groups, device, emit)
+                else:
+                    for g in groups:
+                        self._loglik_group(records, ids, letter_ids, g, device, emit)
+                for i in general:
+                    emit(i, self._loglik_general(records[i], texts[i], device))
+        finally:
+            if was_training and hasattr(self.step, "train"):
+                self.step.train(True)
+            bar.close()
+        self.stats.seconds += time.time() - t0
+        return out  # type: ignore[return-value]
+
+    # -- shared pieces -------------------------------------------------------------------------------------------
+    def _forward(self, input_ids, attention_mask, position_ids, cache, logits_to_keep=1):
+        self.stats.forward_calls += 1
+        return self.step.forward_step(input_ids, attention_mask, position_ids, cache, logits_to_keep)
+
+    def _prefix_cache(self, prefix: list[int], n_members: int, device):
+        P = len(prefix)
+        t = torch.tensor([prefix], device=device)
+        _, cache = self._forward(t, torch.ones_like(t), torch.arange(P, device=device)[None], None)
+        self.stats.prefix_tokens += P
+        self.stats.prompt_tokens += P
+        self.stats.prefix_saved_tokens += P * (n_members - 1)
+        return cache
+
+    def _prefill(self, rows: list[list[int]], P: int, prefix_cache, device):
+        """Left-padded prefill of suffixes (after a shared prefix of P tokens when prefix_cache is given).
+        Returns (last-position logits [B, V] float, cache, attention mask [B, P + T], last positions [B, 1])."""
+        B, T = len(rows), max(len(r) for r in rows)
+        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[b, T - len(r):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0) + P
+        ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+        cache = None
+        if P:
+            cache = cache_repeat(prefix_cache, B)
+            mask = torch.cat([torch.ones((B, P), dtype=mask.dtype, device=device), mask], dim=1)
+        logits, cache = self._forward(ids, mask, pos, cache)
+        self.stats.batches += 1
+        self.stats.prompt_tokens += sum(len(r) for r in rows)
+        self.stats.padded_tokens += B * T - sum(len(r) for r in rows)
+        return logits[:, -1].float(), cache, mask, pos[:, -1:]
+
+    def _oom(self, err: BaseException, n: int) -> None:
+        """Handle an out-of-memory on n rows: halve the batch size, or re-raise when one row already fails."""
+        if not is_oom(err) or n <= 1:
+            raise err
+        _free_memory()
+        self.batch_size = max(1, n // 2)
+        self.stats.oom_splits += 1
+
+    # -- log-likelihood: prefill only ------------------------------------------------------------------------------
+    def _loglik_group(self, records, ids, letter_ids, g: _Group, device, emit):
+        P = len(g.prefix)
+        prefix_cache = self._prefix_cache(g.prefix, len(g.members), device) if P else None
+        suffix = {i: ids[i][P:] for i in g.members}
+        queue = deque(make_batches({i: len(s) for i, s in suffix.items()}, g.members, self.batch_size,
+                                   self.max_padding))
+        while queue:
+            batch = queue.popleft()
+            if len(batch) > self.batch_size:  # the batch size shrank after an out-of-memory
+                queue.extendleft(reversed([batch[k:k + self.batch_size]
+                                           for k in range(0, len(batch), self.batch_size)]))
+                continue
+            try:
+                logits, _, _, _ = self._prefill([suffix[i] for i in batch], P, prefix_cache, device)
+            except Exception as e:  # noqa: BLE001 - only out-of-memory is handled
+                self._oom(e, len(batch))
+                queue.appendleft(batch)
+                continue
+            logp = torch.log_softmax(logits, dim=-1).cpu()
+            for b, i in enumerate(batch):
+                scores = {L: float(logp[b, t]) for L, t in letter_ids[i].items()}
+                emit(i, self._loglik_prediction(records[i], scores))
+
+    # -- generation: continuous batching ----------------------------------------------------------------------------
+    def _generate(self, records, ids, groups: list[_Group], device, emit):
+        queue: deque = deque()
+        for gi, g in enumerate(groups):
+            for i in sorted(g.members, key=lambda i: (-len(ids[i]), i)):
+                queue.append((gi, i))
+        self._remaining = {gi: len(g.members) for gi, g in enumerate(groups)}
+        self._prefixes: dict[int, Any] = {}
+        single = self.prefill_batch == 1
+        run = _Running()
+        merge_ok: bool | None = None  # known after the first prefill
+        stop = torch.tensor(self.stop_ids, dtype=torch.long, device=device)
+        stop_set = set(self.stop_ids)
+
+        while queue or run.rows:
+            free = self.batch_size - len(run)
+            threshold = max(1, int(self.batch_size * self.refill))
+            if queue and (not run.rows or (merge_ok and free >= threshold)):
+                if merge_ok is None:
+                    free = 1  # learn whether this model's cache can be merged before prefilling rows one by one
+                single_now = single and bool(merge_ok)
+                take = self._take(queue, free if single_now else min(free, self.prefill_batch), groups, ids,
+                                  single_now)
+                chunks = [[u] for u in take] if single_now else [take]
+                try:
+                    parts = [self._prefill_units(chunk, groups, ids, device) for chunk in chunks]
+                except Exception as e:  # noqa: BLE001 - only out-of-memory is handled
+                    self._oom(e, len(take) + len(run))
+                    queue.extendleft(reversed(take))
+                    continue
+                for g_, _ in take:
+                    self._remaining[g_] -= 1
+                    if self._remaining[g_] <= 0:
+                        self._prefixes.pop(g_, None)
+                if merge_ok is None:
+                    merge_ok = mergeable(parts[0][1])
+                self._admit(run, parts)
+                run.rows += [i for _, i in take]
+                run.units += list(take)
+                run.gens += [[] for _ in take]
+                continue  # admit more if there is room, then step
+
+            # choose the next token of every row
+            logits = run.logits
+            young = [b for b, g in enumerate(run.gens) if len(g) < self.min_new_tokens]
+            if young and len(stop):
+                rows = torch.tensor(young, dtype=torch.long, device=device)
+                logits[rows[:, None], stop[None, :]] = -math.inf
+            nxt = logits.argmax(dim=-1)
+            keep = []
+            for b, tok in enumerate(nxt.tolist()):
+                gen = run.gens[b]
+                gen.append(tok)
+                reason = None
+                if tok in stop_set:
+                    reason = "eos"
+                elif len(gen) >= self.max_new_tokens:
+                    reason = "max_tokens"
+                elif self.early_stop and line_complete(self.tokenizer.decode(gen, skip_special_tokens=True)):
+                    reason = "line"
+                if reason is None:
+                    keep.append(b)
+                else:
+                    emit(run.rows[b], self._generate_prediction(records[run.rows[b]], gen, reason))
+            if len(keep) < len(run):
+                nxt = nxt[torch.tensor(keep, dtype=torch.long, device=device)] if keep else nxt[:0]
+                run.logits = None
+                run.keep(keep, device)
+            if not run.rows:
+                run = _Running()
+                continue
+            self._decode_step(run, nxt, queue, device)
+
+    def _prefill_units(self, chunk: list[tuple], groups: list[_Group], ids, device):
+        """Prefill prompts of one group (the group's shared prefix computed on first use)."""
+        gi = chunk[0][0]
+        P = len(groups[gi].prefix)
+        if P and gi not in self._prefixes:
+            self._prefixes[gi] = self._prefix_cache(groups[gi].prefix, len(groups[gi].members), device)
+        return self._prefill([ids[i][P:] for _, i in chunk], P, self._prefixes.get(gi), device)
+
+    def _admit(self, run: _Running, parts: list[tuple]) -> None:
+        """Merge freshly prefilled rows (logits, cache, mask, last_pos) into the running batch."""
+        if run.rows:
+            parts = [(run.logits, run.cache, run.mask, run.last_pos)] + parts
+        if len(parts) == 1:
+            run.logits, run.cache, run.mask, run.last_pos = parts[0]
+            return
+        width = max(p[2].shape[1] for p in parts)
+        run.cache = cache_merge([p[1] for p in parts], reserve=self.max_new_tokens + 8)
+        run.mask = torch.cat([_left_pad_2d(p[2], width) for p in parts], dim=0)
+        run.last_pos = torch.cat([p[3] for p in parts], dim=0)
+        run.logits = torch.cat([p[0] for p in parts], dim=0)
+        self.stats.merges += 1
+
+    def _requeue(self, queue: deque, units: list[tuple]) -> None:
+        queue.extendleft(reversed(units))
+        for g_, _ in units:
+            self._remaining[g_] += 1
+
+    def _take(self, queue: deque, free: int, groups: list[_Group], ids, single: bool) -> list[tuple]:
+        """The next prompts to admit, at most ``free``. Prefilled one by one (``single``), any prompts; prefilled
+        together, prompts of one group whose left padding stays under ``max_padding`` (the queue is sorted longest
+        first within a group)."""
+        take = [queue.popleft()]
+        gi, first = take[0]
+        P = len(groups[gi].prefix)
+        width = len(ids[first]) - P
+        total = width
+        while queue and len(take) < free:
+            g2, i = queue[0]
+            if not single:
+                n = len(ids[i]) - P
+                waste = width * (len(take) + 1) - (total + n)
+                if g2 != gi or waste > self.max_padding * width * (len(take) + 1):
+                    break
+                total += n
+            take.append(queue.popleft())
+        return take
+
+    def _decode_step(self, run: _Running, nxt, queue, device):
+        """One forward of the running batch on its newest tokens; on out-of-memory, roll back, requeue the most
+        recently admitted rows and retry with the rest."""
+        while True:
+            width = run.mask.shape[1]
+            mask = torch.cat([run.mask, torch.ones((len(run), 1), dtype=run.mask.dtype, device=device)], dim=1)
+            try:
+                logits, cache = self._forward(nxt[:, None], mask, run.last_pos + 1, run.cache)
+            except Exception as e:  # noqa: BLE001 - only out-of-memory is handled
+                self._oom(e, len(run))
+                run.cache = cache_truncate(run.cache, width)
+                keep = list(range(self.batch_size))
+                self._requeue(queue, run.units[self.batch_size:])
+                nxt = nxt[:self.batch_size]
+                run.logits = None
+                run.keep(keep, device)
+                continue
+            run.cache, run.mask, run.last_pos = cache, mask, run.last_pos + 1
+            run.logits = logits[:, -1].float()
+            self.stats.decode_steps += 1
+            return
+
+    # -- predictions ---------------------------------------------------------------------------------------------
+    def _base(self, rec: dict) -> dict:
+        return {"id": rec.get("id"), "source": rec.get("source"), "language": rec.get("language")}
+
+    def _generate_prediction(self, rec: dict, gen: list[int], reason: str) -> dict:
+        raw = self.tokenizer.decode(gen, skip_special_tokens=True)
+        ex = extract(raw, rec.get("letters"))
+        gold = rec.get("answer")
+        self.stats.new_tokens += len(gen)
+        self.stats.stops[reason] = self.stats.stops.get(reason, 0) + 1
+        return {**self._base(rec), "raw": raw, "letter": ex.letter, "rule": ex.rule, "gold": gold,
+                "correct": ex.letter is not None and ex.letter == gold, "tie": ex.tie, "new_tokens": len(gen),
+                "stop": reason}
+
+    def _loglik_prediction(self, rec: dict, scores: dict[str, float]) -> dict:
+        letter = max(scores, key=lambda L: scores[L])  # first letter wins a tie
+        gold = rec.get("answer")
+        return {**self._base(rec), "raw": "", "letter": letter, "rule": "loglik", "gold": gold,
+                "correct": letter == gold, "tie": sum(v == scores[letter] for v in scores.values()) > 1,
+                "scores": {L: round(v, 4) for L, v in scores.items()}}
+
+    # -- log-likelihood helpers ----------------------------------------------------------------------------------
+    def _letter_token_ids(self, records: list[dict]) -> list[dict | None]:
+        """Per record: letter -> the single token that follows ``prompt + phrase + "("``, or None when some letter is
+        not one token there (then the record is scored by ``_loglik_general``). Checked on the end of the context
+        (from the answer phrase on), cached per phrase and letter set."""
+        cache: dict = {}
+        out: list[dict | None] = []
+        for r in records:
+            key = (r.get("answer_phrase", ""), tuple(r["letters"]))
+            if key not in cache:
+                cache[key] = self._single_tokens(r)
+            out.append(cache[key])
+        return out
+
+    def _single_tokens(self, rec: dict) -> dict | None:
+        tok = self.tokenizer
+        ctx = rec["prompt"] + rec.get("answer_phrase", "") + "("
+        base = tok(ctx, add_special_tokens=False)["input_ids"]
+        result = {}
+        for L in rec["letters"]:
+            full = tok(ctx + L, add_special_tokens=False)["input_ids"]
+            if len(full) != len(base) + 1 or full[:-1] != base:
+                return None
+            result[L] = full[-1]
+        return result
+
+    def _loglik_general(self, rec: dict, ctx: str, device) -> dict:
+        """Score each letter's whole continuation after the context (for tokenizers that merge "(" with a letter)."""
+        tok = self.tokenizer
+        seqs = {L: tok(ctx + L, add_special_tokens=False)["input_ids"] for L in rec["letters"]}
+        base = tok(ctx, add_special_tokens=False)["input_ids"]
+        n = min(_lcp(list(seqs.values()) + [base]), min(len(s) for s in seqs.values()) - 1)
+        shared = base[:n]
+        t = torch.tensor([shared], device=device)
+        logits, cache = self._forward(t, torch.ones_like(t), torch.arange(n, device=device)[None], None)
+        first = torch.log_softmax(logits[:, -1].float(), dim=-1)[0]
+        letters = list(seqs)
+        conts = [seqs[L][n:] for L in letters]
+        scores = {L: float(first[c[0]]) for L, c in zip(letters, conts)}
+        longest = max(len(c) for c in conts)
+        if longest > 1:  # the remaining tokens of each continuation, right-padded, in one batch
+            B, T = len(conts), longest - 1
+            ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((B, n + T), dtype=torch.long)
+            mask[:, :n] = 1
+            for b, c in enumerate(conts):
+                ids[b, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+                mask[b, n:n + len(c) - 1] = 1
+            pos = torch.arange(n, n + T)[None].expand(B, -1)
+            logits, _ = self._forward(ids.to(device), mask.to(device), pos.to(device), cache_repeat(cache, B),
+                                      logits_to_keep=T)
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for b, (L, c) in enumerate(zip(letters, conts)):
+                scores[L] += sum(float(logp[b, k, c[k + 1]]) for k in range(len(c) - 1))
+        self.stats.prompt_tokens += n
+        return self._loglik_prediction(rec, scores)
+
+
+def _left_pad_2d(mask: torch.Tensor, width: int) -> torch.Tensor:
+    if mask.shape[1] == width:
+        return mask
+    return torch.cat([mask.new_zeros((mask.shape[0], width - mask.shape[1])), mask], dim=1)
+
+
+def predict(model, tokenizer, records, *, fmt=None, batch_size: int = 8, max_new_tokens: int = 128,
+            min_new_tokens: int = 2, mode: str = "generate", progress: bool = True, max_padding: float = 0.1,
+            prefix_cache: str = "auto", early_stop: bool = True, callback: Callable[[dict], None] | None = None,
+            stats: dict | None = None, prefill_batch: int | None = None) -> list[dict]:
+    """Predict an answer letter for every step-1 record (in the order given).
+
+    Each prediction: {"id", "source", "language", "raw", "letter", "rule", "gold", "correct", "tie", ...} plus
+    "new_tokens"/"stop" (generate) or "scores" (loglik). ``model``: a transformers causal LM or any ``StepModel``;
+    ``fmt``: a ChatFormat or format name (default: resolved from the tokenizer/config; used for the stop token).
+    ``callback`` receives each prediction as soon as it is made (for appending to a file); ``stats``, if given, is
+    filled with the engine's counters (batches, tokens, padding, prefix reuse, stops, seconds). ``prefill_batch``:
+    prompts prefilled together (default: 1 on a CPU, ``batch_size`` on a GPU).
+    """
+    engine = Engine(model, tokenizer, fmt=fmt, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                    min_new_tokens=min_new_tokens, mode=mode, max_padding=max_padding, prefix_cache=prefix_cache,
+                    early_stop=early_stop, prefill_batch=prefill_batch)
+    preds = engine.run(list(records), callback=callback, progress=progress)
+    if stats is not None:
+        stats.update(engine.stats.as_dict())
+        stats["batch_size_final"] = engine.batch_size
+    return preds

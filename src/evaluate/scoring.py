@@ -1,0 +1,213 @@
+"""Scores from predictions: per source, per language (REFERENCE.md 5.4), major and minor averages, 95% intervals.
+
+How each number is made:
+
+* A **source** is scored by its pooled counts: accuracy = right / total.
+* A **language** follows REFERENCE.md 5.4 (``src.common.languages.score_method``): 'macro' languages (en, zh and the
+  single-source ones) take the unweighted mean of their source accuracies; 'micro' languages (de, fr, it, pt) pool the
+  counts of their sources. A language with one source gets exactly that source's accuracy either way.
+* The **major average** is the unweighted mean of the major languages present (the paper's "Major"/"Avg." column when
+  all 12 are present); the **minor average** the mean of the minor languages present.
+* Every source present in the predictions is reported, also when nothing in it was answered correctly (the
+  reference dropped such sources from score.json).
+
+95% confidence intervals (they describe the sampling noise of the test items only; sources and languages are taken
+as fixed, not sampled):
+
+* pooled proportions (a source, a 'micro' language): the Wilson score interval;
+* means of proportions (a 'macro' language with several sources, the major and minor averages): a normal
+  approximation, mean +/- 1.96 * sqrt(sum_i var_i) / k, where each of the k components contributes the variance of
+  its own estimate; a pooled proportion's variance is the Agresti-Coull one, p~(1-p~)/(n+z^2) with
+  p~ = (x+z^2/2)/(n+z^2), so a 0% or 100% component does not claim zero variance. Intervals are clipped to [0, 1].
+* A language with a single source (or a mean over one language) reuses its component's interval unchanged.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, OrderedDict
+
+from ..common.languages import is_major, major_languages, score_method, source_language
+
+Z = 1.959963984540054  # two-sided 95%
+
+CI_METHOD = ("pooled proportions (sources, micro languages): Wilson score interval; means (macro languages, "
+             "major/minor averages): normal approximation, mean +/- 1.96*sqrt(sum of component variances)/k with "
+             "Agresti-Coull variances for pooled components; item sampling noise only, clipped to [0,1]")
+
+
+def wilson(right: int, total: int, z: float = Z) -> tuple[float, float]:
+    """Wilson score interval of right/total (0..1). (0, 1) when total is 0."""
+    if total <= 0:
+        return (0.0, 1.0)
+    p = right / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def proportion_variance(right: int, total: int, z: float = Z) -> float:
+    """Agresti-Coull variance of a pooled proportion (never 0, also at 0% or 100%)."""
+    n = total + z * z
+    p = (right + z * z / 2) / n
+    return p * (1 - p) / n
+
+
+def _mean_component(components: list[dict]) -> dict:
+    """Unweighted mean of components, each {accuracy, var, ci95}; one component passes through unchanged."""
+    k = len(components)
+    if k == 1:
+        c = components[0]
+        return {"accuracy": c["accuracy"], "ci95": list(c["ci95"]), "var": c["var"]}
+    mean = sum(c["accuracy"] for c in components) / k
+    var = sum(c["var"] for c in components) / (k * k)
+    half = Z * math.sqrt(var)
+    return {"accuracy": mean, "ci95": [max(0.0, mean - half), min(1.0, mean + half)], "var": var}
+
+
+def _round(x: float) -> float:
+    return round(x, 6)
+
+
+def _public(entry: dict) -> dict:
+    out = {k: v for k, v in entry.items() if k != "var"}
+    out["accuracy"] = _round(out["accuracy"])
+    out["ci95"] = [_round(x) for x in out["ci95"]]
+    return out
+
+
+def score(predictions: list[dict]) -> dict:
+    """The content of score.json from a list of predictions ({id, source, language, letter, rule, correct, ...}).
+
+    Duplicate ids are counted once (the first); how many were dropped is reported.
+    """
+    seen: set = set()
+    preds = []
+    for p in predictions:
+        key = p.get("id")
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        preds.append(p)
+    duplicates = len(predictions) - len(preds)
+
+    right: Counter = Counter()
+    total: Counter = Counter()
+    no_letter: Counter = Counter()
+    lang_of: dict[str, str] = {}
+    rules: Counter = Counter()
+    ties = 0
+    for p in preds:
+        src = p["source"]
+        lang = source_language(src, p.get("language"))
+        if lang_of.setdefault(src, lang) != lang:
+            raise ValueError(f"source {src!r} appears with two languages: {lang_of[src]!r} and {lang!r}")
+        total[src] += 1
+        right[src] += bool(p.get("correct"))
+        rule = p.get("rule") or "none"
+        rules[rule] += 1
+        ties += bool(p.get("tie"))
+        if p.get("letter") is None:
+            no_letter[src] += 1
+
+    sources: dict[str, dict] = OrderedDict()
+    for src in sorted(total, key=lambda s: (_lang_rank(lang_of[s]), lang_of[s], s.lower())):
+        r, n = right[src], total[src]
+        sources[src] = {"language": lang_of[src], "right": r, "total": n, "accuracy": r / n,
+                        "ci95": list(wilson(r, n)), "no_letter": no_letter[src], "var": proportion_variance(r, n)}
+
+    languages: dict[str, dict] = OrderedDict()
+    for lang in sorted(set(lang_of.values()), key=lambda lg: (_lang_rank(lg), lg)):
+        srcs = [s for s in sources if lang_of[s] == lang]
+        method = score_method(lang)
+        r = sum(right[s] for s in srcs)
+        n = sum(total[s] for s in srcs)
+        if method == "micro" or len(srcs) == 1:
+            est = {"accuracy": r / n, "ci95": list(wilson(r, n)), "var": proportion_variance(r, n)}
+        else:
+            est = _mean_component([sources[s] for s in srcs])
+        languages[lang] = {"method": method, "major": is_major(lang), "sources": srcs, "right": r, "total": n, **est}
+
+    def average(langs: list[str], expected: list[str] | None) -> dict | None:
+        if not langs:
+            return None
+        est = _mean_component([languages[lg] for lg in langs])
+        out = {"accuracy": est["accuracy"], "ci95": est["ci95"], "languages": langs, "n_languages": len(langs),
+               "var": est["var"]}
+        if expected is not None:
+            out["missing"] = [lg for lg in expected if lg not in languages]
+        return out
+
+    major = [lg for lg in languages if languages[lg]["major"]]
+    minor = [lg for lg in languages if not languages[lg]["major"]]
+    n_items = sum(total.values())
+    n_right = sum(right.values())
+    out = {
+        "items": n_items,
+        "right": n_right,
+        "accuracy_items": _round(n_right / n_items) if n_items else None,
+        "major_average": _maybe_public(average(major, major_languages())),
+        "minor_average": _maybe_public(average(minor, None)),
+        "languages": {lg: _public(e) for lg, e in languages.items()},
+        "sources": {s: _public(e) for s, e in sources.items()},
+        "zero_correct_sources": [s for s in sources if right[s] == 0],
+        "no_letter": {"total": sum(no_letter.values()), "by_source": {s: no_letter[s] for s in sources
+                                                                     if no_letter[s]}},
+        "rules": dict(sorted(rules.items())),
+        "ties_broken": ties,
+        "duplicates_dropped": duplicates,
+        "ci_method": CI_METHOD,
+        "language_method": "REFERENCE.md 5.4: macro = mean of source accuracies, micro = pooled counts",
+    }
+    return out
+
+
+def _maybe_public(entry: dict | None) -> dict | None:
+    return None if entry is None else _public(entry)
+
+
+def _lang_rank(lang: str) -> int:
+    order = major_languages()
+    return order.index(lang) if lang in order else len(order)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _ci(ci) -> str:
+    return f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def format_table(score: dict) -> str:
+    """score.json as markdown: the averages, one row per language (paper order, then minor languages), one per source."""
+    lines = ["| average | accuracy % | 95% CI | languages |", "|---|---:|---|---|"]
+    for name in ("major_average", "minor_average"):
+        e = score.get(name)
+        if e:
+            extra = f" (missing: {', '.join(e['missing'])})" if e.get("missing") else ""
+            lines.append(f"| {name.split('_')[0]} | {_pct(e['accuracy'])} | {_ci(e['ci95'])} | "
+                         f"{e['n_languages']}{extra} |")
+    lines.append(f"| all items (pooled) | {_pct(score.get('accuracy_items'))} | | {score['items']} items |")
+    lines += ["", "| language | method | sources | right/total | accuracy % | 95% CI |",
+              "|---|---|---:|---:|---:|---|"]
+    for lg, e in score["languages"].items():
+        lines.append(f"| {lg}{'' if e['major'] else ' (minor)'} | {e['method']} | {len(e['sources'])} | "
+                     f"{e['right']}/{e['total']} | {_pct(e['accuracy'])} | {_ci(e['ci95'])} |")
+    lines += ["", "| source | language | right/total | accuracy % | 95% CI | no letter |",
+              "|---|---|---:|---:|---|---:|"]
+    for s, e in score["sources"].items():
+        lines.append(f"| {s} | {e['language']} | {e['right']}/{e['total']} | {_pct(e['accuracy'])} | "
+                     f"{_ci(e['ci95'])} | {e['no_letter']} |")
+    notes = []
+    if score.get("zero_correct_sources"):
+        notes.append(f"sources with zero correct: {', '.join(score['zero_correct_sources'])}")
+    if score.get("rules"):
+        notes.append("rules: " + ", ".join(f"{k} {v}" for k, v in score["rules"].items()))
+    if score.get("ties_broken"):
+        notes.append(f"ties broken by first vote: {score['ties_broken']}")
+    if score.get("duplicates_dropped"):
+        notes.append(f"duplicate ids dropped: {score['duplicates_dropped']}")
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,192 @@
+"""Answer extraction: a table of generations in many languages with the letter and rule each must give, the
+reference's exact behaviour (checked against an independent transcription of REFERENCE.md 5.2), and the stopping
+rule the engine relies on."""
+import random
+import re
+
+import pytest
+
+from src.evaluate.extract import RULES, extract, first_line, line_complete, reference_extract
+
+ABCD, ABCDE, ABC, AB = "ABCD", "ABCDE", "ABC", "AB"
+A_TO_H = "ABCDEFGH"
+
+# (language, generation, item letters, expected letter, expected rule, tie broken)
+TABLE = [
+    # English
+    ("en", "The correct answer is (B).", ABCD, "B", "bracketed", False),
+    ("en", "The correct answer is (b).", ABCD, "B", "bracketed", False),
+    ("en", "(A) or (B)", ABCD, "A", "bracketed", True),
+    ("en", "(B) or (A)", ABCD, "B", "bracketed", True),
+    ("en", "(A) (B) (B)", ABCD, "B", "bracketed", False),
+    ("en", "(a)(A)(b)", ABCD, "A", "bracketed", False),
+    ("en", "(C) is wrong, (D) is right", ABCD, "C", "bracketed", True),
+    ("en", "The correct answer is (E).", ABCD, None, "none", False),  # E is no option of a 4-option item
+    ("en", "The correct answer is (E).", ABCDE, "E", "bracketed", False),
+    ("en", "\n\nThe correct answer is (C).\n(A) (A)", ABCD, "C", "bracketed", False),
+    ("en", "(B)\n(A)(A)", ABCD, "B", "bracketed", False),
+    ("en", " \nThe correct answer is (B).", ABCD, None, "none", False),  # a line of spaces is non-empty
+    ("en", "Answer: C", ABCD, "A", "loose", True),  # the "A" of "Answer" counts, as in the reference
+    ("en", "Option B is correct because A", ABCD, "B", "loose", True),
+    ("en", "C", ABCD, "C", "loose", False),
+    ("en", "A.", ABCD, "A", "loose", False),
+    ("en", "[B]", ABCD, "B", "loose", False),
+    ("en", "c", ABCD, None, "none", False),
+    ("en", "", ABCD, None, "none", False),
+    ("en", "\n", ABCD, None, "none", False),
+    ("en", "Yes.", AB, "A", "yes_no", False),
+    ("en", "No.", AB, "B", "yes_no", False),
+    ("en", "Yes.", ABC, "A", "yes_no", False),
+    ("en", "yes.", AB, None, "none", False),
+    ("en", "Yes", AB, None, "none", False),
+    ("en", "No. Because (B) is wrong", AB, "B", "bracketed", False),
+    ("en", "(A）", ABCD, "A", "bracketed", False),
+    ("en", "（B)", ABCD, "B", "bracketed", False),
+    ("en", "(D)", ABC, None, "none", False),
+    ("en", "The answer is (H).", A_TO_H, "H", "bracketed", False),
+    ("en", "The answer is (G) not (F)", A_TO_H, "G", "bracketed", True),
+    ("en", "The answer is (G).", "ABCDEFG", "G", "bracketed", False),
+    ("en", "I think it is (F) or maybe F", "ABCDEF", "F", "bracketed", False),
+    # Chinese (full-width brackets)
+    ("zh", "正确答案是（C）。", ABCDE, "C", "bracketed", False),
+    ("zh", "正确答案是(E).", ABCDE, "E", "bracketed", False),
+    ("zh", "正确答案是（ｃ）", ABCDE, None, "none", False),  # a full-width letter is not a letter
+    ("zh", "答案：B", ABCDE, "B", "loose", False),
+    ("zh", "正确答案是（A）和（D），选（D）", ABCDE, "D", "bracketed", False),
+    ("zh", "无法确定", ABCDE, None, "none", False),
+    # Spanish
+    ("es", "La respuesta correcta es (D).", ABCD, "D", "bracketed", False),
+    ("es", "La respuesta correcta es la D", ABCD, "D", "loose", False),
+    # French
+    ("fr", "La bonne réponse est (A).", ABCDE, "A", "bracketed", False),
+    ("fr", "La bonne réponse est E", ABCDE, "E", "loose", False),
+    # German
+    ("de", "Die richtige Antwort ist (C).", ABCD, "C", "bracketed", False),
+    ("de", "Die richtige Antwort ist C", ABCD, "D", "loose", True),  # "D" of "Die" is counted first
+    # Portuguese
+    ("pt", "A resposta correta é (B).", ABCD, "B", "bracketed", False),
+    ("pt", "A resposta correta é B", ABCD, "A", "loose", True),
+    # Italian
+    ("it", "La risposta corretta è (E).", ABCDE, "E", "bracketed", False),
+    # Russian (Cyrillic А is not Latin A)
+    ("ru", "Правильный ответ: (A).", AB, "A", "bracketed", False),
+    ("ru", "Правильный ответ: А", AB, None, "none", False),
+    ("ru", "Правильный ответ: (Б)", AB, None, "none", False),
+    # Hindi
+    ("hi", "सही उत्तर है (D)", ABCD, "D", "bracketed", False),
+    ("hi", "सही उत्तर है D", ABCD, "D", "loose", False),
+    # Japanese
+    ("ja", "正しい答えは、(D)です。", ABCDE, "D", "bracketed", False),
+    ("ja", "正しい答えは、（Ｄ）です。", ABCDE, None, "none", False),
+    # Korean
+    ("ko", "정답은 (A)입니다.", ABCDE, "A", "bracketed", False),
+    ("ko", "정답은 (a)", ABCDE, "A", "bracketed", False),
+    # Arabic
+    ("ar", "الإجابة الصحيحة هي (ب)", ABCD, "B", "arabic", False),
+    ("ar", "الإجابة الصحيحة هي (أ)", ABCD, "A", "arabic", False),
+    ("ar", "الإجابة الصحيحة هي (ج)", ABCD, "C", "arabic", False),  # ج: added for C
+    ("ar", "الإجابة الصحيحة هي (س)", ABCD, "C", "arabic", False),
+    ("ar", "الإجابة الصحيحة هي ك)", ABCD, "C", "arabic", False),
+    ("ar", "الإجابة الصحيحة هي ((د", ABCD, "D", "arabic", False),
+    ("ar", "الإجابة الصحيحة هي ب", ABCD, None, "none", False),  # not touching a bracket
+    ("ar", "(ب) ثم (أ)", ABCD, "A", "arabic", True),  # Arabic votes are counted in letter order
+    ("ar", "(ب) (ب) (A)", ABCD, "A", "bracketed+arabic", True),  # an Arabic letter votes once
+    ("ar", "(A) و (ب)", ABCD, "A", "bracketed+arabic", True),
+    ("ar", "(ب) (B) (C)", ABCD, "B", "bracketed+arabic", False),
+    ("ar", "الإجابة (هـ)", ABCDE, "E", "arabic", False),
+    ("ar", "الإجابة (هـ)", ABCD, None, "none", False),
+    ("ar", "الإجابة الصحيحة هي (ج)\n(أ)", ABCD, "C", "arabic", False),
+]
+
+
+def test_table_covers_the_brief():
+    assert len(TABLE) >= 60
+    assert len({row[0] for row in TABLE}) >= 8
+    assert {row[4] for row in TABLE} == set(RULES)
+    assert any(row[5] for row in TABLE) and any(len(row[2]) >= 5 for row in TABLE)
+    assert any(len(row[2]) == 8 for row in TABLE)
+
+
+@pytest.mark.parametrize("lang,text,letters,letter,rule,tie", TABLE)
+def test_extraction_table(lang, text, letters, letter, rule, tie):
+    got = extract(text, list(letters))
+    assert (got.letter, got.rule, got.tie) == (letter, rule, tie), got
+
+
+def test_reference_mode_differences():
+    # The reference reads A-F on every item and has no ج.
+    assert reference_extract("The correct answer is (E).") == "E"
+    assert reference_extract("The answer is (H).") is None
+    assert reference_extract("الإجابة الصحيحة هي (ج)") is None
+    assert extract("The answer is (H).", list(A_TO_H)).letter == "H"
+
+
+def test_letters_are_validated():
+    with pytest.raises(ValueError):
+        extract("(A)", ["A", "Z"])
+    with pytest.raises(ValueError):
+        extract("(A)", ["A", "A"])
+    assert extract("(A)", ["a", "b"]).letter == "A"  # lower-case letters are accepted
+
+
+# ---- the reference's extractor, transcribed independently from REFERENCE.md 5.2 / the published code -------------
+def _oracle(text, pattern=r"[（\(]([A-Fa-f])[）\)]"):
+    if "\n" in text:
+        for part in text.split("\n"):
+            if len(part):
+                text = part
+                break
+    counts = {}
+    for m in re.findall(pattern, text):
+        counts[m.upper()] = counts.get(m.upper(), 0) + 1
+    for letter, chars in (("A", "أ"), ("B", "ب"), ("C", "س|ك"), ("D", "د")):
+        if re.findall(rf"[（\(]?({chars})[）\)]+|[（\(]+({chars})[）\)]?", text):
+            counts[letter] = counts.get(letter, 0) + 1
+    if not counts:
+        if pattern == r"[A-F]":
+            return {"Yes.": "A", "No.": "B"}.get(text)
+        return _oracle(text, r"[A-F]")
+    best = max(counts.values())
+    return [k for k, v in counts.items() if v == best][0]
+
+
+def _random_texts(n=3000, seed=0):
+    rng = random.Random(seed)
+    atoms = ["(A)", "(b)", "(C)", "（D）", "(E)", "(F)", "(G)", "A", "B", "C", "F", "H", "a", "x", " ", "\n", "\n\n",
+             "(أ)", "ب)", "((س", "ك", "(د)", "(ج)", "Yes.", "No.", "The ", "Answer ", "正确答案是", "。", "(", ")",
+             "（", "）", "Die ", "Є", "🙂"]
+    out = [row[1] for row in TABLE]
+    for _ in range(n):
+        out.append("".join(rng.choice(atoms) for _ in range(rng.randint(0, 8))))
+    return out
+
+
+def test_reference_mode_equals_the_reference_on_random_texts():
+    for text in _random_texts():
+        assert reference_extract(text) == _oracle(text), repr(text)
+
+
+def test_item_letters_A_to_F_only_differ_by_jeem():
+    # With the reference's letter set, the only difference left is the added ج.
+    for text in _random_texts(seed=1):
+        if "ج" not in text:
+            assert extract(text, list("ABCDEF")).letter == _oracle(text), repr(text)
+
+
+def test_first_line_and_completion():
+    assert first_line("a\nb") == "a"
+    assert first_line("\n\n b\nc") == " b"
+    assert first_line("\n\n") == "\n\n"
+    assert first_line("abc") == "abc"
+    assert not line_complete("") and not line_complete("\n\n") and not line_complete("(A)")
+    assert line_complete("(A)\n") and line_complete("\n\n \n") and line_complete("\nx\n")
+
+
+def test_stopping_rule_never_changes_the_letter():
+    # For any text and any cut point where the first line is complete, the rest cannot change the extraction.
+    for text in _random_texts(seed=2, n=1500):
+        for cut in range(len(text) + 1):
+            if line_complete(text[:cut]):
+                for letters in (ABCD, A_TO_H):
+                    assert extract(text[:cut], list(letters)) == extract(text, list(letters)), (text, cut)
+                break

@@ -1,0 +1,128 @@
+"""Results across runs: several step 4 result folders -> one table (markdown and CSV) and a bar chart (PNG).
+
+    python util/collect_results.py results/run_a results/run_b [--names A B] [--out results/summary]
+
+Each folder holds a ``score.json`` written by step 4. The table has one row per run and the paper's columns: the major
+average, the minor average, the 12 major languages in the paper's order (ar, de, en, es, fr, hi, it, ja, ko, pt, ru,
+zh), then every minor language any run has. Cells are accuracy in %; "-" where a run has no items of that language.
+The chart shows per-language accuracy with the runs side by side and their 95% intervals as error bars.
+Writes OUT.md, OUT.csv and OUT.png.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from src.common.languages import major_languages, minor_languages  # noqa: E402
+
+
+def load_scores(dirs: list[Path]) -> list[dict]:
+    out = []
+    for d in dirs:
+        path = d / "score.json" if d.is_dir() else d
+        if not path.is_file():
+            raise SystemExit(f"{path}: no score.json (run 4.eval.sh with --out {d})")
+        score = json.loads(path.read_text(encoding="utf-8"))
+        if "languages" not in score:
+            raise SystemExit(f"{path}: not a step 4 score.json (no 'languages')")
+        out.append(score)
+    return out
+
+
+def columns(scores: list[dict]) -> list[str]:
+    present = set().union(*(s["languages"].keys() for s in scores)) if scores else set()
+    minor = [lg for lg in minor_languages() if lg in present]
+    return major_languages() + minor
+
+
+def table_rows(names: list[str], scores: list[dict]) -> tuple[list[str], list[list[str]]]:
+    langs = columns(scores)
+    header = ["model", "major", "minor"] + langs
+    rows = []
+    for name, s in zip(names, scores):
+        row = [name]
+        for key in ("major_average", "minor_average"):
+            e = s.get(key)
+            row.append("-" if not e else f"{100 * e['accuracy']:.1f}")
+        for lg in langs:
+            e = s["languages"].get(lg)
+            row.append("-" if e is None else f"{100 * e['accuracy']:.1f}")
+        rows.append(row)
+    return header, rows
+
+
+def to_markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(names: list[str], scores: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    langs = [lg for lg in columns(scores) if any(lg in s["languages"] for s in scores)]
+    n = max(1, len(names))
+    width = 0.8 / n
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(langs) * max(1, n / 2) + 2), 4.5))
+    for k, (name, s) in enumerate(zip(names, scores)):
+        xs, ys, lo, hi = [], [], [], []
+        for j, lg in enumerate(langs):
+            e = s["languages"].get(lg)
+            if e is None:
+                continue
+            xs.append(j + (k - (n - 1) / 2) * width)
+            ys.append(100 * e["accuracy"])
+            lo.append(100 * (e["accuracy"] - e["ci95"][0]))
+            hi.append(100 * (e["ci95"][1] - e["accuracy"]))
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=name)
+    ax.set_xticks(range(len(langs)))
+    ax.set_xticklabels(langs)
+    ax.set_ylabel("accuracy % (95% CI)")
+    ax.set_ylim(0, 100)
+    ax.set_title("XMedBench accuracy per language")
+    ax.grid(axis="y", alpha=0.3)
+    if n > 1 or names:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dirs", nargs="+", type=Path, help="step 4 result folders (or score.json files)")
+    p.add_argument("--names", nargs="+", default=None, help="one label per folder (default: folder names)")
+    p.add_argument("--out", type=Path, default=Path("results/summary"), help="output prefix (default %(default)s)")
+    args = p.parse_args(argv)
+    names = args.names or [d.name if d.is_dir() else d.parent.name for d in args.dirs]
+    if len(names) != len(args.dirs):
+        raise SystemExit("--names needs one label per folder")
+    scores = load_scores(args.dirs)
+    header, rows = table_rows(names, scores)
+    md = to_markdown(header, rows)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(md, encoding="utf-8")
+    with out.with_suffix(".csv").open("w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    plot(names, scores, out.with_suffix(".png"))
+    print(md, end="")
+    print(f"-> {out.with_suffix('.md')}, {out.with_suffix('.csv')}, {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
