@@ -134,3 +134,17 @@ def resolve_format(tokenizer, config=None, name: str | None = None) -> ChatForma
     if getattr(tokenizer, "chat_template", None):
         return from_chat_template(tokenizer)
     return release_layout(tokenizer)
+
+
+def tokenizer_and_format(model, name: str | None = None):
+    """Load a model folder's (or hub id's) tokenizer and resolve its chat format from the tokenizer and config.
+
+    Used by the stages that only need text layout and token counts (steps 1 and 2), not the weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError):  # a tokenizer-only folder: the format comes from the tokenizer alone
+        config = None
+    return tokenizer, resolve_format(tokenizer, config, name)

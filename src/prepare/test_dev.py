@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..common.chat_formats import FORMAT_NAMES, resolve_format
+from ..common.chat_formats import FORMAT_NAMES, tokenizer_and_format
 from ..common.io import write_json, write_jsonl
 from ..common.languages import family_id
 from .bench_items import BenchItem, load_bench
@@ -115,14 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "data" / f"{stem}_{Path(args.model).name}"
     t0 = time.time()
 
-    from transformers import AutoConfig, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    try:
-        config = AutoConfig.from_pretrained(args.model)
-    except (OSError, ValueError):
-        config = None
-    fmt = resolve_format(tokenizer, config, args.format)
+    tokenizer, fmt = tokenizer_and_format(args.model, args.format)
     builder = PromptBuilder(fmt)
     skip = args.on_error == "skip"
 

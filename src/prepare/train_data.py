@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common.chat_formats import FORMAT_NAMES, resolve_format
+from ..common.chat_formats import FORMAT_NAMES, tokenizer_and_format
 from ..common.errors import DataError
 from ..common.io import write_json, write_jsonl
 from ..common.languages import PAD_LANGUAGE_ID, families, family_id, language_id, languages, parse_train_source
@@ -108,14 +108,7 @@ def run(args) -> dict:
     out = args.out or ROOT / "data" / f"{'sample' if sample else data[0].stem}_{Path(args.model).name}"
     table = mx.PriorityTable.load(args.priorities)
 
-    from transformers import AutoConfig, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    try:
-        config = AutoConfig.from_pretrained(args.model)
-    except (OSError, ValueError):
-        config = None
-    fmt = resolve_format(tokenizer, config, args.format)
+    tokenizer, fmt = tokenizer_and_format(args.model, args.format)
     encoder = ChatEncoder(tokenizer, fmt, max_len)
 
     out.mkdir(parents=True, exist_ok=True)
