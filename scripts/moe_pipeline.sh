@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Post-MoE path on the embedded default: upcycle SmolLM2 into language-family experts (last 2 layers, 7 experts,
-# top-2), train a few steps on step 2's rows with hybrid routing, and score the result with step 4.
+# top-2), train a few steps on step 2's rows with hybrid routing, and score 2 items per source with step 4 (a demo:
+# drop --limit-per-source to score all), then draw the routing heat map.
 # Runs steps 0-2 first if their outputs are missing. CPU, a few minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,5 +16,5 @@ bash 3.single_node_train.sh --model models/SmolLM2-135M-MoE --expect moe --train
   --dev "data/$EXP/dev.jsonl" --out "ckpts/${EXP}_moe" --max-steps 3 --batch-size 1 --grad-accum 1 \
   --save-every 0 --max-ckpts 1 --eval-every 0 --dev-limit 7 --dev-batch-size 7 --dev-max-new-tokens 8
 CKPT="$(python -c "from src.train.checkpoint import latest_checkpoint; print(latest_checkpoint('ckpts/${EXP}_moe'))")"
-bash 4.eval.sh --model "$CKPT" --input "data/$EXP/test.jsonl" --out "results/${EXP}_moe"
+bash 4.eval.sh --model "$CKPT" --input "data/$EXP/test.jsonl" --out "results/${EXP}_moe" --limit-per-source 2
 python util/routing_analysis.py --model "$CKPT" --input "data/$EXP/test.jsonl" --out "results/${EXP}_moe/routing" --limit 4
