@@ -1,7 +1,8 @@
 """Step 4 speed: our engine against a loop written like the reference, on the same model and the same real items.
 
     python bench/eval_speed.py [--model models/SmolLM2-135M-Instruct] [--data ../shared/data/xmedbench]
-                               [--items 48] [--max-prompt-tokens 1000] [--json results/bench_eval_speed.json]
+                               [--items 48] [--max-prompt-tokens 1000] [--batch-size 16] [--threads 1]
+                               [--json results/bench_eval_speed.json]
 
 Items: real XMedBench test items from ``--data`` (never copied into the project), drawn seeded and round-robin over
 the sources (so several languages), 3-shot prompts built by step 1's code with shots from the dev file, keeping
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--items", type=int, default=48)
     p.add_argument("--max-prompt-tokens", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="ours (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="ours (default %(default)s, as the CLI on a CPU)")
     p.add_argument("--round-items", type=int, default=0,
                    help="measure in rounds of this many items, every method on each round in turn (0: every "
                         "method over all items, one after the other; default)")

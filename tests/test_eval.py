@@ -381,7 +381,12 @@ def test_two_processes_score_every_item_once(tiny_model_dir, records, tmp_path):
     out = tmp_path / "res"
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
-    cmd = [str(torchrun if torchrun.exists() else "torchrun"), "--nproc_per_node", "2", "--master_port", "29533",
+    import socket
+
+    with socket.socket() as sock:  # a free port: other test runs may share the machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(torchrun if torchrun.exists() else "torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "src.evaluate.eval", "--model", str(tiny_model_dir), "--input", str(inp), "--out", str(out),
            "--max-new-tokens", "4", "--no-progress"]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
@@ -424,3 +429,16 @@ def test_other_architectures_match_hf_generate(arch, smollm2_tokenizer, records)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
                              min_new_tokens=2, eos_token_id=[fmt.stop_token(tok)], pad_token_id=tok.pad_token_id)
         assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == pred["raw"]
+
+
+def test_upcycled_moe_model_scores_like_its_dense_model(tiny_model_dir, records):
+    """A Post-MoE model upcycled from the tiny dense model (function-preserving) generates the same through the
+    engine: the MoE forward accepts our masks, positions and cache."""
+    moe = pytest.importorskip("src.models.moe")
+    from src.models.loading import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    dense = predict(load_model(tiny_model_dir), tok, records[:6], batch_size=4, max_new_tokens=6, progress=False)
+    upcycled = moe.upcycle(load_model(tiny_model_dir), num_experts=3, top_k=2, moe_layers=1)
+    sparse = predict(upcycled, tok, records[:6], batch_size=4, max_new_tokens=6, progress=False)
+    assert [p["raw"] for p in sparse] == [p["raw"] for p in dense]

@@ -1,5 +1,6 @@
 """Step 4's inference engine: batched greedy generation that stops as soon as the extractor's input is complete, and a
-log-likelihood mode. ``predict`` is the one entry point (the CLI, the trainer's dev evaluation and the benchmark use it).
+log-likelihood mode. ``predict`` is the one entry point (the CLI, the trainer's dev evaluation and the benchmark call
+it).
 
 Generation (``mode="generate"``)
     Prompts are tokenized as they are (step 1 prompts already carry BOS/system prefix: ``add_special_tokens=False``)

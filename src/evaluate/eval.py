@@ -31,7 +31,7 @@ PRED = "predictions.jsonl"
 PARTS = "parts"
 REQUIRED = ("id", "source", "prompt", "answer", "letters")
 # Settings that change what a prediction is: a resumed run must use the same ones.
-RESUME_KEYS = ("model", "mode", "max_new_tokens", "min_new_tokens", "format", "dtype")
+RESUME_KEYS = ("model", "mode", "max_new_tokens", "min_new_tokens", "format", "dtype", "proxy_tuned", "proxy_raw")
 
 
 def load_records(path: Path) -> list[dict]:
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="only the first N items of the input")
     p.add_argument("--limit-per-source", type=int, default=None, help="only the first N items of every source")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="rows per batch (default: 8 on CPU, 64 on GPU; halves itself on out-of-memory)")
+                   help="rows decoded together (default: 16 on CPU, 64 on GPU; halves itself on out-of-memory)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s (paper)")
     p.add_argument("--min-new-tokens", type=int, default=2, help="default: %(default)s (reference)")
     p.add_argument("--mode", choices=["generate", "loglik"], default="generate",
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     pending = [r for r in records if r["id"] not in done]
     mine = shard(pending, world, rank)
 
-    batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
+    batch_size = args.batch_size or (64 if device.type == "cuda" else 16)
     stats: dict = {}
     fmt_name = None
     if mine:

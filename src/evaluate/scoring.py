@@ -180,7 +180,7 @@ def _ci(ci) -> str:
 
 
 def format_table(score: dict) -> str:
-    """score.json as markdown: the averages, one row per language (paper order, then minor languages), one per source."""
+    """score.json as markdown: the averages, one row per language (paper order, then minor ones), one per source."""
     lines = ["| average | accuracy % | 95% CI | languages |", "|---|---:|---|---|"]
     for name in ("major_average", "minor_average"):
         e = score.get(name)
