@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             done |= {p["id"] for p in read_predictions(f)}
     pending = [r for r in records if r["id"] not in done]
     mine = shard(pending, world, rank)
+    state.wait_for_everyone()  # every process has read the same done ids before any of them appends new ones
 
     batch_size = args.batch_size or (64 if device.type == "cuda" else 16)
     stats: dict = {}
