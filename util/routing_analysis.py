@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from src.common import languages as registry
+from src.common.errors import DataError
+from src.common.io import iter_jsonl
 from src.models import moe
 from src.models.loading import load_model, load_tokenizer
 
@@ -25,20 +27,13 @@ from src.models.loading import load_model, load_tokenizer
 def read_prompts(path: Path, limit: int | None) -> dict[str, list[str]]:
     """language -> prompts in file order (at most `limit` per language)."""
     prompts: dict[str, list[str]] = {}
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not JSON ({e})") from e
-            for field in ("prompt", "language"):
-                if not isinstance(item.get(field), str):
-                    raise ValueError(f"{path}:{line_no}: missing string field {field!r}")
-            bucket = prompts.setdefault(item["language"], [])
-            if limit is None or len(bucket) < limit:
-                bucket.append(item["prompt"])
+    for n, item in enumerate(iter_jsonl(path)):
+        for field in ("prompt", "language"):
+            if not isinstance(item.get(field), str):
+                raise DataError(path, n, field, "missing, or not a string")
+        bucket = prompts.setdefault(item["language"], [])
+        if limit is None or len(bucket) < limit:
+            bucket.append(item["prompt"])
     if not prompts:
         raise ValueError(f"{path}: no items")
     return prompts

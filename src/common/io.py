@@ -22,8 +22,9 @@ def read_json(path) -> object:
 
 
 def iter_jsonl(path) -> Iterator[dict]:
+    """Objects of a JSON Lines file, skipping blank lines; a broken line is an error naming the file and line."""
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark some editors write
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -15,7 +15,6 @@ rejects with their reason.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -23,7 +22,7 @@ from typing import Iterator
 import pyarrow as pa
 
 from ..common.errors import DataError
-from ..common.io import JsonStream
+from ..common.io import JsonStream, iter_jsonl
 from ..common.languages import parse_train_source
 
 USER_ROLES = {"human", "user"}
@@ -40,17 +39,7 @@ RECORD_SCHEMA = pa.schema([
 def iter_file(path: Path) -> Iterator[tuple[int | str, str | None, object]]:
     """Yield (index, source or None, raw element) for every record of a training file, streamed."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8-sig") as f:
-            n = 0
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(path, f"line {lineno}", None, f"invalid JSON: {e.msg}") from None
-                yield n, None, raw
-                n += 1
+        yield from ((n, None, raw) for n, raw in enumerate(iter_jsonl(path)))
         return
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
