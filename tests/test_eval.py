@@ -157,6 +157,22 @@ def test_batching_and_prefix_reuse_are_invisible(tiny, tmp_path):
     assert [p["raw"] for p in a] == [p["raw"] for p in b] == [p["raw"] for p in c]
 
 
+def test_per_item_shots_share_their_prefixes_invisibly(tiny, records):
+    """Per-item shots: items with the same first shot, and the rest of each source, share a computed-once prefix;
+    the generations equal those computed without any prefix reuse."""
+    model, tok, fmt = tiny
+    assert len({tuple(r["shots"]) for r in records}) > len({r["source"] for r in records})  # really per item
+    table = _bias_table(tok)
+    stats = {}
+    a = predict(Biased(model, table), tok, records, fmt=fmt, batch_size=4, max_new_tokens=16, progress=False,
+                stats=stats)
+    b = predict(Biased(model, table), tok, records, fmt=fmt, batch_size=4, max_new_tokens=16, progress=False,
+                prefix_cache="off")
+    assert stats["prefix_saved_tokens"] > 0.1 * sum(r["prompt_tokens"] for r in records)
+    assert stats["prompt_tokens"] + stats["prefix_saved_tokens"] == sum(r["prompt_tokens"] for r in records)
+    assert [p["raw"] for p in a] == [p["raw"] for p in b]
+
+
 def test_sorted_batches_limit_padding(tiny, records):
     model, tok, fmt = tiny
     stats = {}

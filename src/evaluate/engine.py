@@ -31,9 +31,11 @@ Log-likelihood (``mode="loglik"``)
     context for this tokenizer, the letter's full continuation is scored (sum of its token log-probabilities).
 
 Shared prefixes (``prefix_cache="auto"``)
-    Items of one source that share the same shots (step 1 ``--shot-mode fixed``) share a token prefix (system block,
-    the shots, the next user tag). It is computed once per group; its KV cache is copied for every admitted row, and
-    only the suffixes are prefilled. Items with per-item shots share no useful prefix and run as above.
+    Items of one source share a token prefix: the system block and the instruction, plus every shot they have in
+    common (the first shot is often drawn for many items of a source from a small dev pool; with step 1's
+    ``--shot-mode fixed`` all of them). ``plan_groups`` groups them; a group's prefix is computed once, its KV cache
+    is copied for every admitted row, and only the suffixes are prefilled (on the causal kernel without a mask,
+    ``attention.prefix_causal_sdpa``). On the real test set this skips 26% of the prompt tokens.
 
 Out of memory
     The batch size halves on an out-of-memory error and the work is retried: a failed prefill puts its prompts back
@@ -68,6 +70,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from .attention import prefix_attention
 from .extract import extract, line_complete
 from .kvcache import (SlotCache, cache_merge, cache_repeat, cache_select, cache_trim, cache_truncate,
                       mergeable, supports_slot_cache)
@@ -120,6 +123,12 @@ class HFStepModel:
             past_key_values = SlotCache(self.reserve)
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=past_key_values, use_cache=True)
+        if input_ids.shape[1] > 1 and getattr(past_key_values, "get_seq_length", lambda: 0)() > 0:
+            with prefix_attention(self.model):  # a suffix after a shared prefix: keep the causal kernel
+                return self._call(kwargs, logits_to_keep)
+        return self._call(kwargs, logits_to_keep)
+
+    def _call(self, kwargs: dict, logits_to_keep: int):
         if self._keep_ok is not False:
             try:
                 out = self.model(**kwargs, logits_to_keep=logits_to_keep)
@@ -220,29 +229,43 @@ def _lcp(seqs: list[list[int]]) -> int:
 
 
 def plan_groups(records: list[dict], ids: list[list[int]], prefix_cache: str = "auto") -> list[_Group]:
-    """Group items that share shots (same source, same shot ids) and a long enough token prefix."""
+    """Group items whose prompts start with the same tokens; each group's shared prefix is computed once.
+
+    Items of a source whose first shot is the same share the system block, the instruction and at least that shot
+    (with step 1's ``--shot-mode fixed``, every item of a source: all the shots); the other items of a source still
+    share the system block and the instruction. A group needs two members and a prefix of ``MIN_PREFIX_TOKENS``;
+    everything else is one group without a prefix. On the real XMedBench test set (per-item shots drawn from each
+    source's dev pool) this skips 26% of all prompt tokens.
+    """
     if prefix_cache not in ("auto", "off"):
         raise ValueError("prefix_cache must be 'auto' or 'off'")
     if prefix_cache == "off":
         return [_Group([], list(range(len(records))))]
-    by_key: dict = {}
-    loose: list[int] = []
+
+    def shared(members: list[int]) -> int:
+        return min(_lcp([ids[i] for i in members]), min(len(ids[i]) for i in members) - 1)
+
+    by_shot: dict = {}
     for i, r in enumerate(records):
-        shots = r.get("shots")
-        if shots:
-            by_key.setdefault((r.get("source"), tuple(shots)), []).append(i)
+        shots = r.get("shots") or [None]
+        by_shot.setdefault((r.get("source"), shots[0]), []).append(i)
+    groups, rest = [], []
+    for members in by_shot.values():
+        n = shared(members) if len(members) > 1 else 0
+        if n >= MIN_PREFIX_TOKENS:
+            groups.append(_Group(ids[members[0]][:n], members))
         else:
-            loose.append(i)
-    groups = []
-    for members in by_key.values():
-        if len(members) < 2:
+            rest += members
+    by_source: dict = {}
+    for i in sorted(rest):
+        by_source.setdefault(records[i].get("source"), []).append(i)
+    loose: list[int] = []
+    for members in by_source.values():
+        n = shared(members) if len(members) > 1 else 0
+        if n >= MIN_PREFIX_TOKENS:
+            groups.append(_Group(ids[members[0]][:n], members))
+        else:
             loose += members
-            continue
-        n = min(_lcp([ids[i] for i in members]), min(len(ids[i]) for i in members) - 1)
-        if n < MIN_PREFIX_TOKENS:
-            loose += members
-            continue
-        groups.append(_Group(ids[members[0]][:n], members))
     if loose:
         groups.append(_Group([], sorted(loose)))
     return groups

@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-padding", type=float, default=0.1,
                    help="largest share of padding in a batch; longer/shorter items go to other batches (%(default)s)")
     p.add_argument("--prefix-cache", choices=["auto", "off"], default="auto",
-                   help="auto: compute a prefix shared by items with the same shots once (step 1 --shot-mode fixed)")
+                   help="auto: compute a prompt prefix shared by items of a source (system block, instruction, "
+                        "shots in common) once")
     p.add_argument("--prefill-batch", type=int, default=None,
                    help="prompts prefilled together (default: 1 on CPU, the batch size on GPU)")
     p.add_argument("--threads", type=int, default=None,
