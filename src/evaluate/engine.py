@@ -242,30 +242,26 @@ def plan_groups(records: list[dict], ids: list[list[int]], prefix_cache: str = "
     if prefix_cache == "off":
         return [_Group([], list(range(len(records))))]
 
-    def shared(members: list[int]) -> int:
-        return min(_lcp([ids[i] for i in members]), min(len(ids[i]) for i in members) - 1)
+    groups: list[_Group] = []
 
-    by_shot: dict = {}
-    for i, r in enumerate(records):
-        shots = r.get("shots") or [None]
-        by_shot.setdefault((r.get("source"), shots[0]), []).append(i)
-    groups, rest = [], []
-    for members in by_shot.values():
-        n = shared(members) if len(members) > 1 else 0
-        if n >= MIN_PREFIX_TOKENS:
-            groups.append(_Group(ids[members[0]][:n], members))
-        else:
-            rest += members
-    by_source: dict = {}
-    for i in sorted(rest):
-        by_source.setdefault(records[i].get("source"), []).append(i)
-    loose: list[int] = []
-    for members in by_source.values():
-        n = shared(members) if len(members) > 1 else 0
-        if n >= MIN_PREFIX_TOKENS:
-            groups.append(_Group(ids[members[0]][:n], members))
-        else:
-            loose += members
+    def group_by(key, items: list[int]) -> list[int]:
+        """A group for each key whose items share a long enough prefix; returns the other items."""
+        buckets: dict = {}
+        for i in items:
+            buckets.setdefault(key(records[i]), []).append(i)
+        left = []
+        for members in buckets.values():
+            n = 0
+            if len(members) > 1:
+                n = min(_lcp([ids[i] for i in members]), min(len(ids[i]) for i in members) - 1)
+            if n >= MIN_PREFIX_TOKENS:
+                groups.append(_Group(ids[members[0]][:n], members))
+            else:
+                left += members
+        return left
+
+    rest = group_by(lambda r: (r.get("source"), (r.get("shots") or [None])[0]), list(range(len(records))))
+    loose = group_by(lambda r: r.get("source"), sorted(rest))
     if loose:
         groups.append(_Group([], sorted(loose)))
     return groups
