@@ -1,6 +1,7 @@
 """Shared-prefix prefill: the causal-kernel path gives the logits of the plain forward and of transformers' masked
 path, is really taken, leaves padded batches to transformers, and leaves the model unchanged; step 4 groups items by
 their shared prefix."""
+import contextlib
 import copy
 
 import pytest
@@ -39,10 +40,8 @@ def _suffix_logits(model, ids, P, fast: bool, mask=None):
         kw = dict(input_ids=ids[:, P:], position_ids=pos, past_key_values=copy.deepcopy(cache), use_cache=True)
         if mask is not None:
             kw["attention_mask"] = mask
-        if fast:
-            with attention.prefix_attention(model):
-                return model(**kw).logits
-        return model(**kw).logits
+        with attention.prefix_attention(model) if fast else contextlib.nullcontext():
+            return model(**kw).logits
 
 
 def test_suffix_after_prefix_equals_the_full_forward(model, hits):

@@ -72,7 +72,7 @@ import torch
 
 from .attention import prefix_attention
 from .extract import extract, line_complete
-from .kvcache import (SlotCache, cache_merge, cache_repeat, cache_select, cache_trim, cache_truncate,
+from .kvcache import (SlotCache, cache_length, cache_merge, cache_repeat, cache_select, cache_trim, cache_truncate,
                       mergeable, supports_slot_cache)
 
 MIN_PREFIX_TOKENS = 16  # a shared prefix shorter than this is not worth a separate forward
@@ -123,7 +123,7 @@ class HFStepModel:
             past_key_values = SlotCache(self.reserve)
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=past_key_values, use_cache=True)
-        if input_ids.shape[1] > 1 and getattr(past_key_values, "get_seq_length", lambda: 0)() > 0:
+        if input_ids.shape[1] > 1 and past_key_values is not None and cache_length(past_key_values) > 0:
             with prefix_attention(self.model):  # a suffix after a shared prefix: keep the causal kernel
                 return self._call(kwargs, logits_to_keep)
         return self._call(kwargs, logits_to_keep)
