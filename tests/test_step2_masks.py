@@ -60,7 +60,7 @@ def test_end_token_is_a_target_and_role_strings_are_not(smollm2_tokenizer):
     fmt = resolve_format(smollm2_tokenizer)  # ChatML: the end string is the <|im_end|> special token
     (ids, spans, _, _), = ChatEncoder(smollm2_tokenizer, fmt, 4096).encode([["q1", "a1", "q2", "a2"]])
     stop = fmt.stop_token(smollm2_tokenizer)
-    for a, b in spans:
+    for _, b in spans:
         assert ids[b - 1] == stop  # the last target of every answer is the end token
     target = np.zeros(len(ids), bool)
     for a, b in spans:

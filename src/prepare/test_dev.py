@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl(out / "dev.jsonl", dev_rec)
     write_jsonl(out / "rejects.jsonl", rejects)
     report = {
-        "bench": str(args.bench), "dev": str(args.dev) if args.dev else None, "model": str(args.model),
+        "bench": str(args.bench), "dev_file": str(args.dev) if args.dev else None, "model": str(args.model),
         "format": fmt.to_dict(), "shots": args.shots, "shot_mode": args.shot_mode, "seed": args.seed,
         "max_tokens": args.max_tokens,
         "shot_pool": "dev items of the same source" if args.dev else "other test items of the same source",

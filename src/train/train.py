@@ -232,7 +232,7 @@ def main(argv=None) -> int:
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise SystemExit("--wandb needs the wandb package: pip install wandb (TensorBoard logging needs nothing)")
+            raise SystemExit("--wandb needs the wandb package: pip install wandb (TensorBoard logging needs nothing)") from None
     accelerator = Accelerator(
         deepspeed_plugin=plugin,
         gradient_accumulation_steps=args.grad_accum,
@@ -665,7 +665,6 @@ def format_dev(res: dict) -> str:
 def materialize_copy(accelerator, plugin, model, tokenizer, tmp_dir: Path, *, is_moe: bool, dtype, writer: bool):
     """A plain (unpartitioned) copy of a ZeRO-3 model on every rank, through a temporary HF folder."""
     import deepspeed
-    import torch
 
     from src.models.loading import load_model
 
