@@ -113,26 +113,15 @@ def floor_fixed(model, records, ids_list) -> tuple[float, int]:
     return time.perf_counter() - t0, computed
 
 
-def reference_style(model, tokenizer, records, stop_ids, batch_size=4, max_new_tokens=256):
-    """The reference's loop (REFERENCE.md 5.1): HF generate on batches in file order."""
-    import torch
+def reference_style(model, tokenizer, records, batch_size=4, max_new_tokens=256):
+    """The original evaluation loop: HF generate on batches in file order (step 4's ``--engine hf`` with the
+    original's batch size and token limit, docs/reference.md "Generation and answer extraction")."""
+    from src.evaluate.hf_engine import predict_hf
 
-    from src.evaluate.extract import extract
-
-    letters, raws = [], []
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for s in range(0, len(records), batch_size):
-            batch = records[s:s + batch_size]
-            enc = tokenizer([r["prompt"] for r in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=False,
-                                 max_new_tokens=max_new_tokens, min_new_tokens=2, eos_token_id=stop_ids,
-                                 pad_token_id=tokenizer.pad_token_id, num_return_sequences=1)
-            for r, row in zip(batch, out[:, enc["input_ids"].shape[1]:]):
-                raw = tokenizer.decode(row, skip_special_tokens=True)
-                raws.append(raw)
-                letters.append(extract(raw, r["letters"]).letter)
-    return time.perf_counter() - t0, letters, raws
+    preds = predict_hf(model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                       progress=False, sort_by_length=False)
+    return time.perf_counter() - t0, [p["letter"] for p in preds], [p["raw"] for p in preds]
 
 
 def main(argv=None) -> int:
@@ -158,7 +147,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from src.common.chat_formats import resolve_format
-    from src.evaluate.engine import predict, stop_token_ids
+    from src.evaluate.engine import predict
     from src.models.loading import load_model, load_tokenizer
 
     if not (args.data / "bench_test.json").is_file():
@@ -167,7 +156,6 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model).eval()
     fmt = resolve_format(tokenizer, model.config)
-    stops = stop_token_ids(tokenizer, fmt, model)
     t = time.perf_counter()
     per_item, fixed = build_items(args.data, tokenizer, fmt, args.items, args.max_prompt_tokens, args.seed)
     langs = sorted({r["language"] for r in per_item})
@@ -226,7 +214,7 @@ def main(argv=None) -> int:
                                 stats=st)
                 add_stats(stats, st)
             elif m == "reference":
-                _, letters, raws = reference_style(model, tokenizer, recs, stops)
+                _, letters, raws = reference_style(model, tokenizer, recs)
                 ref_letters += letters
                 ref_raws += raws
             elif m == "fixed_floor":

@@ -613,14 +613,9 @@ class Engine:
         return {"id": rec.get("id"), "source": rec.get("source"), "language": rec.get("language")}
 
     def _generate_prediction(self, rec: dict, gen: list[int], reason: str) -> dict:
-        raw = self.tokenizer.decode(gen, skip_special_tokens=True)
-        ex = extract(raw, rec.get("letters"))
-        gold = rec.get("answer")
         self.stats.new_tokens += len(gen)
         self.stats.stops[reason] = self.stats.stops.get(reason, 0) + 1
-        return {**self._base(rec), "raw": raw, "letter": ex.letter, "rule": ex.rule, "gold": gold,
-                "correct": ex.letter is not None and ex.letter == gold, "tie": ex.tie, "new_tokens": len(gen),
-                "stop": reason}
+        return generation_prediction(rec, self.tokenizer.decode(gen, skip_special_tokens=True), len(gen), reason)
 
     def _loglik_prediction(self, rec: dict, scores: dict[str, float]) -> dict:
         letter = max(scores, key=lambda L: scores[L])  # first letter wins a tie
@@ -685,6 +680,16 @@ class Engine:
                 scores[L] += sum(float(logp[b, k, c[k + 1]]) for k in range(len(c) - 1))
         self.stats.prompt_tokens += n
         return self._loglik_prediction(rec, scores)
+
+
+def generation_prediction(rec: dict, raw: str, new_tokens: int, stop: str) -> dict:
+    """The prediction of a generated answer, as every generation backend writes it (this engine, ``--engine hf``,
+    a serving backend): the letter and rule come from the extractor, ``stop`` says why generation ended."""
+    ex = extract(raw, rec.get("letters"))
+    gold = rec.get("answer")
+    return {"id": rec.get("id"), "source": rec.get("source"), "language": rec.get("language"), "raw": raw,
+            "letter": ex.letter, "rule": ex.rule, "gold": gold, "correct": ex.letter is not None and ex.letter == gold,
+            "tie": ex.tie, "new_tokens": new_tokens, "stop": stop}
 
 
 def _left_pad_2d(mask: torch.Tensor, width: int) -> torch.Tensor:

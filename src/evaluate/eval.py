@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-new-tokens", type=int, default=2, help="default: %(default)s (reference)")
     p.add_argument("--mode", choices=["generate", "loglik"], default="generate",
                    help="generate: greedy decoding + answer extraction (paper); loglik: most likely option letter")
+    p.add_argument("--engine", choices=["custom", "hf"], default="custom",
+                   help="custom: the batched early-stopping engine (default); hf: plain model.generate batches, same "
+                        "letters, slower, no transformers internals (a fallback after a library upgrade)")
     p.add_argument("--format", default=None,
                    help="chat format whose end token stops generation (default: from the model, as step 1)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -154,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if bool(args.proxy_tuned) != bool(args.proxy_raw):
         p.error("--proxy-tuned and --proxy-raw go together")
+    if args.engine == "hf" and (args.mode != "generate" or args.proxy_tuned):
+        p.error("--engine hf generates with a plain transformers model: no --mode loglik, no proxy-tuning")
 
     import torch
     from accelerate import PartialState
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..common.chat_formats import resolve_format
     from ..models.loading import load_model, load_tokenizer
     from .engine import predict, stop_token_ids
+    from .hf_engine import predict_hf
     from .scoring import format_table, score
 
     if args.threads:
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"model": str(args.model), "input": str(args.input), "mode": args.mode,
                 "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
                 "format": args.format, "dtype": str(dtype).replace("torch.", ""),
-                "max_padding": args.max_padding, "prefix_cache": args.prefix_cache,
+                "max_padding": args.max_padding, "prefix_cache": args.prefix_cache, "engine": args.engine,
                 "proxy_tuned": args.proxy_tuned, "proxy_raw": args.proxy_raw}
     out = args.out
     if main_proc:
@@ -237,10 +243,14 @@ def main(argv: list[str] | None = None) -> int:
                 fh.write(dumps(pred) + "\n")
                 fh.flush()
 
-            predict(model, tokenizer, mine, fmt=fmt, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
-                    min_new_tokens=args.min_new_tokens, mode=args.mode, progress=not args.no_progress and main_proc,
-                    max_padding=args.max_padding, prefix_cache=args.prefix_cache, callback=append, stats=stats,
-                    prefill_batch=args.prefill_batch)
+            common = dict(fmt=fmt, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
+                          min_new_tokens=args.min_new_tokens, progress=not args.no_progress and main_proc,
+                          callback=append, stats=stats)
+            if args.engine == "hf":
+                predict_hf(model, tokenizer, mine, **common)
+            else:
+                predict(model, tokenizer, mine, mode=args.mode, max_padding=args.max_padding,
+                        prefix_cache=args.prefix_cache, prefill_batch=args.prefill_batch, **common)
         del model
     elif main_proc:
         print(f"[step 4] all {len(records)} items already predicted in {out}", flush=True)
