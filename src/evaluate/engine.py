@@ -73,7 +73,7 @@ import torch
 from .attention import prefix_attention
 from .extract import extract, line_complete
 from .kvcache import (SlotCache, cache_length, cache_merge, cache_repeat, cache_select, cache_trim, cache_truncate,
-                      mergeable, supports_slot_cache)
+                      left_pad, mergeable, supports_slot_cache)
 
 MIN_PREFIX_TOKENS = 16  # a shared prefix shorter than this is not worth a separate forward
 
@@ -267,6 +267,12 @@ def plan_groups(records: list[dict], ids: list[list[int]], prefix_cache: str = "
     return groups
 
 
+def too_much_padding(width: int, rows: int, real_tokens: int, max_padding: float) -> bool:
+    """The one padding rule of batching and admission: ``rows`` left-padded to ``width`` tokens waste more than
+    ``max_padding`` of the batch's positions."""
+    return width * rows - real_tokens > max_padding * width * rows
+
+
 def make_batches(lengths: dict[int, int], members: list[int], batch_size: int, max_padding: float) -> list[list[int]]:
     """Longest first; a batch takes the next item while it has room and its padding stays <= max_padding."""
     order = sorted(members, key=lambda i: (-lengths[i], i))
@@ -275,8 +281,7 @@ def make_batches(lengths: dict[int, int], members: list[int], batch_size: int, m
         n = lengths[i]
         if cur:
             width = lengths[cur[0]]
-            waste = width * (len(cur) + 1) - (total + n)
-            if len(cur) >= batch_size or waste > max_padding * width * (len(cur) + 1):
+            if len(cur) >= batch_size or too_much_padding(width, len(cur) + 1, total + n, max_padding):
                 batches.append(cur)
                 cur, total = [], 0
         cur.append(i)
@@ -556,7 +561,7 @@ class Engine:
             return
         width = max(p[2].shape[1] for p in parts)
         run.cache = cache_merge([p[1] for p in parts], reserve=self.max_new_tokens + 8)
-        run.mask = torch.cat([_left_pad_2d(p[2], width) for p in parts], dim=0)
+        run.mask = torch.cat([left_pad(p[2], width, 1) for p in parts], dim=0)
         run.last_pos = torch.cat([p[3] for p in parts], dim=0)
         run.logits = torch.cat([p[0] for p in parts], dim=0)
         self.stats.merges += 1
@@ -579,8 +584,7 @@ class Engine:
             g2, i = queue[0]
             if not single:
                 n = len(ids[i]) - P
-                waste = width * (len(take) + 1) - (total + n)
-                if g2 != gi or waste > self.max_padding * width * (len(take) + 1):
+                if g2 != gi or too_much_padding(width, len(take) + 1, total + n, self.max_padding):
                     break
                 total += n
             take.append(queue.popleft())
@@ -690,12 +694,6 @@ def generation_prediction(rec: dict, raw: str, new_tokens: int, stop: str) -> di
     return {"id": rec.get("id"), "source": rec.get("source"), "language": rec.get("language"), "raw": raw,
             "letter": ex.letter, "rule": ex.rule, "gold": gold, "correct": ex.letter is not None and ex.letter == gold,
             "tie": ex.tie, "new_tokens": new_tokens, "stop": stop}
-
-
-def _left_pad_2d(mask: torch.Tensor, width: int) -> torch.Tensor:
-    if mask.shape[1] == width:
-        return mask
-    return torch.cat([mask.new_zeros((mask.shape[0], width - mask.shape[1])), mask], dim=1)
 
 
 def predict(model, tokenizer, records, *, fmt=None, batch_size: int = 8, max_new_tokens: int = 128,

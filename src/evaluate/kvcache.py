@@ -1,6 +1,6 @@
 """KV-cache helpers for step 4's engine: a preallocated cache, and row operations on any transformers cache.
 
-``SlotCache`` is a ``DynamicCache`` whose layers write new keys/values into a preallocated buffer instead of
+``SlotCache`` is a cache like transformers' ``DynamicCache`` whose layers write new keys/values into a preallocated buffer instead of
 concatenating (``DynamicLayer`` copies the whole cache at every decoding step, which on a CPU costs as much as the
 step's matrix products). Attention reads a view of the used columns.
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 class SlotLayer(DynamicLayer):
@@ -85,16 +85,6 @@ class SlotLayer(DynamicLayer):
             self._v = self._v.repeat_interleave(repeats, dim=0)
             self._sync()
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative number of tokens to remove")
-        self.end = max(self.start, self.end + tokens_to_remove)
-        if self._k is not None:
-            self._sync()
-
     def reset(self) -> None:
         self._k = self._v = None
         self.start = self.end = 0
@@ -102,11 +92,12 @@ class SlotLayer(DynamicLayer):
         self.is_initialized = False
 
 
-class SlotCache(DynamicCache):
-    """A DynamicCache made of ``SlotLayer``s (full-attention models only)."""
+class SlotCache(Cache):
+    """A cache made of ``SlotLayer``s (full-attention models only), created lazily one per layer through the
+    ``Cache`` base class's public ``layer_class_to_replicate`` hook (transformers 5.23)."""
 
     def __init__(self, reserve: int = 64):
-        Cache.__init__(self, layer_class_to_replicate=lambda: SlotLayer(reserve=reserve))
+        super().__init__(layer_class_to_replicate=lambda: SlotLayer(reserve=reserve))
 
 
 def supports_slot_cache(model) -> bool:
@@ -175,11 +166,14 @@ def _set_kv(layer, k, v, reserve: int):
         layer.keys, layer.values = k, v
 
 
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    if t.shape[2] == width:
+def left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``t`` with zeros in front along ``dim`` up to ``width`` (cache columns, attention-mask columns)."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
         return t
-    pad = t.new_zeros((t.shape[0], t.shape[1], width - t.shape[2], t.shape[3]))
-    return torch.cat([pad, t], dim=2)
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def cache_merge(caches: list, reserve: int = 64):
@@ -191,8 +185,8 @@ def cache_merge(caches: list, reserve: int = 64):
         if not all(layer.is_initialized for layer in layers):
             raise ValueError("cannot merge caches with uninitialised layers")
         width = max(layer.keys.shape[2] for layer in layers)
-        k = torch.cat([_left_pad(layer.keys, width) for layer in layers], dim=0)
-        v = torch.cat([_left_pad(layer.values, width) for layer in layers], dim=0)
+        k = torch.cat([left_pad(layer.keys, width, 2) for layer in layers], dim=0)
+        v = torch.cat([left_pad(layer.values, width, 2) for layer in layers], dim=0)
         _set_kv(layers[0], k, v, reserve)
     return first
 
