@@ -15,7 +15,6 @@ What one optimizer step does:
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -114,17 +113,14 @@ def single_process_env() -> None:
 
 
 def moe_module():
-    """src.models.moe when it is installed, else None (MoE checkpoints are then not recognised)."""
-    try:
-        from src.models import moe
-    except ImportError:
-        return None
+    """src.models.moe (imported late: it pulls in transformers)."""
+    from src.models import moe
+
     return moe
 
 
 def is_moe_path(path) -> bool:
-    moe = moe_module()
-    return bool(moe is not None and Path(str(path)).is_dir() and moe.is_moe_checkpoint(path))
+    return Path(str(path)).is_dir() and moe_module().is_moe_checkpoint(path)
 
 
 def deepspeed_config(zero: int, *, batch_size: int, bf16: bool, clip: float) -> dict:
@@ -413,7 +409,7 @@ def main(argv=None) -> int:
     model.train()
     device = accelerator.device
     routing = None
-    if moe is not None and hasattr(moe, "RoutingStats"):
+    if moe is not None:
         routing = moe.RoutingStats(unwrapped).__enter__()  # counts expert selections for the logs
     window = {"tokens": 0, "flops": 0.0, "seconds": 0.0}
     while step < stop_at:
@@ -522,20 +518,10 @@ def token_losses(logits, labels):
 
 def forward_loss(model, batch, device, *, is_moe: bool, moe=None):
     """Summed token cross-entropy of one micro-batch (and the MoE auxiliary loss, or None)."""
-    import torch.nn.functional as F
-
     out = model(**model_inputs(batch, device, is_moe=is_moe))
-    labels = batch["labels"].to(device, non_blocking=True)
-    shift = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts token t + 1
-    logits = out.logits
-    ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shift.reshape(-1), ignore_index=-100,
-                             reduction="sum")
-    aux = None
-    if is_moe and moe is not None and hasattr(moe, "aux_loss"):
-        aux = moe.aux_loss(model.module if hasattr(model, "module") else model)
-        if aux is not None and not hasattr(aux, "detach"):
-            aux = None if aux == 0 else logits.new_tensor(float(aux))
-    return ce_sum, aux
+    losses, _ = token_losses(out.logits, batch["labels"].to(device, non_blocking=True))
+    aux = moe.aux_loss(model.module if hasattr(model, "module") else model) if is_moe else None
+    return losses.sum(), aux
 
 
 def grad_norm(engine) -> float | None:
@@ -572,16 +558,6 @@ def routing_metrics(accelerator, routing) -> dict:
     return out
 
 
-def flatten_dict(d, prefix="") -> dict:
-    out = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(flatten_dict(v, f"{prefix}{k}/"))
-    else:
-        out[prefix.rstrip("/")] = d
-    return out
-
-
 # --------------------------------------------------------------------------------------------------- dev eval
 def load_dev(path, limit: int | None) -> list[dict]:
     from src.common.io import iter_jsonl
@@ -594,12 +570,10 @@ def load_dev(path, limit: int | None) -> list[dict]:
 
 
 def load_scorer(log):
-    try:
-        from src.evaluate.engine import predict
-        from src.evaluate.scoring import score
-    except ImportError as e:
-        log(f"[train] dev evaluation disabled: step 4's scorer is not importable ({e})")
-        return None, None
+    """Step 4's engine and scorer: the dev evaluation uses exactly what step 4 computes."""
+    from src.evaluate.engine import predict
+    from src.evaluate.scoring import score
+
     return predict, score
 
 
@@ -618,8 +592,6 @@ def evaluate_dev(accelerator, model, tokenizer, records, predict, score, args, s
     shard = padded[rank * per:(rank + 1) * per]
     kwargs = dict(batch_size=args.dev_batch_size, max_new_tokens=args.dev_max_new_tokens, mode=args.dev_mode,
                   progress=accelerator.is_main_process)
-    params = inspect.signature(predict).parameters
-    kwargs = {k: v for k, v in kwargs.items() if k in params or any(p.kind == p.VAR_KEYWORD for p in params.values())}
     was_training = model.training
     model.eval()
     model.config.use_cache = True
