@@ -27,7 +27,8 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The embedded default model as an HF folder (converted from the GGUF file once, as step 0 does)."""
-    from src.download.embedded import DEFAULT_MODEL_NAME, convert_gguf
+    from src.common.defaults import DEFAULT_MODEL_NAME
+    from src.download.embedded import convert_gguf
 
     path = ROOT / "models" / DEFAULT_MODEL_NAME
     convert_gguf(path)

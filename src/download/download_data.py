@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from .embedded import DEFAULT_MODEL_NAME, convert_gguf
+from ..common.defaults import DEFAULT_MODEL_NAME, ROOT
+from .embedded import convert_gguf
 
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_DIR = ROOT / "assets" / "sample"
+ASSET_SAMPLE_DIR = ROOT / "assets" / "sample"  # shipped in the repo; step 0 copies it to data/raw/sample
 SAMPLE_FILES = ("bench_test.json", "bench_dev.json", "train.json")
 HUB_DATASET = "FreedomIntelligence/ApolloMoEDataset"
 HUB_BENCH = "FreedomIntelligence/ApolloMoEBench"
@@ -53,7 +53,7 @@ def install_sample(data_dir: Path, models_dir: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     copied = []
     for name in SAMPLE_FILES:
-        src, dst = SAMPLE_DIR / name, out / name
+        src, dst = ASSET_SAMPLE_DIR / name, out / name
         if not dst.exists() or dst.read_bytes() != src.read_bytes():
             shutil.copyfile(src, dst)
             copied.append(name)

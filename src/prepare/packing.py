@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-IGNORE_INDEX = -100
+from ..common.defaults import IGNORE_INDEX
+
 ROW_SCHEMA = pa.schema([
     ("input_ids", pa.list_(pa.int32())),
     ("labels", pa.list_(pa.int32())),

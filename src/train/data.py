@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from src.common.defaults import IGNORE_INDEX
 from src.common.languages import PAD_LANGUAGE_ID
 
-IGNORE_INDEX = -100
 REQUIRED_COLUMNS = ("input_ids", "labels")
 
 

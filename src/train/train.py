@@ -24,6 +24,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from src.common.defaults import IGNORE_INDEX
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DENSE_LR, MOE_LR = 1e-5, 1e-4  # the paper's learning rates
 # bf16 dense peak FLOP/s by GPU name (for MFU); --peak-tflops overrides.
@@ -422,7 +424,7 @@ def main(argv=None) -> int:
             t_step, cpu_step = time.time(), time.process_time()
             m = plan.micro_steps_in(in_epoch)
             micro = [next(batches) for _ in range(m)]
-            local = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in micro),
+            local = torch.tensor([sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro),
                                   sum(b["num_tokens"] for b in micro),
                                   sum(b["doc_len_sq"] for b in micro)], dtype=torch.float64, device=device)
             counts = accelerator.reduce(local, reduction="sum")
@@ -510,9 +512,9 @@ def token_losses(logits, labels):
     """Per-position cross-entropy of predicting ``labels[t+1]`` from position ``t`` (0 where ignored), fp32."""
     import torch.nn.functional as F
 
-    shift = F.pad(labels[:, 1:], (0, 1), value=-100)
+    shift = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     v = logits.shape[-1]
-    return F.cross_entropy(logits.reshape(-1, v).float(), shift.reshape(-1), ignore_index=-100,
+    return F.cross_entropy(logits.reshape(-1, v).float(), shift.reshape(-1), ignore_index=IGNORE_INDEX,
                            reduction="none").view(shift.shape), shift
 
 
