@@ -43,11 +43,7 @@ def convert_gguf(out_dir: Path) -> bool:
     src = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
-    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"); the weights are already dequantized
-    # to float32, so dropping the quantizer record makes it an ordinary model.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    _forget_gguf_quantizer(model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
@@ -60,3 +56,12 @@ def convert_gguf(out_dir: Path) -> bool:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return True
+
+
+def _forget_gguf_quantizer(model) -> None:
+    """A GGUF-loaded model refuses save_pretrained ("quantized with gguf and is not serializable", transformers
+    5.23), although its weights are already dequantized to float32: dropping the quantizer record (a private
+    attribute and a config field) makes it an ordinary model. tests/test_step0_embedded.py checks the reloaded logits."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

@@ -66,19 +66,32 @@ def prefix_causal_sdpa(module, query, key, value, attention_mask, dropout: float
     return out[:, :, P:].transpose(1, 2).contiguous(), None
 
 
+# The registries are transformers' public extension point (AttentionInterface / AttentionMaskInterface, 5.23).
 ALL_ATTENTION_FUNCTIONS.register(NAME, prefix_causal_sdpa)
 ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+def _attn_impl(config) -> str | None:
+    """The attention implementation a loaded model dispatches on at each call. transformers 5.23 keeps it in the
+    private ``config._attn_implementation`` and reads it on every forward; the public
+    ``model.set_attn_implementation`` re-validates and walks every submodule, too slow to flip around each prefill.
+    tests/test_library_internals.py fails if a release stops dispatching on it."""
+    return getattr(config, "_attn_implementation", None)
+
+
+def _set_attn_impl(config, name: str) -> None:
+    config._attn_implementation = name  # see _attn_impl
 
 
 @contextmanager
 def prefix_attention(model):
     """Use ``prefix_causal_sdpa`` for calls inside the block when ``model`` uses ``sdpa`` (else change nothing)."""
     cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "_attn_implementation", None) != "sdpa":
+    if cfg is None or _attn_impl(cfg) != "sdpa":
         yield
         return
-    cfg._attn_implementation = NAME
+    _set_attn_impl(cfg, NAME)
     try:
         yield
     finally:
-        cfg._attn_implementation = "sdpa"
+        _set_attn_impl(cfg, "sdpa")

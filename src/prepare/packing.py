@@ -141,8 +141,9 @@ def write_rows(tokenized: pa.Table, order: np.ndarray, bounds: np.ndarray, doc_l
 
 
 def write_dataset_metadata(out_dir: Path, shard_names: list[str], fingerprint: str) -> None:
-    """state.json and dataset_info.json exactly as ``Dataset.save_to_disk`` writes them (a test compares them with
-    save_to_disk's own output), so ``datasets.load_from_disk(out_dir)`` loads the shards."""
+    """state.json and dataset_info.json exactly as ``Dataset.save_to_disk`` writes them in datasets 5.2 (a private
+    layout: tests/test_step2_packing.py compares them with save_to_disk's own output and fails when a release changes
+    it), so ``datasets.load_from_disk(out_dir)`` loads the shards step 2 streamed."""
     import json
 
     from datasets import DatasetInfo
