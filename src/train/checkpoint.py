@@ -35,6 +35,28 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 CRASH_ENV = "APOLLO_TRAIN_CRASH_IN_SAVE_AT_STEP"
 
 
+def out_dir_is_shared(accelerator, out_dir) -> bool:
+    """Is ``out_dir`` one folder seen by every node (the normal case on clusters)? Then only the global main process
+    renames and rotates checkpoints; otherwise each node's local main process does it in its own copy. Found out by
+    a marker file the main process writes and every process looks for (a collective: all ranks call it)."""
+    import torch
+    from accelerate.utils import broadcast_object_list
+
+    out_dir = Path(out_dir)
+    token = [f"{os.getpid()}-{time.time()}" if accelerator.is_main_process else None]
+    broadcast_object_list(token)
+    marker = out_dir / ".shared-fs-probe"
+    if accelerator.is_main_process:
+        marker.write_text(token[0])
+    accelerator.wait_for_everyone()
+    seen = marker.is_file() and marker.read_text() == token[0]
+    shared = bool(accelerator.gather(torch.tensor([int(seen)], device=accelerator.device)).min().item())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process or (not shared and accelerator.is_local_main_process):
+        marker.unlink(missing_ok=True)
+    return shared
+
+
 def list_checkpoints(out_dir) -> list[tuple[int, Path]]:
     """Complete checkpoints under ``out_dir`` as (step, path), oldest first."""
     out_dir = Path(out_dir)

@@ -249,22 +249,9 @@ def main(argv=None) -> int:
 
     set_seed(args.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Is OUT shared by every node? (normal on clusters) Then only global rank 0 renames and rotates checkpoints,
-    # otherwise each node's local rank 0 does it in its own copy.
-    from accelerate.utils import broadcast_object_list
-
-    token = [f"{os.getpid()}-{time.time()}" if main_proc else None]
-    broadcast_object_list(token)
-    marker = out_dir / ".shared-fs-probe"
-    if main_proc:
-        marker.write_text(token[0])
-    accelerator.wait_for_everyone()
-    seen = marker.is_file() and marker.read_text() == token[0]
-    shared_fs = bool(accelerator.gather(torch.tensor([int(seen)], device=accelerator.device)).min().item())
-    accelerator.wait_for_everyone()
+    shared_fs = ckpt.out_dir_is_shared(accelerator, out_dir)
     renamer = main_proc if shared_fs else accelerator.is_local_main_process
     if renamer:
-        marker.unlink(missing_ok=True)
         for p in ckpt.clean_stale(out_dir):
             print(f"[train] removed {p.name} (left by an interrupted save)", flush=True)
     accelerator.project_configuration.save_on_each_node = not shared_fs
