@@ -185,7 +185,7 @@ def test_parse_record_accepts_role_content_and_plain_strings():
 
 def test_bos_prefix_appears_once_and_is_no_target(smollm2_tokenizer):
     """Formats with a BOS prefix (Gemma, Llama-3) start every document with exactly one BOS, as step 1's prompts
-    do: the text carries it and encoding adds no second one (REFERENCE.md 3.3 trained without it)."""
+    do: the text carries it and encoding adds no second one (the original trained without it: docs/reference.md, "Priority sampling")."""
     tok = smollm2_tokenizer
     fmt = ChatFormat("bos", tok.bos_token, "User:", "\nAssistant:", tok.eos_token, "\n")
     (ids, spans, _, _), = ChatEncoder(tok, fmt, 4096).encode([["q", "a", "q2", "a2"]])

@@ -15,7 +15,7 @@ def _ours(weights, trials=TRIALS):
 
 
 def _reference(weights, trials=TRIALS):
-    """The reference's sampler (REFERENCE.md 3.2): torch.multinomial without replacement, one draw per row."""
+    """The reference's sampler (docs/reference.md, "Priority sampling"): torch.multinomial without replacement, one draw per row."""
     g = torch.Generator().manual_seed(3407)
     w = torch.tensor(weights, dtype=torch.float64).expand(trials, -1)
     return torch.multinomial(w, len(weights), replacement=False, generator=g).numpy()
@@ -46,7 +46,7 @@ def test_mean_rank_per_priority_class_matches_torch_multinomial():
         assert abs(a.mean() - b.mean()) < bound, (cls, a.mean(), b.mean())
     # the soft curriculum: high-priority entries come first on average
     assert ours[:, :4].mean() < 3.0 < ours[:, 4:].mean()
-    # P(a given SFT entry precedes a given QA entry) = 2 / 18 (REFERENCE.md 3.2)
+    # P(a given SFT entry precedes a given QA entry) = 2 / 18 (docs/reference.md, "Priority sampling")
     before = (ours[:, 4] < ours[:, 0]).mean()
     assert abs(before - 2 / 18) < 5 * np.sqrt((2 / 18) * (16 / 18) / TRIALS)
 

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 _DATA = Path(__file__).with_name("languages.json")
-# Minor-language bench sources are named "<something>-<code>" with a 2-3 letter code (REFERENCE.md 2.2).
+# Minor-language bench sources are named "<something>-<code>" with a 2-3 letter code (docs/reference.md, "Data formats").
 _MINOR_SUFFIX = re.compile(r"-([a-z]{2,3})$")
 PAD_LANGUAGE_ID = -1  # language id carried by padding tokens: belongs to no language and no expert
 
@@ -63,7 +63,7 @@ def language_id(code: str) -> int:
 
 
 def score_method(code: str) -> str:
-    """'macro' (mean of source accuracies) or 'micro' (pooled counts): how REFERENCE.md 5.4 scores the language."""
+    """'macro' (mean of source accuracies) or 'micro' (pooled counts): how the original collector scores the language (docs/reference.md, "Scores")."""
     return languages()[canonical(code)]["score"]
 
 

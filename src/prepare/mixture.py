@@ -1,6 +1,6 @@
 """The training mixture: the priority/epoch table, epoch copies ("entries") and the priority-sampled order.
 
-Order (REFERENCE.md 3.2): every epoch copy of every record is one entry with weight = its source's priority. The
+Order (docs/reference.md, "Priority sampling"): every epoch copy of every record is one entry with weight = its source's priority. The
 reference draws ``torch.multinomial(weights, N, replacement=False)``: sequential weighted sampling without
 replacement, which caps N at 2^24. Here each entry gets an exponential arrival time ``Exp(1) / priority`` and the
 entries are sorted by it. The first arrival among entries is entry i with probability w_i / sum(w), and by
@@ -111,7 +111,7 @@ def entries_per_source(n_records: int, epochs: float) -> int:
 
 def build_entries(record_source: np.ndarray, source_epochs: list[float]) -> np.ndarray:
     """Entry -> record index (int32). Per source, in source-id order: its records in input order, repeated so that a
-    source of n records gets int(n * epochs) entries, entry j being its record j mod n (REFERENCE.md 3.2)."""
+    source of n records gets int(n * epochs) entries, entry j being its record j mod n (docs/reference.md, "Priority sampling")."""
     record_source = np.asarray(record_source)
     by_source = np.argsort(record_source, kind="stable").astype(np.int32)
     counts = np.bincount(record_source, minlength=len(source_epochs))

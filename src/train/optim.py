@@ -3,7 +3,7 @@
 - AdamW (torch's), two parameter groups: weight decay on matrices (and embeddings), none on biases and normalisation
   weights. The rule is "tensors with fewer than 2 dimensions get no decay", which covers every bias and every norm
   weight whatever the model family calls them (the reference matched ``LayerNorm.weight`` only, so Qwen2's
-  ``*norm.weight`` were decayed, REFERENCE.md section 9 item 22).
+  ``*norm.weight`` were decayed, docs/reference.md, "Trainer").
 - Cosine schedule with linear warmup over ``ceil(warmup_ratio * total_steps)`` steps, decaying to exactly 0 at the
   real end of training (the reference stretched it by a hidden 0.35 epoch and ended at ~16% of the peak).
 """
