@@ -188,7 +188,7 @@ def main() -> int:
 
     import torch
 
-    from src.train.train import choose_attn_impl
+    from src.train.runtime import choose_attn_impl
 
     on_gpu = torch.cuda.is_available()
     attn_impl = choose_attn_impl("auto", on_gpu)

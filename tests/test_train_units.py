@@ -11,7 +11,8 @@ import torch
 from src.train import checkpoint as ckpt
 from src.train.data import BatchPlan, Collator, document_lengths
 from src.train.optim import build_optimizer, build_scheduler, cosine_multiplier, no_decay_names, warmup_steps
-from src.train.train import dev_metrics, load_dev, token_losses
+from src.train.dev_eval import dev_metrics, load_dev
+from src.train.steps import token_losses
 
 PAD = 7
 
