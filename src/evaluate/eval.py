@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from ..common.errors import DataError
@@ -119,7 +120,7 @@ def _check_resume(out: Path, settings: dict, overwrite: bool) -> None:
                          f"use another --out or --overwrite")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="4.eval.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF folder, hub id or our MoE checkpoint")
@@ -154,118 +155,126 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--proxy-raw", default=None, help="proxy-tuning: the small model before tuning")
     p.add_argument("--overwrite", action="store_true", help="discard predictions already in --out")
     p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if bool(args.proxy_tuned) != bool(args.proxy_raw):
         p.error("--proxy-tuned and --proxy-raw go together")
     if args.engine == "hf" and (args.mode != "generate" or args.proxy_tuned):
         p.error("--engine hf generates with a plain transformers model: no --mode loglik, no proxy-tuning")
+    return args
 
-    import torch
-    from accelerate import PartialState
 
-    from ..common.chat_formats import resolve_format
-    from ..models.loading import load_model, load_tokenizer
-    from .engine import predict, stop_token_ids
-    from .hf_engine import predict_hf
-    from .scoring import format_table, score
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    kwargs = {}
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        kwargs["backend"] = "gloo"  # several CPU processes (tests, CI): accelerate needs gloo named explicitly
-    state = PartialState(**kwargs)
-    world, rank, main_proc = state.num_processes, state.process_index, state.is_main_process
-    device = state.device
-    t_start = time.time()
-
+def select_records(args) -> list[dict]:
+    """The input's records, cut to --limit-per-source and --limit."""
     records = load_records(args.input)
     if args.limit_per_source:
-        seen_per_source: dict = {}
+        seen = Counter()
         kept = []
         for r in records:
-            seen_per_source[r["source"]] = seen_per_source.get(r["source"], 0) + 1
-            if seen_per_source[r["source"]] <= args.limit_per_source:
+            seen[r["source"]] += 1
+            if seen[r["source"]] <= args.limit_per_source:
                 kept.append(r)
         records = kept
     if args.limit is not None:
         records = records[:args.limit]
-    model_path = args.model
+    return records
+
+
+def check_model_path(model_path: str) -> None:
     if not Path(model_path).exists() and model_path.startswith(("models/", "ckpts/", "./", "../", "/")):
         raise SystemExit(f"[step 4] model folder {model_path!r} not found (run 0.download_data.sh, or step 3)")
 
-    dtype = _dtype(args.dtype, device)
-    tokenizer = load_tokenizer(model_path, padding_side="left")
-    settings = {"model": str(args.model), "input": str(args.input), "mode": args.mode,
-                "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
-                "format": args.format, "dtype": str(dtype).replace("torch.", ""),
-                "max_padding": args.max_padding, "prefix_cache": args.prefix_cache, "engine": args.engine,
-                "proxy_tuned": args.proxy_tuned, "proxy_raw": args.proxy_raw}
-    out = args.out
-    if main_proc:
+
+def run_settings(args, dtype) -> dict:
+    """What a prediction depends on, recorded in run.json (RESUME_KEYS must match on resume)."""
+    return {"model": str(args.model), "input": str(args.input), "mode": args.mode,
+            "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
+            "format": args.format, "dtype": str(dtype).replace("torch.", ""),
+            "max_padding": args.max_padding, "prefix_cache": args.prefix_cache, "engine": args.engine,
+            "proxy_tuned": args.proxy_tuned, "proxy_raw": args.proxy_raw}
+
+
+def prepare_out(out: Path, settings: dict, overwrite: bool, state) -> None:
+    """Create --out, refuse predictions made with other settings (or start afresh with --overwrite)."""
+    if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        _check_resume(out, settings, args.overwrite)
-        if args.overwrite or not (out / "run.json").is_file():  # so an interrupted run is resumed with its settings
+        _check_resume(out, settings, overwrite)
+        if overwrite or not (out / "run.json").is_file():  # so an interrupted run is resumed with its settings
             write_json(out / "run.json", {"settings": settings, "status": "running"})
     state.wait_for_everyone()
 
+
+def done_ids(out: Path) -> set:
+    """Ids predicted so far, in predictions.jsonl and in the per-process parts of an interrupted multi-process run."""
     done = {p["id"] for p in read_predictions(out / PRED)}
     if (out / PARTS).is_dir():
         for f in sorted((out / PARTS).glob("*.jsonl")):
             done |= {p["id"] for p in read_predictions(f)}
-    pending = [r for r in records if r["id"] not in done]
-    mine = shard(pending, world, rank)
-    state.wait_for_everyone()  # every process has read the same done ids before any of them appends new ones
+    return done
 
-    batch_size = args.batch_size or (64 if device.type == "cuda" else 16)
-    stats: dict = {}
-    fmt_name = None
-    if mine:
-        if args.proxy_tuned:
-            from ..models.proxy_tuning import load_proxy_tuned
 
-            model, _ = load_proxy_tuned(model_path, args.proxy_tuned, args.proxy_raw, torch_dtype=dtype,
-                                        device=device)
+def load_scoring_model(args, model_path: str, dtype, device):
+    from ..models.loading import load_model
+
+    if args.proxy_tuned:
+        from ..models.proxy_tuning import load_proxy_tuned
+
+        model, _ = load_proxy_tuned(model_path, args.proxy_tuned, args.proxy_raw, torch_dtype=dtype, device=device)
+        return model
+    return load_model(model_path, torch_dtype=dtype, device=device)
+
+
+def predict_mine(args, mine: list[dict], tokenizer, out: Path, state, counts: dict, batch_size: int, dtype,
+                 stats: dict) -> str:
+    """Predict this process's pending records, appending each prediction as it is made. Returns the format name."""
+    from ..common.chat_formats import resolve_format
+    from .engine import predict, stop_token_ids
+    from .hf_engine import predict_hf
+
+    model = load_scoring_model(args, args.model, dtype, state.device)
+    fmt = resolve_format(tokenizer, getattr(model, "config", None), args.format)
+    stops = stop_token_ids(tokenizer, fmt, model)
+    if state.is_main_process:
+        print(f"[step 4] {args.model}: {counts['items']} items, {counts['done']} already done, "
+              f"{counts['pending']} to go on {state.num_processes} process(es); mode={args.mode} format={fmt.name} "
+              f"stop ids={stops} dtype={str(dtype).replace('torch.', '')} device={state.device}", flush=True)
+    world, rank = state.num_processes, state.process_index
+    target = out / PRED if world == 1 else out / PARTS / f"predictions.rank{rank}.jsonl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _repair_tail(target)
+    with target.open("a", encoding="utf-8") as fh:
+        def append(pred: dict):
+            fh.write(dumps(pred) + "\n")
+            fh.flush()
+
+        common = dict(fmt=fmt, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
+                      min_new_tokens=args.min_new_tokens, progress=not args.no_progress and state.is_main_process,
+                      callback=append, stats=stats)
+        if args.engine == "hf":
+            predict_hf(model, tokenizer, mine, **common)
         else:
-            model = load_model(model_path, torch_dtype=dtype, device=device)
-        fmt = resolve_format(tokenizer, getattr(model, "config", None), args.format)
-        fmt_name = fmt.name
-        stops = stop_token_ids(tokenizer, fmt, model)
-        if main_proc:
-            print(f"[step 4] {args.model}: {len(records)} items, {len(records) - len(pending)} already done, "
-                  f"{len(pending)} to go on {world} process(es); mode={args.mode} format={fmt.name} "
-                  f"stop ids={stops} dtype={settings['dtype']} device={device}", flush=True)
-        target = out / PRED if world == 1 else out / PARTS / f"predictions.rank{rank}.jsonl"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _repair_tail(target)
-        with target.open("a", encoding="utf-8") as fh:
-            def append(pred: dict):
-                fh.write(dumps(pred) + "\n")
-                fh.flush()
+            predict(model, tokenizer, mine, mode=args.mode, max_padding=args.max_padding,
+                    prefix_cache=args.prefix_cache, prefill_batch=args.prefill_batch, **common)
+    return fmt.name
 
-            common = dict(fmt=fmt, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
-                          min_new_tokens=args.min_new_tokens, progress=not args.no_progress and main_proc,
-                          callback=append, stats=stats)
-            if args.engine == "hf":
-                predict_hf(model, tokenizer, mine, **common)
-            else:
-                predict(model, tokenizer, mine, mode=args.mode, max_padding=args.max_padding,
-                        prefix_cache=args.prefix_cache, prefill_batch=args.prefill_batch, **common)
-        del model
-    elif main_proc:
-        print(f"[step 4] all {len(records)} items already predicted in {out}", flush=True)
 
-    all_stats = [stats]
-    if world > 1:
-        import torch.distributed as dist
+def gather_stats(stats: dict, world: int) -> list[dict]:
+    if world == 1:
+        return [stats]
+    import torch.distributed as dist
 
-        all_stats = [None] * world
-        dist.all_gather_object(all_stats, stats)
-    state.wait_for_everyone()
-    if not main_proc:
-        return 0
+    all_stats = [None] * world
+    dist.all_gather_object(all_stats, stats)
+    return all_stats
 
-    # Merge: predictions.jsonl in input order, parts folded in, predictions of other items kept at the end.
+
+def merge_predictions(out: Path, records: list[dict]) -> list[dict]:
+    """predictions.jsonl in input order with the per-process parts folded in (predictions of other items kept at the
+    end); returns the predictions of ``records``."""
     preds = read_predictions(out / PRED)
     if (out / PARTS).is_dir():
         for f in sorted((out / PARTS).glob("*.jsonl")):
@@ -284,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     missing = len(records) - len(selected)
     if missing:
         raise SystemExit(f"[step 4] {missing} items have no prediction (a process failed?); rerun to resume")
+    return selected
+
+
+def write_scores(out: Path, args, selected: list[dict]) -> str:
+    """score.json and score.md; returns the table."""
+    from .scoring import format_table, score
 
     result = score(selected)
     write_json(out / "score.json", result)
@@ -291,27 +306,72 @@ def main(argv: list[str] | None = None) -> int:
               f"max_new_tokens {args.max_new_tokens}. Accuracy in %, 95% intervals ({result['ci_method']}).\n\n")
     table = format_table(result)
     write_text(out / "score.md", header + table)
+    return table
 
+
+def engine_totals(all_stats: list[dict]) -> dict:
+    """The engine counters of every process, summed (stop reasons per reason)."""
+    totals: Counter = Counter()
+    stops: Counter = Counter()
+    for s in all_stats:
+        totals.update({k: v for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        stops.update(s.get("stops") or {})
+    return {**totals, "stops": dict(stops)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+    from accelerate import PartialState
+
+    from ..models.loading import load_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kwargs = {}
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        kwargs["backend"] = "gloo"  # several CPU processes (tests, CI): accelerate needs gloo named explicitly
+    state = PartialState(**kwargs)
+    world = state.num_processes
+    t_start = time.time()
+
+    records = select_records(args)
+    check_model_path(args.model)
+    dtype = _dtype(args.dtype, state.device)
+    tokenizer = load_tokenizer(args.model, padding_side="left")
+    settings = run_settings(args, dtype)
+    out = args.out
+    prepare_out(out, settings, args.overwrite, state)
+    done = done_ids(out)
+    pending = [r for r in records if r["id"] not in done]
+    mine = shard(pending, world, state.process_index)
+    state.wait_for_everyone()  # every process has read the same done ids before any of them appends new ones
+
+    batch_size = args.batch_size or (64 if state.device.type == "cuda" else 16)
+    stats: dict = {}
+    fmt_name = None
+    if mine:
+        counts = {"items": len(records), "done": len(records) - len(pending), "pending": len(pending)}
+        fmt_name = predict_mine(args, mine, tokenizer, out, state, counts, batch_size, dtype, stats)
+    elif state.is_main_process:
+        print(f"[step 4] all {len(records)} items already predicted in {out}", flush=True)
+    all_stats = gather_stats(stats, world)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return 0
+
+    selected = merge_predictions(out, records)
+    table = write_scores(out, args, selected)
     seconds = time.time() - t_start
     new_items = sum(s.get("items", 0) for s in all_stats)
-    totals: dict = {}
-    for s in all_stats:
-        for k, v in s.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                totals[k] = totals.get(k, 0) + v
-    stops = {}
-    for s in all_stats:
-        for k, v in (s.get("stops") or {}).items():
-            stops[k] = stops.get(k, 0) + v
-    totals["stops"] = stops
     engine_seconds = max([s.get("seconds", 0.0) for s in all_stats] or [0.0])
     write_json(out / "run.json", {
         "settings": {**settings, "format": args.format, "resolved_format": fmt_name, "batch_size": batch_size},
-        "status": "done", "processes": world, "device": str(device), "torch": torch.__version__,
+        "status": "done", "processes": world, "device": str(state.device), "torch": torch.__version__,
         "items": len(records), "predicted_now": new_items, "resumed": len(records) - len(pending),
         "wall_seconds": round(seconds, 2), "engine_seconds": round(engine_seconds, 2),
         "items_per_second": round(new_items / engine_seconds, 4) if engine_seconds else None,
-        "engine": totals,
+        "engine": engine_totals(all_stats),
     })
     print(table, end="")
     print(f"[step 4] {len(selected)} items scored -> {out}/score.json, score.md, predictions.jsonl"
