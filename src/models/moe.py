@@ -388,7 +388,7 @@ def _resolve_layers(moe_layers: int | str | Sequence[int], num_layers: int) -> t
     return tuple(resolved)
 
 
-def _build(model: nn.Module, settings: MoESettings, router_init_std: float) -> None:
+def build_sparse_blocks(model: nn.Module, settings: MoESettings, router_init_std: float) -> None:
     """Swap the MLPs of settings.moe_layers for sparse blocks and install the hooks."""
     layers = decoder_layers(model)
     mlps = {idx: _gated_mlp(layers[idx], idx) for idx in settings.moe_layers}  # check everything before changing
@@ -426,7 +426,7 @@ def upcycle(model: nn.Module, num_experts: int = 7, top_k: int = 2, moe_layers: 
                            float(router_language_loss_coef))
     if router_init_std is None:
         router_init_std = getattr(model.config, "initializer_range", 0.02)
-    _build(model, settings, router_init_std)
+    build_sparse_blocks(model, settings, router_init_std)
     setattr(model.config, MOE_CONFIG_KEY, settings.to_config())
     return model
 
@@ -636,7 +636,7 @@ def load_model(path: str | Path, torch_dtype: torch.dtype | str | None = None, d
         config = base_config(path)
         dtype = _as_dtype(torch_dtype) or _as_dtype(getattr(config, "dtype", None)) or torch.float32
         model = build_empty(config, dtype)
-        _build(model, MoESettings.from_config(getattr(config, MOE_CONFIG_KEY)), router_init_std=0.0)
+        build_sparse_blocks(model, MoESettings.from_config(getattr(config, MOE_CONFIG_KEY)), router_init_std=0.0)
         _load_weights_strict(model, path)
     model.eval()
     return model.to(device) if device is not None else model
