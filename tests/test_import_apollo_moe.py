@@ -17,18 +17,18 @@ from src.common.errors import DataError  # noqa: E402
 from src.models import moe  # noqa: E402
 from util import import_apollo_moe  # noqa: E402
 
-H, I, LAYERS, HEADS, KV, VOCAB, E = 32, 48, 3, 4, 2, 80, 4
+H, INTER, LAYERS, HEADS, KV, VOCAB, E = 32, 48, 3, 4, 2, 80, 4
 CONFIG = {
     "model_type": "upcycling-qwen2-moe", "architectures": ["UpcyclingQwen2MoeForCausalLM"],
     "auto_map": {"AutoConfig": "configuration_upcycling_qwen2_moe.UpcyclingQwen2MoeConfig",
                  "AutoModelForCausalLM": "modeling_upcycling_qwen2_moe.UpcyclingQwen2MoeForCausalLM"},
-    "vocab_size": VOCAB, "hidden_size": H, "intermediate_size": I, "num_hidden_layers": LAYERS,
+    "vocab_size": VOCAB, "hidden_size": H, "intermediate_size": INTER, "num_hidden_layers": LAYERS,
     "num_attention_heads": HEADS, "num_key_value_heads": KV, "hidden_act": "silu", "max_position_embeddings": 128,
     "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float32",
     "use_sliding_window": False, "bos_token_id": 1, "eos_token_id": 2,
     "decoder_sparse_step": 1, "num_experts": E, "num_experts_per_tok": 2, "norm_topk_prob": False,
     "output_router_logits": False, "router_aux_loss_coef": 0.0, "mlp_only_layers": [0], "attn_init_change": False,
-    "language_gate": True, "moe_intermediate_size": I, "shared_expert_intermediate_size": I,
+    "language_gate": True, "moe_intermediate_size": INTER, "shared_expert_intermediate_size": INTER,
 }
 # Imported as a module, this would leave a marker and fail: the importer must never do it.
 TRAP = "import pathlib\npathlib.Path(__file__).with_name('CODE_WAS_RUN').write_text('x')\nraise SystemExit(1)\n"
@@ -57,8 +57,8 @@ def write_apollo_checkpoint(folder, share_flag: bool, config_overrides=None) -> 
                 mlps.append("mlp.shared_expert.")
                 w[p + "mlp.shared_expert_gate.weight"] = rand(1, H, std=1.0)
         for m in mlps:
-            w |= {p + m + "gate_proj.weight": rand(I, H), p + m + "up_proj.weight": rand(I, H),
-                  p + m + "down_proj.weight": rand(H, I)}
+            w |= {p + m + "gate_proj.weight": rand(INTER, H), p + m + "up_proj.weight": rand(INTER, H),
+                  p + m + "down_proj.weight": rand(H, INTER)}
     folder.mkdir()
     keys = sorted(w)
     save_file({k: w[k] for k in keys[: len(keys) // 2]}, folder / "model-00001-of-00002.safetensors")
