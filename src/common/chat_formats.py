@@ -140,11 +140,12 @@ def tokenizer_and_format(model, name: str | None = None):
     """Load a model folder's (or hub id's) tokenizer and resolve its chat format from the tokenizer and config.
 
     Used by the stages that only need text layout and token counts (steps 1 and 2), not the weights."""
-    from transformers import AutoConfig, AutoTokenizer
+    from ..models.loading import load_config
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
     try:
-        config = AutoConfig.from_pretrained(model)
+        config = load_config(model)  # also reads our Post-MoE folders, which AutoConfig refuses
     except (OSError, ValueError):  # a tokenizer-only folder: the format comes from the tokenizer alone
         config = None
+    tokenizer = AutoTokenizer.from_pretrained(model, **({"config": config} if config is not None else {}))
     return tokenizer, resolve_format(tokenizer, config, name)

@@ -13,11 +13,28 @@ def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
     return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
 
 
+def _moe_config_kwargs(name_or_path) -> dict:
+    """{"config": base config} for one of our MoE folders: transformers cannot read their config.json (by design,
+    see src.models.moe.MOE_MODEL_TYPE) and would otherwise warn while looking for the tokenizer class."""
+    from . import moe
+
+    if Path(str(name_or_path)).is_dir() and moe.is_moe_checkpoint(name_or_path):
+        return {"config": moe.base_config(name_or_path)}
+    return {}
+
+
+def load_config(name_or_path):
+    """The model's transformers config; for our MoE folders the base model's config (with its post_moe field)."""
+    from transformers import AutoConfig
+
+    return _moe_config_kwargs(name_or_path).get("config") or AutoConfig.from_pretrained(name_or_path)
+
+
 def load_tokenizer(name_or_path, padding_side: str = "left"):
     """The model's tokenizer with a pad token (EOS when it has none) and the requested padding side."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **_moe_config_kwargs(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from src.models import router
+
 MOE_CONFIG_KEY = "post_moe"
 # Private keyword argument carrying the 2D attention mask from the top-level hook to the layers (see module doc).
 _PADDING_MASK_KWARG = "post_moe_padding_mask"
@@ -47,6 +49,9 @@ class MoESettings:
     norm_topk_prob: bool = True
     shared_expert: bool = False
     router_aux_loss_coef: float = 0.0
+    # Added after the first release; older checkpoints load with these defaults (what they did then).
+    routing: str = "hybrid"  # a rule of src/models/router.py, applied while training with language ids
+    router_language_loss_coef: float = 0.0
 
     def to_config(self) -> dict:
         return {**asdict(self), "moe_layers": list(self.moe_layers)}
@@ -122,16 +127,6 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def _force_family_expert(experts: torch.Tensor, family: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Hybrid routing: put each token's family expert among its k choices. topk sorts descending, so the last column is
-    the lowest-weighted choice; it is replaced when the router did not pick the family expert. Ids outside [0, E)
-    (padding, unknown family) force nothing."""
-    family = family.to(experts.device)
-    forced = (family >= 0) & (family < num_experts) & (experts != family[:, None]).all(dim=-1)
-    last = torch.where(forced, family, experts[:, -1])
-    return torch.cat([experts[:, :-1], last[:, None]], dim=1)
-
-
 # Called after routing with (block, experts [T, k], language ids [T] or None, real-token mask [T] or None).
 RoutingObserver = Callable[["SparseMoeBlock", torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], None]
 
@@ -151,6 +146,8 @@ class SparseMoeBlock(nn.Module):
         self.top_k = settings.top_k
         self.norm_topk_prob = settings.norm_topk_prob
         self.router_aux_loss_coef = settings.router_aux_loss_coef
+        self.routing = settings.routing
+        self.router_language_loss_coef = settings.router_language_loss_coef
         self.gate = nn.Linear(hidden_size, settings.num_experts, bias=False, device=device, dtype=dtype)
         self.experts = Experts(settings.num_experts, hidden_size, intermediate_size, act_fn, device, dtype)
         self.shared_expert = shared_expert
@@ -159,8 +156,9 @@ class SparseMoeBlock(nn.Module):
         # Per-call inputs, set by the attention pre-hook just before the layer calls this block (see module doc).
         self.language_ids: torch.Tensor | None = None
         self.padding_mask: torch.Tensor | None = None
-        # Switch load-balancing loss of the last forward (training with a coefficient > 0 only); read by aux_loss().
-        self.balance_loss: torch.Tensor | None = None
+        # Coefficient-weighted auxiliary losses of the last training forward (load balancing, router language loss),
+        # None when both coefficients are 0 or after an eval forward; summed over blocks by aux_loss().
+        self.last_aux_loss: torch.Tensor | None = None
         self.routing_observers: list[RoutingObserver] = []
 
     @classmethod
@@ -185,15 +183,10 @@ class SparseMoeBlock(nn.Module):
 
     def route(self, x: torch.Tensor, language_ids: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (experts [T, k], weights [T, k] fp32, router probabilities [T, E] fp32)."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
-        weights, experts = torch.topk(probs, self.top_k, dim=-1)
-        if self.training and language_ids is not None:
-            experts = _force_family_expert(experts, language_ids, self.num_experts)
-            weights = probs.gather(1, experts)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return experts, weights, probs
+        """x [T, H] -> (experts [T, k], weights [T, k] fp32, router probabilities [T, E] fp32). The routing rule
+        uses the language ids in training only."""
+        return router.route(self.gate(x), self.top_k, self.norm_topk_prob, self.routing,
+                            language_ids if self.training else None)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
@@ -206,10 +199,9 @@ class SparseMoeBlock(nn.Module):
         real = self._real_tokens(language_ids, shape)
         # Computed in a checkpoint recompute too, so the recompute saves the same tensors as the forward did;
         # only the forward publishes it and notifies observers (no double counting).
-        balance = (self._balance_loss(probs, experts, real)
-                   if self.training and self.router_aux_loss_coef > 0 else None)
+        balance = self._aux_losses(x, probs, experts, real, language_ids) if self.training else None
         if not _in_backward():
-            self.balance_loss = balance
+            self.last_aux_loss = balance
             for observer in self.routing_observers:
                 observer(self, experts, language_ids, real)
         return out.view(shape)
@@ -232,6 +224,20 @@ class SparseMoeBlock(nn.Module):
             return None
         # With a KV cache the mask also covers the past tokens; this call sees the last shape[1] of them.
         return mask[:, -shape[1]:].reshape(-1).to(torch.bool)
+
+    def _aux_losses(self, x: torch.Tensor, probs: torch.Tensor, experts: torch.Tensor, real: torch.Tensor | None,
+                    language_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """coef x load-balancing loss + coef x router language loss (each only when its coefficient is > 0)."""
+        total = None
+        if self.router_aux_loss_coef > 0:
+            total = self.router_aux_loss_coef * self._balance_loss(probs, experts, real)
+        if self.router_language_loss_coef > 0 and language_ids is not None:
+            # Logits again from the gate (cheap: T x H x E) rather than carried out of route().
+            lang = router.language_loss(self.gate(x), language_ids)
+            if lang is not None:
+                lang = self.router_language_loss_coef * lang
+                total = lang if total is None else total + lang
+        return total
 
     def _balance_loss(self, probs: torch.Tensor, experts: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
         """Switch/Mixtral loss E * sum_e f_e * P_e over real tokens (1.0 when perfectly balanced): f_e = share of the
@@ -258,19 +264,21 @@ def is_moe(model: nn.Module) -> bool:
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
-    """coef x sum over MoE layers of the last training forward's load-balancing loss; a 0 tensor when coef is 0.
+    """Sum over MoE layers of the last training forward's auxiliary losses: coef x load-balancing loss plus
+    coef x router language loss (cross-entropy of the router against the language expert); a 0 tensor when both
+    coefficients are 0.
 
     Padding is excluded: tokens whose language id is < 0 or, when no ids are given, whose 2D attention mask is 0.
     Under gradient checkpointing use the default non-reentrant mode (the loss is built inside the checkpointed layer).
     """
     blocks = sparse_blocks(model)
-    losses = [b.balance_loss for b in blocks if b.balance_loss is not None]
+    losses = [b.last_aux_loss for b in blocks if b.last_aux_loss is not None]
     if not losses:
         return torch.zeros((), device=next(model.parameters()).device)
     if torch.is_grad_enabled() and not all(loss.requires_grad for loss in losses):
         warnings.warn("the load-balancing loss has no gradient: the layers ran without autograd (reentrant gradient "
                       "checkpointing does that); use non-reentrant checkpointing")
-    return blocks[0].router_aux_loss_coef * torch.stack(losses).sum()
+    return torch.stack(losses).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -367,7 +375,9 @@ def _gated_mlp(layer: nn.Module, idx: int) -> nn.Module:
     return mlp
 
 
-def _resolve_layers(moe_layers: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
+def _resolve_layers(moe_layers: int | str | Sequence[int], num_layers: int) -> tuple[int, ...]:
+    if moe_layers == "all":
+        return tuple(range(num_layers))
     if isinstance(moe_layers, int):
         if not 1 <= moe_layers <= num_layers:
             raise ValueError(f"moe_layers={moe_layers}: the model has {num_layers} layers")
@@ -378,7 +388,7 @@ def _resolve_layers(moe_layers: int | Sequence[int], num_layers: int) -> tuple[i
     return tuple(resolved)
 
 
-def _build(model: nn.Module, settings: MoESettings, router_init_std: float) -> None:
+def build_sparse_blocks(model: nn.Module, settings: MoESettings, router_init_std: float) -> None:
     """Swap the MLPs of settings.moe_layers for sparse blocks and install the hooks."""
     layers = decoder_layers(model)
     mlps = {idx: _gated_mlp(layers[idx], idx) for idx in settings.moe_layers}  # check everything before changing
@@ -392,26 +402,31 @@ def _build(model: nn.Module, settings: MoESettings, router_init_std: float) -> N
     model.register_forward_hook(_AfterModelForward(state), with_kwargs=True)
 
 
-def upcycle(model: nn.Module, num_experts: int = 7, top_k: int = 2, moe_layers: int | Sequence[int] = 2,
+def upcycle(model: nn.Module, num_experts: int = 7, top_k: int = 2, moe_layers: int | str | Sequence[int] = 2,
             norm_topk_prob: bool = True, shared_expert: bool = False, router_aux_loss_coef: float = 0.0,
-            router_init_std: float | None = None) -> nn.Module:
+            router_init_std: float | None = None, routing: str = "hybrid",
+            router_language_loss_coef: float = 0.0) -> nn.Module:
     """Upcycle a dense HF causal LM in place (and return it); defaults are the paper's (7 experts, top-2, last 2).
 
-    moe_layers: an int N (the last N layers) or a list of layer indices. router_init_std defaults to the config's
-    initializer_range (0.02 when absent). The settings are recorded in `model.config.post_moe`.
+    moe_layers: an int N (the last N layers), "all", or a list of layer indices. router_init_std defaults to the
+    config's initializer_range (0.02 when absent). routing: a rule of src/models/router.py (hybrid, hard, learned).
+    The settings are recorded in `model.config.post_moe`.
     """
     if is_moe(model):
         raise ValueError("the model is already upcycled")
     if num_experts < 1 or not 1 <= top_k <= num_experts:
         raise ValueError(f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
-    if top_k == 1 and norm_topk_prob:
+    router.check_settings(routing, top_k, norm_topk_prob, router_language_loss_coef)
+    if top_k == 1 and norm_topk_prob and router_language_loss_coef <= 0:
         warnings.warn("top_k=1 with norm_topk_prob: the single weight is always 1, so the router never gets a "
-                      "gradient; use norm_topk_prob=False (raw probability, as Switch does) to train it")
+                      "gradient; use norm_topk_prob=False (raw probability, as Switch does) or a router language "
+                      "loss to train it")
     settings = MoESettings(num_experts, top_k, _resolve_layers(moe_layers, len(decoder_layers(model))),
-                           norm_topk_prob, shared_expert, float(router_aux_loss_coef))
+                           norm_topk_prob, shared_expert, float(router_aux_loss_coef), routing,
+                           float(router_language_loss_coef))
     if router_init_std is None:
         router_init_std = getattr(model.config, "initializer_range", 0.02)
-    _build(model, settings, router_init_std)
+    build_sparse_blocks(model, settings, router_init_std)
     setattr(model.config, MOE_CONFIG_KEY, settings.to_config())
     return model
 
@@ -486,17 +501,84 @@ class RoutingStats:
 # Save, load, export
 
 
+# The folder format (docs/moe.md "Checkpoint format"): save_pretrained's files, with config.json's model_type replaced
+# by MOE_MODEL_TYPE, which transformers does not know, so stock AutoModelForCausalLM / AutoConfig fail with a
+# message that quotes it (transformers 5.23 prints "has model type `<model_type>` but Transformers does not
+# recognize this architecture"): the type itself names our loader and the export command. The base model's type
+# and architectures move to BASE_TYPE_KEY / BASE_ARCHITECTURES_KEY. Folders written before this format (base
+# model_type plus the post_moe field) still load here.
+MOE_MODEL_TYPE = ("apollomoe-post-moe: not a transformers model type; load this folder with "
+                  "src.models.loading.load_model, or export it to a stock class with "
+                  "python -m src.models.moe_export --model DIR --out DIR")
+BASE_TYPE_KEY = "post_moe_base_model_type"
+BASE_ARCHITECTURES_KEY = "post_moe_base_architectures"
+
+
+def _config_dict(path: str | Path) -> dict | None:
+    config = Path(path) / "config.json"
+    return json.loads(config.read_text(encoding="utf-8")) if config.is_file() else None
+
+
 def is_moe_checkpoint(path: str | Path) -> bool:
     """True for a checkpoint folder written by save_moe (its config.json has the post_moe field)."""
-    config = Path(path) / "config.json"
-    return config.is_file() and MOE_CONFIG_KEY in json.loads(config.read_text(encoding="utf-8"))
+    config = _config_dict(path)
+    return config is not None and MOE_CONFIG_KEY in config
+
+
+def settings_from_config(entry: dict, where: str | Path) -> MoESettings:
+    """MoESettings from a config's post_moe field, with errors that name the file and the field."""
+    known = set(MoESettings.__dataclass_fields__)
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise ValueError(f"{where}: field {MOE_CONFIG_KEY}.{unknown[0]} is not known to this version "
+                         f"(known: {', '.join(sorted(known))})")
+    try:
+        settings = MoESettings.from_config(entry)
+        router.check_settings(settings.routing, settings.top_k, settings.norm_topk_prob,
+                              settings.router_language_loss_coef)
+    except (TypeError, KeyError, ValueError) as e:
+        raise ValueError(f"{where}: field {MOE_CONFIG_KEY}: {e}") from None
+    return settings
+
+
+def base_config(path: str | Path):
+    """The base model's transformers config of one of our MoE folders (old or new format), post_moe included."""
+    from transformers import AutoConfig
+
+    file = Path(path) / "config.json"
+    entry = _config_dict(path)
+    if entry is None or MOE_CONFIG_KEY not in entry:
+        raise ValueError(f"{file}: not a Post-MoE checkpoint (no {MOE_CONFIG_KEY} field)")
+    if entry.get("model_type") == MOE_MODEL_TYPE:
+        if BASE_TYPE_KEY not in entry:
+            raise ValueError(f"{file}: field {BASE_TYPE_KEY} is missing (the base model's model_type)")
+        entry["model_type"] = entry.pop(BASE_TYPE_KEY)
+        entry["architectures"] = entry.pop(BASE_ARCHITECTURES_KEY, None)
+    settings_from_config(entry[MOE_CONFIG_KEY], file)
+    model_type = entry.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **entry)
+    except ValueError as e:
+        raise ValueError(f"{file}: base model_type {model_type!r}: {e}") from None
+
+
+def _mark_moe_config(out: Path) -> None:
+    """Rewrite save_pretrained's config.json into the MoE folder format (see MOE_MODEL_TYPE)."""
+    file = out / "config.json"
+    entry = json.loads(file.read_text(encoding="utf-8"))
+    entry[BASE_TYPE_KEY] = entry["model_type"]
+    entry[BASE_ARCHITECTURES_KEY] = entry.pop("architectures", None)
+    entry["model_type"] = MOE_MODEL_TYPE
+    file.write_text(json.dumps(entry, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def save_moe(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
-    """save_pretrained-style folder: config.json (with post_moe), safetensors, and the tokenizer when given."""
+    """save_pretrained-style folder (safetensors, tokenizer when given) whose config.json stock transformers refuses
+    with a message naming our loader; `load_model` reads it back."""
     moe_settings(model)  # refuses a dense model
     out = Path(out_dir)
     model.save_pretrained(out)
+    _mark_moe_config(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
@@ -545,61 +627,27 @@ def load_model(path: str | Path, torch_dtype: torch.dtype | str | None = None, d
     torch_dtype None keeps the checkpoint's dtype. An MoE checkpoint is rebuilt as its base architecture (from its
     config), upcycled structurally, then loaded with a strict key check.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+    from transformers import AutoModelForCausalLM
 
     if not is_moe_checkpoint(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_as_dtype(torch_dtype) or "auto")
     else:
         path = Path(path)
-        config = AutoConfig.from_pretrained(path)
+        config = base_config(path)
         dtype = _as_dtype(torch_dtype) or _as_dtype(getattr(config, "dtype", None)) or torch.float32
-        with no_init_weights():  # every weight comes from the checkpoint
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.tie_weights()  # no_init_weights also skips the tying that init normally does
-        _build(model, MoESettings.from_config(getattr(config, MOE_CONFIG_KEY)), router_init_std=0.0)
+        model = build_empty(config, dtype)
+        build_sparse_blocks(model, MoESettings.from_config(getattr(config, MOE_CONFIG_KEY)), router_init_std=0.0)
         _load_weights_strict(model, path)
     model.eval()
     return model.to(device) if device is not None else model
 
 
-def export_qwen2_moe(moe_model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write a Qwen2-based upcycled model as transformers' own Qwen2MoeForCausalLM (stock tools can load and serve it).
-
-    Dense layers go to mlp_only_layers; each expert has the dense intermediate size. Qwen2-MoE always builds a shared
-    expert, so without ours it gets shared_expert_intermediate_size=0 (a zero-width MLP whose output is exactly 0).
-    Inference routing is identical; hybrid routing is a training-time rule and needs nothing at inference.
-    """
-    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+def build_empty(config, dtype: torch.dtype) -> nn.Module:
+    """A causal LM of `config` whose weights are all to be loaded (not initialised; tied weights tied)."""
+    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    settings = moe_settings(moe_model)
-    dense = moe_model.config
-    if dense.model_type != "qwen2":
-        raise ValueError(f"export_qwen2_moe needs a Qwen2-based model, got model_type={dense.model_type!r}")
-    fields = {k: v for k, v in dense.to_dict().items()
-              if k not in ("model_type", "architectures", "transformers_version", MOE_CONFIG_KEY)}
-    config = Qwen2MoeConfig(
-        **fields, num_experts=settings.num_experts, num_experts_per_tok=settings.top_k,
-        norm_topk_prob=settings.norm_topk_prob, moe_intermediate_size=dense.intermediate_size,
-        shared_expert_intermediate_size=dense.intermediate_size if settings.shared_expert else 0,
-        decoder_sparse_step=1, mlp_only_layers=[i for i in range(dense.num_hidden_layers)
-                                                if i not in settings.moe_layers],
-        router_aux_loss_coef=settings.router_aux_loss_coef, output_router_logits=False, qkv_bias=True,
-        architectures=["Qwen2MoeForCausalLM"])
-    dtype = next(moe_model.parameters()).dtype
     with no_init_weights():
-        exported = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    exported.tie_weights()
-    state = moe_model.state_dict()
-    target = exported.state_dict()
-    for key in target.keys() - state.keys():  # only the zero-width shared expert and its gate may be absent
-        if ".shared_expert" not in key or settings.shared_expert:
-            raise ValueError(f"export_qwen2_moe: no source weight for {key}")
-        state[key] = torch.zeros_like(target[key])
-    exported.load_state_dict(state, strict=True)
-    out = Path(out_dir)
-    exported.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return out
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # no_init_weights also skips the tying that init normally does
+    return model

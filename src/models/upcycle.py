@@ -3,6 +3,8 @@
     python -m src.models.upcycle --model models/SmolLM2-135M-Instruct --out models/SmolLM2-135M-MoE
     python -m src.models.upcycle --model models/Qwen2-0.5B --out models/Qwen2-0.5B-MoE --moe-layers 22,23 \\
         --export-qwen2-moe models/Qwen2-0.5B-MoE-hf
+    python -m src.models.upcycle --model models/Qwen2-0.5B --out models/Qwen2-0.5B-LS --moe-layers all \\
+        --experts 12 --top-k 1 --routing hard --shared-expert          # the language-specific variant
 
 Defaults are the paper's: 7 language-family experts, top-2, the last 2 layers. With renormalised top-k weights
 (the default) the upcycled model must compute what the dense one did: the logits on a short text are compared and
@@ -15,20 +17,24 @@ from pathlib import Path
 
 import torch
 
-from src.models import moe
+from src.models import moe, moe_export, router
 
 CHECK_TEXT = "The patient presented with fever and a persistent cough. Le patient a de la fièvre. 患者发烧。"
 # Max abs logit difference allowed, relative to the logits' scale: fp32 is near exact; bf16/fp16 round the k weights.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 LOW_PRECISION_TOLERANCE = 5e-2
+HARD_LANGUAGE_LOSS = 0.1  # default router language loss with --routing hard: of the order of an aux loss weight
 
 
-def parse_layers(text: str) -> int | list[int]:
-    """'2' -> the last 2 layers; '22,23' -> those layer indices; '22,' -> layer 22 alone."""
+def parse_layers(text: str) -> int | str | list[int]:
+    """'2' -> the last 2 layers; '22,23' -> those layer indices; '22,' -> layer 22 alone; 'all' -> every layer."""
+    if text == "all":
+        return text
     try:
         return [int(t) for t in text.split(",") if t.strip()] if "," in text else int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--moe-layers takes N or a comma-separated list of indices, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--moe-layers takes N, all, or a comma-separated list of indices, "
+                                         f"got {text!r}") from None
 
 
 @torch.no_grad()
@@ -43,8 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experts", type=int, default=7, help="experts per MoE layer (default 7: language families)")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
     parser.add_argument("--moe-layers", type=parse_layers, default=2,
-                        help="N (the last N layers, default 2) or comma-separated layer indices, e.g. 22,23 "
-                             "(one index: 22,)")
+                        help="N (the last N layers, default 2), all, or comma-separated layer indices, e.g. "
+                             "22,23 (one index: 22,)")
+    parser.add_argument("--routing", choices=sorted(router.RULES), default="hybrid",
+                        help="training rule for the language ids: hybrid (default: the language/family expert is "
+                             "always among the k), hard (top-1 to the language expert, weight 1; needs --top-k 1), "
+                             "learned (the router alone)")
+    parser.add_argument("--router-language-loss-coef", type=float, default=None,
+                        help="weight of the router's cross-entropy against the language expert (default 0; "
+                             f"{HARD_LANGUAGE_LOSS} with --routing hard, which needs it to train the router)")
     parser.add_argument("--no-norm-topk", action="store_true",
                         help="reference routing: raw softmax probabilities of the k experts (not function-preserving)")
     parser.add_argument("--shared-expert", action="store_true",
@@ -56,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42, help="seed of the router initialisation")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="dtype to upcycle and save in (default: the checkpoint's)")
-    parser.add_argument("--export-qwen2-moe", metavar="DIR",
-                        help="also write a transformers Qwen2MoeForCausalLM copy (Qwen2-based models only)")
+    parser.add_argument("--export-qwen2-moe", "--export-stock", metavar="DIR", dest="export_qwen2_moe",
+                        help="also write a stock transformers Qwen2MoeForCausalLM copy (Qwen2- and Llama-based "
+                             "models; refused, naming the setting, when it cannot be exact)")
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,9 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     before = logits(model, input_ids)
     dense_params = sum(p.numel() for p in model.parameters())
 
+    language_loss = args.router_language_loss_coef
+    if language_loss is None:
+        language_loss = HARD_LANGUAGE_LOSS if args.routing == "hard" else 0.0
+    try:
+        router.check_settings(args.routing, args.top_k, not args.no_norm_topk, language_loss)
+    except ValueError as e:
+        parser.error(str(e))
     moe.upcycle(model, num_experts=args.experts, top_k=args.top_k, moe_layers=args.moe_layers,
                 norm_topk_prob=not args.no_norm_topk, shared_expert=args.shared_expert,
-                router_aux_loss_coef=args.aux_loss_coef, router_init_std=args.router_init_std)
+                router_aux_loss_coef=args.aux_loss_coef, router_init_std=args.router_init_std,
+                routing=args.routing, router_language_loss_coef=language_loss)
     settings = moe.moe_settings(model)
     after = logits(model, input_ids)
     diff = (after - before).abs().max().item()
@@ -96,11 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     moe_params = sum(p.numel() for p in model.parameters())
     print(f"[upcycle] {source} -> {out}: {settings.num_experts} experts, top-{settings.top_k}, MoE layers "
           f"{list(settings.moe_layers)}, norm_topk_prob={settings.norm_topk_prob}, "
-          f"shared_expert={settings.shared_expert}, aux_loss_coef={settings.router_aux_loss_coef}")
+          f"shared_expert={settings.shared_expert}, aux_loss_coef={settings.router_aux_loss_coef}, "
+          f"routing={settings.routing}, router_language_loss_coef={settings.router_language_loss_coef}")
     print(f"[upcycle] parameters: dense {dense_params / 1e6:.1f}M -> MoE {moe_params / 1e6:.1f}M")
 
     if args.export_qwen2_moe:
-        exported_dir = moe.export_qwen2_moe(model, args.export_qwen2_moe, tokenizer)
+        try:
+            exported_dir = moe_export.export_qwen2_moe(model, args.export_qwen2_moe, tokenizer)
+        except ValueError as e:
+            print(f"[upcycle] ERROR: export refused: {e} (the MoE checkpoint {out} was written)")
+            return 1
         exported = AutoModelForCausalLM.from_pretrained(exported_dir, dtype=dtype).eval()
         export_diff = (logits(exported, input_ids) - after).abs().max().item()
         print(f"[upcycle] exported {type(exported).__name__} -> {exported_dir}; max |logit difference| "
