@@ -151,3 +151,63 @@ def test_collect_results_table_csv_and_chart(sample, tmp_path):
     assert rows[2][cols.index("es")] == "75.0"
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_exclude_sources_recomputes_every_number():
+    p = preds("medqa-usmle", 6, 10) + preds("pubmedqa", 1, 4) + preds("cmexam", 0, 5) + preds("cmmlu-medical", 3, 6)
+    full = score(p)
+    assert full["languages"]["en"]["accuracy"] == pytest.approx((0.6 + 0.25) / 2, abs=1e-6)  # the collector's mean
+    s = score(p, ["pubmedqa", "cmexam", "cmb-single"])
+    assert s["excluded_sources"] == {"pubmedqa": 4, "cmexam": 5, "cmb-single": 0}
+    assert s["items"] == 16 and s["duplicates_dropped"] == 0
+    assert set(s["sources"]) == {"medqa-usmle", "cmmlu-medical"}
+    assert s["languages"]["en"]["accuracy"] == 0.6 and s["languages"]["zh"]["accuracy"] == 0.5
+    assert s["major_average"]["accuracy"] == pytest.approx(0.55, abs=1e-6)
+    assert "excluded sources (predictions left out): pubmedqa 4, cmexam 5, cmb-single 0" in format_table(s)
+
+
+def test_collect_results_exclude_source(tmp_path):
+    import json
+
+    from src.common.io import write_jsonl
+    from util import collect_results
+
+    p = preds("medqa-usmle", 6, 10) + preds("pubmedqa", 1, 4)
+    a, b = tmp_path / "with_preds", tmp_path / "score_only"
+    for d in (a, b):
+        d.mkdir()
+        (d / "score.json").write_text(json.dumps(score(p)), encoding="utf-8")
+    write_jsonl(a / "predictions.jsonl", p + preds("headqa", 1, 1))  # an item an earlier, longer run predicted
+    before = (a / "score.json").read_text(encoding="utf-8")
+    out = tmp_path / "summary"
+    assert collect_results.main([str(a), str(b), "--out", str(out), "--exclude-source", "pubmedqa"]) == 0
+    md = out.with_suffix(".md").read_text(encoding="utf-8")
+    cols = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()[2:4]]
+    assert [r[cols.index("en")] for r in rows] == ["60.0", "60.0"] and [r[cols.index("es")] for r in rows] == ["-"] * 2
+    assert "Sources left out of every number: pubmedqa." in md
+    assert (a / "score.json").read_text(encoding="utf-8") == before  # run folders are not changed
+
+
+def test_step4_exclude_source_flag(tiny_model_dir, tmp_path):
+    """Step 4 predicts every item and leaves the named sources out of score.json/score.md (a rerun only rescores)."""
+    import json
+
+    from src.common.io import write_jsonl
+    from src.evaluate import eval as step4
+
+    recs = [{"id": f"{src}-{i}", "source": src, "language": "en", "prompt": f"User:Q{i}?\nAssistant:",
+             "answer": "A", "letters": ["A", "B"], "answer_phrase": ""} for src in ("pubmedqa", "medqa-usmle")
+            for i in range(2)]
+    inp, out = tmp_path / "test.jsonl", tmp_path / "res"
+    write_jsonl(inp, recs)
+    common = ["--model", str(tiny_model_dir), "--input", str(inp), "--out", str(out), "--max-new-tokens", "2",
+              "--no-progress", "--threads", "1"]
+    assert step4.main(common) == 0
+    assert set(json.loads((out / "score.json").read_text())["sources"]) == {"pubmedqa", "medqa-usmle"}
+    assert step4.main(common + ["--exclude-source", "pubmedqa"]) == 0
+    s = json.loads((out / "score.json").read_text())
+    assert set(s["sources"]) == {"medqa-usmle"} and s["excluded_sources"] == {"pubmedqa": 2} and s["items"] == 2
+    assert json.loads((out / "run.json").read_text())["predicted_now"] == 0
+    assert "excluded sources" in (out / "score.md").read_text()
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 4  # predictions are kept

@@ -7,6 +7,11 @@ average, the minor average, the 12 major languages in the paper's order (ar, de,
 zh), then every minor language any run has. Cells are accuracy in %; "-" where a run has no items of that language.
 The chart shows per-language accuracy with the runs side by side and their 95% intervals as error bars.
 Writes OUT.md, OUT.csv and OUT.png.
+
+``--exclude-source NAME`` (repeatable) recomputes every run's scores without those sources, as step 4's flag of the
+same name does: from the folder's ``predictions.jsonl`` when it has one, else from the per-source counts in its
+``score.json`` (the run folders themselves are not changed). By default every source counts, as in the reference's
+collector.
 """
 from __future__ import annotations
 
@@ -20,10 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from src.common.io import iter_jsonl  # noqa: E402
 from src.common.languages import major_languages, minor_languages  # noqa: E402
+from src.evaluate.scoring import score as score_predictions  # noqa: E402
 
 
-def load_scores(dirs: list[Path]) -> list[dict]:
+def load_scores(dirs: list[Path], exclude_sources=()) -> list[dict]:
     out = []
     for d in dirs:
         path = d / "score.json" if d.is_dir() else d
@@ -32,8 +39,26 @@ def load_scores(dirs: list[Path]) -> list[dict]:
         score = json.loads(path.read_text(encoding="utf-8"))
         if "languages" not in score:
             raise SystemExit(f"{path}: not a step 4 score.json (no 'languages')")
+        if exclude_sources:
+            score = rescore(path, score, exclude_sources)
         out.append(score)
     return out
+
+
+def rescore(path: Path, score: dict, exclude_sources) -> dict:
+    """The run's scores without ``exclude_sources``: from its predictions.jsonl, else from score.json's counts (one
+    stand-in prediction per item; the accuracies and intervals are the same, rule statistics are not kept)."""
+    preds_file = path.parent / "predictions.jsonl"
+    if preds_file.is_file():
+        # Step 4 writes the items it scored first (in input order), then any other items an earlier run of the
+        # folder predicted (a larger --limit): keep the ones score.json counted.
+        n = score["items"] + sum((score.get("excluded_sources") or {}).values())
+        return score_predictions(list(iter_jsonl(preds_file))[:n], exclude_sources)
+    preds = []
+    for src, e in score["sources"].items():
+        preds += [{"id": None, "source": src, "language": e["language"], "correct": k < e["right"], "letter": "A"}
+                  for k in range(e["total"])]
+    return score_predictions(preds, exclude_sources)
 
 
 def columns(scores: list[dict]) -> list[str]:
@@ -104,13 +129,17 @@ def main(argv=None) -> int:
     p.add_argument("dirs", nargs="+", type=Path, help="step 4 result folders (or score.json files)")
     p.add_argument("--names", nargs="+", default=None, help="one label per folder (default: folder names)")
     p.add_argument("--out", type=Path, default=Path("results/summary"), help="output prefix (default %(default)s)")
+    p.add_argument("--exclude-source", action="append", default=[], metavar="NAME",
+                   help="recompute every run without this source (repeatable)")
     args = p.parse_args(argv)
     names = args.names or [d.name if d.is_dir() else d.parent.name for d in args.dirs]
     if len(names) != len(args.dirs):
         raise SystemExit("--names needs one label per folder")
-    scores = load_scores(args.dirs)
+    scores = load_scores(args.dirs, args.exclude_source)
     header, rows = table_rows(names, scores)
     md = to_markdown(header, rows)
+    if args.exclude_source:
+        md += f"\nSources left out of every number: {', '.join(args.exclude_source)}.\n"
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(md, encoding="utf-8")

@@ -1,7 +1,7 @@
 """Step 4: score a model on step 1's k-shot prompts (XMedBench).
 
     4.eval.sh --model M --input test.jsonl --out DIR [--limit N] [--batch-size B] [--max-new-tokens 128]
-              [--mode generate|loglik] [--format NAME]
+              [--mode generate|loglik] [--format NAME] [--exclude-source NAME ...]
 
 Writes DIR/predictions.jsonl (one line per item: id, source, language, raw generation, extracted letter, the rule that
 fired, gold letter, correct, ...), DIR/score.json (per source, per language, major/minor averages with 95% intervals),
@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy-tuned", default=None,
                    help="proxy-tuning: a small tuned model; --model is decoded with base + (tuned - raw) logits")
     p.add_argument("--proxy-raw", default=None, help="proxy-tuning: the small model before tuning")
+    p.add_argument("--exclude-source", action="append", default=[], metavar="NAME",
+                   help="leave this source out of score.json/score.md (repeatable; predictions are still made and "
+                        "kept). Default: every source counts, as in the reference's collector")
     p.add_argument("--overwrite", action="store_true", help="discard predictions already in --out")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -195,7 +198,7 @@ def run_settings(args, dtype) -> dict:
             "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
             "format": args.format, "dtype": str(dtype).replace("torch.", ""),
             "max_padding": args.max_padding, "prefix_cache": args.prefix_cache, "engine": args.engine,
-            "proxy_tuned": args.proxy_tuned, "proxy_raw": args.proxy_raw}
+            "proxy_tuned": args.proxy_tuned, "proxy_raw": args.proxy_raw, "exclude_source": args.exclude_source}
 
 
 def prepare_out(out: Path, settings: dict, overwrite: bool, state) -> None:
@@ -300,7 +303,7 @@ def write_scores(out: Path, args, selected: list[dict]) -> str:
     """score.json and score.md; returns the table."""
     from .scoring import format_table, score
 
-    result = score(selected)
+    result = score(selected, args.exclude_source)
     write_json(out / "score.json", result)
     header = (f"# Step 4 scores: {args.model}\n\ninput: `{args.input}`, {len(selected)} items, mode {args.mode}, "
               f"max_new_tokens {args.max_new_tokens}. Accuracy in %, 95% intervals ({result['ci_method']}).\n\n")

@@ -1,30 +1,40 @@
-"""Answer extraction: the reference's rules (REFERENCE.md 5.2), generalised to each item's own option letters.
+"""Answer extraction: an ordered list of named rules, read on the first line of a generation.
 
-The rules, applied to one generation:
+**The first-line contract.** Only the first non-empty line of a generation is read: the first line with at least one
+character (as in the reference, a line of spaces counts), or the whole text when no line has one. ``FIRST_LINE``
+matches it, and it is complete once a newline follows it. ``first_line`` (what the rules read) and ``line_complete``
+(step 4's stopping rule: nothing generated after that point can change the letter) both use this one pattern.
 
-1. If the text contains a newline, only its first non-empty line is read. "Non-empty" means at least one character,
-   as in the reference (a line of spaces counts as non-empty); when every line is empty the whole text is read.
-2. ``bracketed``: every option letter in ASCII or full-width parentheses, ``(B)`` ``（b）``, in either case, is a vote.
-3. ``arabic``: each Arabic option letter that touches a bracket (an optional opening bracket before it and one or more
-   closing brackets after it, or one or more opening brackets before it) adds one vote to its letter, however many
-   times it occurs. أ=A, ب=B, ج/س/ك=C, د=D, and for items with more options ه=E, و=F, ز=G, ح=H (abjad order).
-4. ``loose``: when rules 2-3 found nothing, every capital option letter anywhere in the line is a vote (so the "A" of
-   "All" counts: the reference's fallback, kept for comparability).
-5. ``yes_no``: when nothing was found at all, the line ``Yes.`` means A and ``No.`` means B.
-6. ``none``: otherwise no letter.
+**The rules** run in order on that line; each adds votes (letters, in the order counted). After a rule marked
+``final``, if any votes were counted, the most-voted letter is the answer (a tie goes to the letter counted first,
+as the reference's insertion-ordered dictionary does) and the names of the rules that voted are the ``rule``
+(``bracketed+arabic`` when both did). Default mode, ``DEFAULT_RULES``:
 
-The letter with the most votes wins; a tie goes to the letter counted first (bracketed and loose votes in the order
-they appear in the line, then the Arabic votes in letter order, exactly as the reference's dictionary does).
+1. ``bracketed``: every option letter in ASCII or full-width parentheses, ``(B)`` ``（b）``, either case.
+2. ``arabic`` (final): each Arabic option letter that stands alone as the answer, ``(ج)`` ``ج)`` ``(ج``: touching a
+   bracket as the reference requires (an optional opening bracket and one or more closing ones, or one or more
+   opening brackets and an optional closing one), and never the first or last letter of a word (``(وهو`` is no F).
+   One vote per letter however often it occurs. أ=A, ب=B, ج/س/ك=C, د=D, and for longer items ه=E (also ``هـ``), و=F,
+   ز=G, ح=H (abjad order).
+3. ``out_of_range`` (final): a bracketed Latin letter that is not one of the item's letters (``(F)`` on a four-option
+   item) is an explicit answer: its letter is recorded (upper-cased) and scored wrong, and the loose rule below does
+   not run on that line.
+4. ``loose`` (final): every capital option letter anywhere in the line (the "A" of "All" counts: the reference's
+   fallback, kept for comparability).
+5. ``yes_no`` (final): the line exactly ``Yes.`` is A, ``No.`` is B.
+6. otherwise no letter (rule ``none``).
 
-Differences from the reference (documented in docs/eval.md): the letter set is the item's own letters (A-H) instead of
-a fixed A-F, so "(E)" is not a vote on a four-option item and items with G or H can be scored; ج counts for C (the
-reference forgot the usual third Arabic letter). ``reference_extract`` keeps the reference's exact behaviour.
+Reference mode, ``REFERENCE_RULES`` (``reference_extract``): the reference's own function exactly (REFERENCE_RULES is
+``bracketed``, ``arabic_touching``, ``loose``, ``yes_no`` with letters A-F on every item): Arabic letters count when
+they touch a bracket, also inside a word, ج is not among them, and a bracketed letter outside A-F falls through to the
+loose rule. docs/eval.md lists the differences and why.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Callable
 
 ALL_LETTERS = "ABCDEFGH"
 REFERENCE_LETTERS = "ABCDEF"
@@ -33,8 +43,14 @@ REFERENCE_LETTERS = "ABCDEF"
 ARABIC = {"A": "أ", "B": "ب", "C": "جسك", "D": "د", "E": "ه", "F": "و", "G": "ز", "H": "ح"}
 REFERENCE_ARABIC = {"A": "أ", "B": "ب", "C": "سك", "D": "د"}
 _OPEN, _CLOSE = "（(", "）)"
+_TATWEEL = "\u0640"  # the stretching stroke of "هـ", the usual way to write the letter he alone
 
-RULES = ("bracketed", "arabic", "bracketed+arabic", "loose", "yes_no", "none")
+# The first-line contract (see the module docstring): optional leading newlines, the line, and the newline that
+# completes it. A text of newlines only has no such line (then the whole text is read).
+FIRST_LINE = re.compile(r"\n*([^\n]+)(\n)?")
+
+# Every value ``Extraction.rule`` can take.
+RULES = ("bracketed", "arabic", "bracketed+arabic", "out_of_range", "loose", "yes_no", "none")
 
 
 @dataclass(frozen=True)
@@ -47,21 +63,70 @@ class Extraction:
 
 
 def first_line(text: str) -> str:
-    """The reference's cut: the first line with at least one character, or the whole text when none has one."""
-    if "\n" in text:
-        for line in text.split("\n"):
-            if len(line):
-                return line
-    return text
+    """What the rules read: the first line with at least one character, or the whole text when none has one."""
+    m = FIRST_LINE.match(text)
+    return m.group(1) if m else text
 
 
 def line_complete(text: str) -> bool:
     """True once the first non-empty line of ``text`` is complete: nothing generated after this point can change what
-    ``extract`` reads. This is the stopping rule of step 4's generation (a newline after a non-newline character)."""
-    return _COMPLETE.search(text) is not None
+    ``extract`` reads. This is the stopping rule of step 4's generation."""
+    m = FIRST_LINE.match(text)
+    return bool(m and m.group(2))
 
 
-_COMPLETE = re.compile(r"[^\n]\n")
+@dataclass(frozen=True)
+class _Patterns:
+    letters: str  # the item's option letters
+    bracketed: re.Pattern
+    any_bracketed: re.Pattern
+    loose: re.Pattern
+    arabic: tuple  # (letter, standalone pattern, touching pattern)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    votes: Callable[[str, _Patterns], list[str]]  # letters voted for, in the order counted
+    final: bool  # after this rule, any votes so far decide
+
+
+def _bracketed(line: str, p: _Patterns) -> list[str]:
+    return [m.upper() for m in p.bracketed.findall(line)]
+
+
+def _arabic(line: str, p: _Patterns) -> list[str]:
+    return [letter for letter, alone, _ in p.arabic if alone.search(line)]
+
+
+def _arabic_touching(line: str, p: _Patterns) -> list[str]:
+    return [letter for letter, _, touching in p.arabic if touching.search(line)]
+
+
+def _out_of_range(line: str, p: _Patterns) -> list[str]:
+    return [m.upper() for m in p.any_bracketed.findall(line) if m.upper() not in p.letters]
+
+
+def _loose(line: str, p: _Patterns) -> list[str]:
+    return p.loose.findall(line)
+
+
+def _yes_no(line: str, p: _Patterns) -> list[str]:
+    letter = {"Yes.": "A", "No.": "B"}.get(line)
+    return [letter] if letter and letter in p.letters else []
+
+
+RULE_LIST = (
+    Rule("bracketed", _bracketed, final=False),
+    Rule("arabic", _arabic, final=True),
+    Rule("arabic_touching", _arabic_touching, final=True),
+    Rule("out_of_range", _out_of_range, final=True),
+    Rule("loose", _loose, final=True),
+    Rule("yes_no", _yes_no, final=True),
+)
+_BY_NAME = {r.name: r for r in RULE_LIST}
+DEFAULT_RULES = tuple(_BY_NAME[n] for n in ("bracketed", "arabic", "out_of_range", "loose", "yes_no"))
+REFERENCE_RULES = tuple(_BY_NAME[n] for n in ("bracketed", "arabic_touching", "loose", "yes_no"))
 
 
 def _normalise_letters(letters) -> str:
@@ -74,53 +139,47 @@ def _normalise_letters(letters) -> str:
 
 
 @lru_cache(maxsize=256)
-def _patterns(letters: str, arabic_items: tuple) -> tuple:
+def _patterns(letters: str, arabic_items: tuple) -> _Patterns:
     cls = re.escape(letters) + re.escape(letters.lower())
-    strict = re.compile(f"[{_OPEN}]([{cls}])[{_CLOSE}]")
-    loose = re.compile(f"[{re.escape(letters)}]")
     arabic = []
     for letter, chars in arabic_items:
         c = f"[{chars}]"
-        arabic.append((letter, re.compile(f"[{_OPEN}]?{c}[{_CLOSE}]+|[{_OPEN}]+{c}[{_CLOSE}]?")))
-    return strict, loose, tuple(arabic)
+        # Standalone: no word character right before the letter nor right after it (a tatweel may follow).
+        alone = f"(?<!\\w){c}{_TATWEEL}?(?!\\w)"
+        arabic.append((letter,
+                       re.compile(f"[{_OPEN}]?{alone}[{_CLOSE}]+|[{_OPEN}]+{alone}[{_CLOSE}]?"),
+                       re.compile(f"[{_OPEN}]?{c}[{_CLOSE}]+|[{_OPEN}]+{c}[{_CLOSE}]?")))
+    return _Patterns(letters, re.compile(f"[{_OPEN}]([{cls}])[{_CLOSE}]"),
+                     re.compile(f"[{_OPEN}]([A-Za-z])[{_CLOSE}]"), re.compile(f"[{re.escape(letters)}]"),
+                     tuple(arabic))
 
 
-def _extract(text: str, letters: str, arabic_map: dict) -> Extraction:
+def run_rules(text: str, letters: str, arabic_map: dict, rules: tuple) -> Extraction:
+    """Apply ``rules`` in order to the first line of ``text`` (see the module docstring)."""
     line = first_line(text)
-    arabic_items = tuple((k, v) for k, v in arabic_map.items() if k in letters)
-    strict, loose, arabic = _patterns(letters, arabic_items)
+    p = _patterns(letters, tuple((k, v) for k, v in arabic_map.items() if k in letters))
     votes: dict[str, int] = {}
-    for m in strict.findall(line):
-        votes[m.upper()] = votes.get(m.upper(), 0) + 1
-    n_strict = len(votes)
-    arabic_hit = False
-    for letter, pattern in arabic:
-        if pattern.search(line):
-            votes[letter] = votes.get(letter, 0) + 1
-            arabic_hit = True
-    if votes:
-        rule = "bracketed+arabic" if n_strict and arabic_hit else ("bracketed" if n_strict else "arabic")
-    else:
-        for m in loose.findall(line):
-            votes[m] = votes.get(m, 0) + 1
-        rule = "loose"
-        if not votes:
-            if line == "Yes." and "A" in letters:
-                return Extraction("A", "yes_no", {}, False, line)
-            if line == "No." and "B" in letters:
-                return Extraction("B", "yes_no", {}, False, line)
-            return Extraction(None, "none", {}, False, line)
-    top = max(votes.values())
-    winners = [k for k, v in votes.items() if v == top]
-    return Extraction(winners[0], rule, votes, len(winners) > 1, line)
+    fired: list[str] = []
+    for rule in rules:
+        got = rule.votes(line, p)
+        if got:
+            fired.append(rule.name)
+            for letter in got:
+                votes[letter] = votes.get(letter, 0) + 1
+        if rule.final and votes:
+            top = max(votes.values())
+            winners = [k for k, v in votes.items() if v == top]
+            name = "+".join("arabic" if f == "arabic_touching" else f for f in fired)
+            return Extraction(winners[0], name, votes if name != "yes_no" else {}, len(winners) > 1, line)
+    return Extraction(None, "none", {}, False, line)
 
 
 def extract(text: str, letters=None) -> Extraction:
     """Extract the answer letter from one generation. ``letters``: the item's option letters (default A-F, the
     reference's set). Returns the letter (or None), the rule that fired, the votes and whether a tie was broken."""
-    return _extract(text or "", _normalise_letters(letters), ARABIC)
+    return run_rules(text or "", _normalise_letters(letters), ARABIC, DEFAULT_RULES)
 
 
 def reference_extract(text: str) -> str | None:
-    """The reference's extractor exactly: letters A-F for every item, no ج (for comparisons)."""
-    return _extract(text or "", REFERENCE_LETTERS, REFERENCE_ARABIC).letter
+    """The reference's extractor exactly: letters A-F for every item, its Arabic rule without ج (for comparisons)."""
+    return run_rules(text or "", REFERENCE_LETTERS, REFERENCE_ARABIC, REFERENCE_RULES).letter

@@ -10,6 +10,9 @@ How each number is made:
   all 12 are present); the **minor average** the mean of the minor languages present.
 * Every source present in the predictions is reported, also when nothing in it was answered correctly (the
   reference dropped such sources from score.json).
+* By default every source counts, as in the reference's collector (en and zh: the mean of all four sources, pubmedqa,
+  cmb-single and cmexam included, although the reference's README calls those three "not used in the paper").
+  ``exclude_sources`` leaves sources out of every number; how many predictions each removed is reported.
 
 95% confidence intervals (they describe the sampling noise of the test items only; sources and languages are taken
 as fixed, not sampled):
@@ -76,20 +79,25 @@ def _public(entry: dict) -> dict:
     return out
 
 
-def score(predictions: list[dict]) -> dict:
+def score(predictions: list[dict], exclude_sources=()) -> dict:
     """The content of score.json from a list of predictions ({id, source, language, letter, rule, correct, ...}).
 
-    Duplicate ids are counted once (the first); how many were dropped is reported.
+    Duplicate ids are counted once (the first); how many were dropped is reported. Predictions of the sources in
+    ``exclude_sources`` are left out (the count per named source is reported, 0 for a name not present).
     """
+    excluded = {name: 0 for name in exclude_sources}
     seen: set = set()
     preds = []
     for p in predictions:
+        if p["source"] in excluded:
+            excluded[p["source"]] += 1
+            continue
         key = p.get("id")
         if key is not None and key in seen:
             continue
         seen.add(key)
         preds.append(p)
-    duplicates = len(predictions) - len(preds)
+    duplicates = len(predictions) - len(preds) - sum(excluded.values())
 
     right: Counter = Counter()
     total: Counter = Counter()
@@ -156,6 +164,7 @@ def score(predictions: list[dict]) -> dict:
         "rules": dict(sorted(rules.items())),
         "ties_broken": ties,
         "duplicates_dropped": duplicates,
+        "excluded_sources": excluded,
         "ci_method": CI_METHOD,
         "language_method": "REFERENCE.md 5.4: macro = mean of source accuracies, micro = pooled counts",
     }
@@ -206,6 +215,9 @@ def format_table(score: dict) -> str:
         notes.append("rules: " + ", ".join(f"{k} {v}" for k, v in score["rules"].items()))
     if score.get("ties_broken"):
         notes.append(f"ties broken by first vote: {score['ties_broken']}")
+    if score.get("excluded_sources"):
+        notes.append("excluded sources (predictions left out): "
+                     + ", ".join(f"{k} {v}" for k, v in score["excluded_sources"].items()))
     if score.get("duplicates_dropped"):
         notes.append(f"duplicate ids dropped: {score['duplicates_dropped']}")
     if notes:

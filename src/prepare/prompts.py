@@ -1,8 +1,20 @@
-"""XMedBench k-shot prompts: per-language wording, seeded shot selection, a token budget.
+"""XMedBench k-shot prompts: the reference's per-language strings in two styles, seeded shots, a length budget.
 
 A prompt is ``prefix + shot_1 + ... + shot_k + target`` in the model's chat format, where a shot is one exchange
-``user + <instruction, question, options> + assistant + <answer phrase>(B).`` + end + sep`` and the target stops right
-after the assistant prefix. Shots come from the same source as the item and never are the item itself.
+``user + <instruction, [context,] question, options> + assistant + <answer phrase>(B).`` + end + sep`` and the target
+stops right after the assistant prefix. Shots come from the same source as the item and never are the item itself.
+
+The strings are the reference's step 1 strings, verbatim (``wording.json``). Two styles (docs/prompts.md):
+
+* ``paper``: exactly what the reference writes for the same item and shots: its hard-coded letter ranges, its answer
+  phrases glued to the letter, Arabic letter-before-phrase, and its 4,096-character shot rule (``fit_characters``).
+* ``fixed`` (default): the same strings with three fixes only: the letter range comes from the item's own options
+  (written the language's way), a space between the answer phrase and the letter where the reference glued them, and
+  the Arabic phrase before the letter. Its length budget is in tokens (step 1's ``--max-tokens``).
+
+A template is chosen by source as the reference does: a source its step 1 maps to a language; a minor-language
+source the English template (the reference's 50-languages step 1); any other source the English PubMed template with
+a ``Context:`` line.
 """
 from __future__ import annotations
 
@@ -12,9 +24,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..common.chat_formats import ChatFormat
+from ..common.languages import is_major
 from .bench_items import BenchItem
 
 _WORDING = Path(__file__).with_name("wording.json")
+STYLES = ("fixed", "paper")
+PAPER_MAX_CHARS = 4096  # the reference's prompt limit, in characters
 
 
 @lru_cache(maxsize=1)
@@ -24,42 +39,96 @@ def wording_table() -> dict[str, dict]:
     return table
 
 
+@lru_cache(maxsize=1)
+def _template_of_source() -> dict[str, str]:
+    return {src: name for name, t in wording_table().items() for src in t["sources"]}
+
+
+def template_name(item: BenchItem) -> str:
+    """Which template the reference's step 1 uses for this item's source (see the module docstring)."""
+    name = _template_of_source().get(item.source)
+    if name:
+        return name
+    return "en_pubmed" if is_major(item.language) else "en"
+
+
 def wording(language: str) -> dict:
-    """The prompt wording of a language; the 38 minor languages use English, as the reference does."""
+    """The strings of a language's template (the 38 minor languages use English, as the reference does)."""
     table = wording_table()
     return table.get(language, table["en"])
 
 
 class PromptBuilder:
-    def __init__(self, fmt: ChatFormat):
+    def __init__(self, fmt: ChatFormat, style: str = "fixed"):
+        if style not in STYLES:
+            raise ValueError(f"unknown prompt style {style!r}; choose from {', '.join(STYLES)}")
         self.fmt = fmt
+        self.style = style
 
-    @staticmethod
-    def question_text(item: BenchItem) -> str:
-        w = wording(item.language)
-        letters = item.letters
-        lines = [w["instruction"].format(first=letters[0], last=letters[-1])]
-        if item.context:
-            lines.append(f"{w['context']}: {item.context}")
-        lines.append(f"{w['question']}: {item.question}")
-        lines.append(f"{w['options']}:\n{item.options_block()}")
+    def template(self, item: BenchItem) -> dict:
+        return wording_table()[template_name(item)]
+
+    def instruction(self, item: BenchItem, shot: bool) -> str:
+        t = self.template(item)
+        text = t["instruction_shot"] if shot and "instruction_shot" in t else t["instruction"]
+        if "{range}" not in text:
+            return text
+        if self.style == "paper":
+            return text.format(range=t["paper_range"])
+        script = t.get("range_letters", {})
+        first, last = item.letters[0], item.letters[-1]
+        return text.format(range=t["range"].format(first=script.get(first, first), last=script.get(last, last)))
+
+    def question_text(self, item: BenchItem, shot: bool = False) -> str:
+        """The user message. ``shot``: as an exemplar (the PubMed template's instruction then ends with a space)."""
+        t = self.template(item)
+        lines = [self.instruction(item, shot)]
+        if "context" in t:  # the reference formats a missing context as empty (it crashed on a missing key)
+            lines.append(t["context"].format(context=item.context or ""))
+        lines.append(f"{t['question']} {item.question}")
+        lines.append(f"{t['options']}\n{options_text(item)}")
         return "\n".join(lines)
 
-    @staticmethod
-    def answer_phrase(item: BenchItem) -> str:
-        return wording(item.language)["answer"]
+    def answer_phrase(self, item: BenchItem) -> str:
+        """What the answer says before ``(B)`` (empty where the reference puts the letter first)."""
+        t = self.template(item)
+        if self.style == "paper":
+            return "" if t.get("letter_first") else t["answer"]
+        return t["answer_fixed"]
 
     def answer_text(self, item: BenchItem) -> str:
+        t = self.template(item)
+        if self.style == "paper" and t.get("letter_first"):
+            return f"({item.answer}){t['answer']}."
         return f"{self.answer_phrase(item)}({item.answer})."
 
     def shot(self, item: BenchItem) -> str:
-        return self.fmt.exchange(self.question_text(item), self.answer_text(item)) + self.fmt.sep
+        return self.fmt.exchange(self.question_text(item, shot=True), self.answer_text(item)) + self.fmt.sep
 
     def target(self, item: BenchItem) -> str:
         return self.fmt.exchange(self.question_text(item))
 
     def prompt(self, shots: list[BenchItem], item: BenchItem) -> str:
         return self.fmt.prefix + "".join(self.shot(s) for s in shots) + self.target(item)
+
+    def fit_characters(self, shots: list[BenchItem], item: BenchItem,
+                       limit: int = PAPER_MAX_CHARS) -> tuple[list[BenchItem], str] | None:
+        """The reference's length rule: each shot, in draw order, is kept when the prompt so far plus that shot plus
+        the target stays under ``limit`` characters; a prompt still over ``limit`` is None (the reference drops it)."""
+        target = self.target(item)
+        text, kept = self.fmt.prefix, []
+        for s in shots:
+            shot = self.shot(s)
+            if len(text) + len(target) + len(shot) < limit:
+                text += shot
+                kept.append(s)
+        text += target
+        return None if len(text) > limit else (kept, text)
+
+
+def options_text(item: BenchItem) -> str:
+    """The options as the bench file writes them (the reference pastes that string); a mapping as ``(A) text`` lines."""
+    return item.raw_options if isinstance(item.raw_options, str) else item.options_block()
 
 
 def candidate_shots(item: BenchItem, pool: list[BenchItem], k: int, seed: int, fixed: bool) -> list[BenchItem]:

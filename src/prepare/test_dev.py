@@ -5,8 +5,10 @@ Each output line is one item: a stable ``id``, ``source``, ``language``, ``famil
 (for log-likelihood scoring), and the original ``question``/``options``/``context``.
 
 Shots are drawn (seeded) from the dev pool of the same source when a dev file is given, else from the other test
-items of the same source. Prompts must fit ``--max-tokens`` tokens of the model's tokenizer: shots are dropped first;
-an item that does not fit even with zero shots is left out and listed in the report and the rejects file.
+items of the same source. ``--prompt-style fixed`` (default): prompts must fit ``--max-tokens`` tokens of the model's
+tokenizer: shots are dropped first; an item that does not fit even with zero shots is left out and listed in the report
+and the rejects file. ``--prompt-style paper``: the reference's prompts and its 4,096-character rule (a shot is kept
+when it fits; an item over the limit is rejected and reported). docs/prompts.md lists the differences.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from ..common.chat_formats import FORMAT_NAMES, tokenizer_and_format
 from ..common.io import write_json, write_jsonl
 from ..common.languages import family_id
 from .bench_items import BenchItem, load_bench
-from .prompts import PromptBuilder, candidate_shots
+from .prompts import PAPER_MAX_CHARS, STYLES, PromptBuilder, candidate_shots
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "raw" / "sample"
@@ -40,20 +42,16 @@ def _token_counts(tokenizer, texts: list[str], desc: str, batch: int = 2048) -> 
 def build_split(items: list[BenchItem], pools: dict[str, list[BenchItem]], builder: PromptBuilder, tokenizer,
                 k: int, seed: int, fixed: bool, max_tokens: int, split: str) -> tuple[list[dict], dict, list[dict]]:
     """Prompts for one split. Returns (records, report, over-budget rejects)."""
+    n_read = len(items)
     shots = [candidate_shots(it, pools.get(it.source, []), k, seed, fixed) for it in items]
-    prompts = [builder.prompt(s, it) for s, it in zip(shots, items)]
-    lengths = _token_counts(tokenizer, prompts, f"{split}: tokenizing")
-    # Over budget: drop the last shot and measure again until it fits (rare, so re-tokenizing is cheap).
-    for i in [i for i, n in enumerate(lengths) if n > max_tokens]:
-        while lengths[i] > max_tokens and shots[i]:
-            shots[i] = shots[i][:-1]
-            prompts[i] = builder.prompt(shots[i], items[i])
-            lengths[i] = _token_counts(tokenizer, [prompts[i]], "")[0]
-    records, too_long = [], []
+    if builder.style == "paper":
+        items, shots, prompts, too_long = _paper_lengths(items, shots, builder)
+        lengths = _token_counts(tokenizer, prompts, f"{split}: tokenizing")
+    else:
+        prompts, lengths, too_long = _token_budget(items, shots, builder, tokenizer, max_tokens, split)
+    records = []
     for it, sh, prompt, n in zip(items, shots, prompts, lengths):
-        if n > max_tokens:
-            too_long.append({"index": it.index, "id": it.id, "field": "prompt",
-                             "reason": f"prompt has {n} tokens with zero shots, over the budget of {max_tokens}"})
+        if n is None:
             continue
         records.append({
             "id": it.id, "source": it.source, "language": it.language, "family": family_id(it.language),
@@ -63,14 +61,55 @@ def build_split(items: list[BenchItem], pools: dict[str, list[BenchItem]], build
         })
     n_shots = Counter(len(r["shots"]) for r in records)
     report = {
-        "read": len(items), "written": len(records), "over_budget": len(too_long),
+        "read": n_read, "written": len(records),
+        "over_budget": len(too_long),
         "shots_histogram": {str(n): c for n, c in sorted(n_shots.items())},
         "fewer_than_k_shots": sum(c for n, c in n_shots.items() if n < k),
         "by_source": dict(sorted(Counter(r["source"] for r in records).items())),
         "by_language": dict(sorted(Counter(r["language"] for r in records).items())),
         "max_prompt_tokens": max((r["prompt_tokens"] for r in records), default=0),
     }
+    if builder.style == "paper":  # the reference has no token budget: longer prompts are kept, and counted here
+        report["over_max_tokens_kept"] = sum(r["prompt_tokens"] > max_tokens for r in records)
     return records, report, too_long
+
+
+def _token_budget(items, shots, builder, tokenizer, max_tokens: int, split: str):
+    """The fixed style's budget: drop the last shot until the prompt fits ``max_tokens``; an item that does not fit
+    with zero shots gets length None and a reject. Returns (prompts, lengths, rejects); ``shots`` is cut in place."""
+    prompts = [builder.prompt(s, it) for s, it in zip(shots, items)]
+    lengths = _token_counts(tokenizer, prompts, f"{split}: tokenizing")
+    # Over budget: drop the last shot and measure again until it fits (rare, so re-tokenizing is cheap).
+    for i in [i for i, n in enumerate(lengths) if n > max_tokens]:
+        while lengths[i] > max_tokens and shots[i]:
+            shots[i] = shots[i][:-1]
+            prompts[i] = builder.prompt(shots[i], items[i])
+            lengths[i] = _token_counts(tokenizer, [prompts[i]], "")[0]
+    too_long = []
+    for i, (it, n) in enumerate(zip(items, lengths)):
+        if n > max_tokens:
+            too_long.append({"index": it.index, "id": it.id, "field": "prompt",
+                             "reason": f"prompt has {n} tokens with zero shots, over the budget of {max_tokens}"})
+            lengths[i] = None
+    return prompts, lengths, too_long
+
+
+def _paper_lengths(items, shots, builder):
+    """The paper style's rule (``PromptBuilder.fit_characters``). Returns the items that fit, their shots and
+    prompts, and a reject for each item the reference would have dropped."""
+    kept_items, kept_shots, prompts, too_long = [], [], [], []
+    for it, sh in zip(items, shots):
+        fit = builder.fit_characters(sh, it)
+        if fit is None:
+            n = len(builder.prompt([], it))
+            too_long.append({"index": it.index, "id": it.id, "field": "prompt",
+                             "reason": f"prompt has {n} characters with zero shots, over the reference's limit of "
+                                       f"{PAPER_MAX_CHARS} (the reference drops such an item silently)"})
+            continue
+        kept_items.append(it)
+        kept_shots.append(fit[0])
+        prompts.append(fit[1])
+    return kept_items, kept_shots, prompts, too_long
 
 
 def _by_source(items: list[BenchItem]) -> dict[str, list[BenchItem]]:
@@ -104,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                         "source (shared prefix, cacheable in step 4)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-tokens", type=int, default=4096, help="prompt budget in tokens (default: %(default)s)")
+    p.add_argument("--prompt-style", choices=STYLES, default="fixed",
+                   help="fixed: the reference's strings with the documented fixes and a token budget; paper: the "
+                        "reference's prompts byte for byte, with its 4,096-character rule (docs/prompts.md)")
     p.add_argument("--format", choices=FORMAT_NAMES, default=None, help="chat format (default: from the model)")
     p.add_argument("--dev-fraction", type=float, default=0.1, help="dev share of test when no --dev is given")
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
@@ -116,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
 
     tokenizer, fmt = tokenizer_and_format(args.model, args.format)
-    builder = PromptBuilder(fmt)
+    builder = PromptBuilder(fmt, args.prompt_style)
     skip = args.on_error == "skip"
 
     test, rejects = load_bench(args.bench, skip)
@@ -146,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl(out / "rejects.jsonl", rejects)
     report = {
         "bench": str(args.bench), "dev_file": str(args.dev) if args.dev else None, "model": str(args.model),
-        "format": fmt.to_dict(), "shots": args.shots, "shot_mode": args.shot_mode, "seed": args.seed,
+        "format": fmt.to_dict(), "prompt_style": args.prompt_style, "shots": args.shots, "shot_mode": args.shot_mode, "seed": args.seed,
         "max_tokens": args.max_tokens,
         "shot_pool": "dev items of the same source" if args.dev else "other test items of the same source",
         "sources_without_dev_items": missing,
@@ -155,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "test": test_rep, "dev": dev_rep,
     }
     write_json(out / "report.json", report)
-    print(f"[step 1] format={fmt.name} shots={args.shots} ({args.shot_mode}) seed={args.seed} -> {out}")
+    print(f"[step 1] format={fmt.name} prompts={args.prompt_style} shots={args.shots} ({args.shot_mode}) seed={args.seed} -> {out}")
     for split, rep in (("test", test_rep), ("dev", dev_rep)):
         print(f"  {split}: read {rep['read']}, wrote {rep['written']}, over budget {rep['over_budget']}, "
               f"fewer than {args.shots} shots {rep['fewer_than_k_shots']}, languages {len(rep['by_language'])}, "
