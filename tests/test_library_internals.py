@@ -84,3 +84,22 @@ def test_accelerator_sync_gradients_is_settable():
         assert holder.gradient_state.sync_gradients is False and prop.fget(holder) is False
     finally:
         prop.fset(holder, True)
+
+
+def test_graph_task_id_tells_a_checkpoint_recompute_from_the_forward():
+    """moe._in_backward asks torch whether autograd is running a backward pass (a gradient-checkpointed layer being
+    recomputed), as torch.utils.checkpoint itself does, so routing statistics are not counted twice."""
+    from torch.utils.checkpoint import checkpoint
+
+    from src.models.moe import _in_backward
+
+    seen = []
+
+    def layer(x):
+        seen.append(_in_backward())
+        return x * x  # the backward needs x: the checkpoint recomputes the layer
+
+    x = torch.ones(3, requires_grad=True)
+    checkpoint(layer, x, use_reentrant=False).sum().backward()
+    assert seen == [False, True]  # the forward, then the recompute during backward
+    assert not _in_backward()

@@ -123,7 +123,8 @@ class Experts(nn.Module):
 
 def _in_backward() -> bool:
     """True while autograd runs a backward pass: a gradient-checkpointed layer is being recomputed. torch's own
-    checkpoint code asks the same question this way."""
+    checkpoint code asks the same question this way (a private torch 2.13 call; tests/test_library_internals.py
+    pins it)."""
     return torch._C._current_graph_task_id() != -1
 
 
