@@ -79,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max-ckpts", type=int, default=3, help="keep the newest N checkpoints (<= 0: keep all)")
     g.add_argument("--resume", default=None, help="latest (newest checkpoint in --out, fresh start if none) or a "
                                                   "checkpoint folder")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds checkpoints of an earlier run: delete them, its "
+                        "train_log.jsonl and dev/ first (without it such a run refuses to start)")
     g.add_argument("--log-dir", default=None, help="TensorBoard folder (default OUT/logs)")
     g.add_argument("--run-name", default=None, help="run name for the trackers (default: the name of --out)")
     g.add_argument("--log-every", type=int, default=1, help="log every N optimizer steps")
@@ -195,6 +198,25 @@ def no_zero3_init(plugin):
         plugin.set_deepspeed_weakref()
 
 
+def lock_main_process(out_dir: Path, main_proc: bool, what: str) -> None:
+    """One run per --out (src/common/locks.py): the main process takes the lock, every rank learns the outcome, so
+    a refused launch ends on all ranks instead of leaving the others waiting in a collective."""
+    from accelerate.utils import broadcast_object_list
+
+    from src.common.errors import UsageError
+    from src.common.locks import hold
+
+    refusal = [None]
+    if main_proc:
+        try:
+            hold(out_dir, what)
+        except UsageError as e:
+            refusal = [str(e)]
+    broadcast_object_list(refusal)
+    if refusal[0]:
+        raise UsageError("", refusal[0])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     single_process_env()
@@ -251,6 +273,7 @@ def main(argv=None) -> int:
 
     set_seed(args.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock_main_process(out_dir, main_proc, "step 3")
     # Is OUT shared by every node? (normal on clusters) Then only global rank 0 renames and rotates checkpoints,
     # otherwise each node's local rank 0 does it in its own copy.
     from accelerate.utils import broadcast_object_list
@@ -272,6 +295,11 @@ def main(argv=None) -> int:
     accelerator.project_configuration.save_on_each_node = not shared_fs
 
     resume_from = ckpt.resolve_resume(args.resume, out_dir)
+    stale = ckpt.check_out_dir(out_dir, resume_from, overwrite=args.overwrite)  # every rank refuses alike
+    accelerator.wait_for_everyone()
+    if renamer and stale:
+        ckpt.clear_previous_run(stale, log=log)
+    accelerator.wait_for_everyone()
     if args.resume == "latest" and resume_from is None:
         log(f"[train] --resume latest: no checkpoint in {out_dir}, starting from scratch")
 
@@ -332,7 +360,9 @@ def main(argv=None) -> int:
         if diff:
             raise SystemExit(f"--resume {resume_from}: the run's settings differ from the checkpoint's, an exact "
                              f"resume is impossible: " + ", ".join(f"{k} was {a}, now {b}" for k, (a, b) in diff.items()))
-        accelerator.load_state(str(resume_from / ckpt.STATE_DIR))
+        from .weights_only import load_training_state
+
+        load_training_state(accelerator, resume_from / ckpt.STATE_DIR, accelerator.process_index)
         start_step = int(state["step"])
         log(f"[train] resumed from {resume_from} at step {start_step} (weights, optimizer, scheduler, RNG, data "
             f"position: epoch {start_step // plan.steps_per_epoch}, row "
@@ -682,4 +712,6 @@ def materialize_copy(accelerator, plugin, model, tokenizer, tmp_dir: Path, *, is
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from src.common import cli
+
+    sys.exit(cli.run(main))
