@@ -7,7 +7,9 @@ Writes DIR/predictions.jsonl (one line per item: id, source, language, raw gener
 fired, gold letter, correct, ...), DIR/score.json (per source, per language, major/minor averages with 95% intervals),
 DIR/score.md (the same as tables) and DIR/run.json (settings, timing, engine counters), and prints the table.
 
-Resume: predictions are appended as they are made; a rerun with the same settings skips the ids already in DIR.
+Resume: predictions are appended as they are made; a rerun with the same settings skips the items whose prediction in
+DIR has the same fingerprint (prompt, weights, settings: fingerprint.py) and recomputes stale ones. DIR/.lock keeps
+a second run out.
 Multi-GPU: ``accelerate launch -m src.evaluate.eval ...``: every process scores its own share of the items (each item
 exactly once), rank 0 merges and scores. With no arguments: SmolLM2-135M-Instruct on the embedded sample.
 """
@@ -20,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..common.errors import DataError
+from ..common.errors import DataError, UsageError
 from ..common.io import dumps, iter_jsonl, write_json, write_jsonl, write_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +74,24 @@ def read_predictions(path: Path) -> list[dict]:
     return out
 
 
+def read_all_predictions(out: Path) -> list[dict]:
+    """predictions.jsonl, then the per-process parts of an interrupted multi-process run."""
+    preds = read_predictions(out / PRED)
+    if (out / PARTS).is_dir():
+        for f in sorted((out / PARTS).glob("*.jsonl")):
+            preds += read_predictions(f)
+    return preds
+
+
+def item_fingerprints(records: list[dict], settings: dict, model_path, args) -> dict:
+    """id -> the fingerprint its prediction must carry to be reused (prompt, letters, weights, settings)."""
+    from .fingerprint import item_fingerprint, run_fingerprint
+
+    run_fp = run_fingerprint(settings, {"model": model_path, "proxy_tuned": args.proxy_tuned,
+                                        "proxy_raw": args.proxy_raw})
+    return {r["id"]: item_fingerprint(r, run_fp) for r in records}
+
+
 def shard(records: list[dict], world: int, rank: int) -> list[dict]:
     """This process's share: items ordered by source (so shared-shot groups stay together) and length, then cut into
     ``world`` contiguous pieces of about equal prompt tokens. Every item lands in exactly one piece."""
@@ -98,6 +118,34 @@ def _dtype(name: str, device):
     if name == "auto":
         return default_dtype(device)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def check_flags(args) -> None:
+    """Counts that must be positive (``--limit -1`` used to drop the last item, ``--limit 0`` to score nothing)."""
+    for name in ("limit", "limit_per_source", "batch_size", "max_new_tokens", "prefill_batch", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')}", f"must be at least 1, got {value}")
+    if args.min_new_tokens < 0:
+        raise UsageError("--min-new-tokens", f"must be at least 0, got {args.min_new_tokens}")
+
+
+def _lock(out: Path, main_proc: bool, world: int) -> None:
+    """One step 4 run per --out (src/common/locks.py); with several processes, all of them end on a refusal."""
+    from ..common.locks import hold
+
+    refusal = [None]
+    if main_proc:
+        try:
+            hold(out, "step 4")
+        except UsageError as e:
+            refusal = [str(e)]
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise UsageError("", refusal[0])
 
 
 def _check_resume(out: Path, settings: dict, overwrite: bool) -> None:
@@ -154,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if bool(args.proxy_tuned) != bool(args.proxy_raw):
         p.error("--proxy-tuned and --proxy-raw go together")
+    check_flags(args)
 
     import torch
     from accelerate import PartialState
@@ -186,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         records = records[:args.limit]
     model_path = args.model
     if not Path(model_path).exists() and model_path.startswith(("models/", "ckpts/", "./", "../", "/")):
-        raise SystemExit(f"[step 4] model folder {model_path!r} not found (run 0.download_data.sh, or step 3)")
+        raise SystemExit(f"[step 4] no such model folder: {model_path} (run 0.download_data.sh, or step 3)")
 
     dtype = _dtype(args.dtype, device)
     tokenizer = load_tokenizer(model_path, padding_side="left")
@@ -196,17 +245,20 @@ def main(argv: list[str] | None = None) -> int:
                 "max_padding": args.max_padding, "prefix_cache": args.prefix_cache,
                 "proxy_tuned": args.proxy_tuned, "proxy_raw": args.proxy_raw}
     out = args.out
+    _lock(out, main_proc, world)
     if main_proc:
-        out.mkdir(parents=True, exist_ok=True)
         _check_resume(out, settings, args.overwrite)
         if args.overwrite or not (out / "run.json").is_file():  # so an interrupted run is resumed with its settings
             write_json(out / "run.json", {"settings": settings, "status": "running"})
     state.wait_for_everyone()
 
-    done = {p["id"] for p in read_predictions(out / PRED)}
-    if (out / PARTS).is_dir():
-        for f in sorted((out / PARTS).glob("*.jsonl")):
-            done |= {p["id"] for p in read_predictions(f)}
+    fps = item_fingerprints(records, settings, model_path, args)
+    previous = read_all_predictions(out)
+    done = {p["id"] for p in previous if p.get("fingerprint") == fps.get(p["id"])}
+    stale = {p["id"] for p in previous if p["id"] in fps} - done
+    if stale and main_proc:
+        print(f"[step 4] {len(stale)} predictions in {out} were made from other prompts or other weights "
+              f"(their fingerprint differs): recomputing them", flush=True)
     pending = [r for r in records if r["id"] not in done]
     mine = shard(pending, world, rank)
     state.wait_for_everyone()  # every process has read the same done ids before any of them appends new ones
@@ -234,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         _repair_tail(target)
         with target.open("a", encoding="utf-8") as fh:
             def append(pred: dict):
+                pred["fingerprint"] = fps[pred["id"]]
                 fh.write(dumps(pred) + "\n")
                 fh.flush()
 
@@ -256,13 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # Merge: predictions.jsonl in input order, parts folded in, predictions of other items kept at the end.
-    preds = read_predictions(out / PRED)
-    if (out / PARTS).is_dir():
-        for f in sorted((out / PARTS).glob("*.jsonl")):
-            preds += read_predictions(f)
     by_id: dict = {}
-    for pr in preds:
-        by_id.setdefault(pr["id"], pr)
+    for pr in read_all_predictions(out):
+        if pr["id"] not in fps or pr.get("fingerprint") == fps[pr["id"]]:  # a stale one never wins
+            by_id.setdefault(pr["id"], pr)
     order = {r["id"]: k for k, r in enumerate(records)}
     merged = sorted(by_id.values(), key=lambda pr: (order.get(pr["id"], len(order)), pr["id"] in order))
     write_jsonl(out / PRED, merged)
@@ -321,4 +371,6 @@ def _repair_tail(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from src.common import cli
+
+    sys.exit(cli.run(main))
