@@ -142,6 +142,9 @@ def tokenizer_and_format(model, name: str | None = None):
     Used by the stages that only need text layout and token counts (steps 1 and 2), not the weights."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from src.models.loading import check_model_source
+
+    check_model_source(model, weights=False)
     tokenizer = AutoTokenizer.from_pretrained(model)
     try:
         config = AutoConfig.from_pretrained(model)
