@@ -203,10 +203,29 @@ def _discard_partial(tmp: Path, error: BaseException, renamer: bool) -> None:
 
     from src.common.cli import no_space_path
 
+    full = no_space_path(error) is not None or (isinstance(error, (OSError, RuntimeError)) and _disk_full(tmp.parent))
     if renamer:
         shutil.rmtree(tmp, ignore_errors=True)
-    if no_space_path(error) is not None:
+    if full:
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp.parent)) from error
+
+
+def _disk_full(folder: Path) -> bool:
+    """Does a 1 MiB write fail for lack of space? torch's zip writer reports a short write as "unexpected pos ...",
+    without the OS error, so ask the filesystem."""
+    import errno
+
+    probe = folder / ".space-probe"
+    try:
+        with probe.open("wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+        return False
+    except OSError as e:
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def save_hf_model(accelerator, model, tokenizer, out_dir: Path, *, is_moe: bool) -> None:
