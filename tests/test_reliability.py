@@ -232,6 +232,20 @@ def test_a_bad_record_is_one_line_and_debug_shows_the_traceback(tiny_model_dir, 
     assert "Traceback" in _run("src.prepare.test_dev", *args, APOLLO_DEBUG="1").stderr
 
 
+def test_flag_parse_errors_and_interrupts_are_one_line(capsys):
+    from src.common import cli
+    from src.prepare import test_dev
+
+    assert cli.run(test_dev.main, ["--shots", "x"]) == 2
+    assert capsys.readouterr().err == "error: --shots: invalid int value: 'x'\n"
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert cli.run(interrupted, []) == 130
+    assert capsys.readouterr().err.startswith("interrupted (Ctrl-C)")
+
+
 def test_missing_models_and_offline_hub_ids_are_one_line(tmp_path):
     r = _run("src.prepare.test_dev", "--model", tmp_path / "nope", "--out", tmp_path / "o")
     assert r.returncode == 2 and _last_line_only(r) == f"error: --model: no such model folder: {tmp_path / 'nope'}"

@@ -13,6 +13,7 @@ Use: ``if __name__ == "__main__": sys.exit(cli.run(main))``.
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import sys
@@ -37,6 +38,8 @@ def run(main, argv: list[str] | None = None) -> int:
     if "--debug" in argv:
         argv = [a for a in argv if a != "--debug"]
         os.environ[DEBUG_ENV] = "1"  # child processes (accelerate launch) see it too
+    original_error = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _flag_error  # documented as overridable; restored below
     try:
         code = main(argv)
     except KeyboardInterrupt:
@@ -52,7 +55,18 @@ def run(main, argv: list[str] | None = None) -> int:
         raise
     except BaseException as e:  # noqa: BLE001 - every other exception becomes one line
         return report(e)
+    finally:
+        argparse.ArgumentParser.error = original_error
     return int(code or 0)
+
+
+def _flag_error(parser, message: str):
+    """argparse's errors ("usage: ..." and "PROG: error: argument --shots: invalid int value") as one UsageError
+    line: ``error: --shots: invalid int value: 'x'`` (``--help`` still shows the usage)."""
+    flag, _, rest = message.partition(": ")
+    if flag.startswith("argument "):
+        raise UsageError(flag[len("argument "):].split("/")[0], rest)
+    raise UsageError("", message)
 
 
 def report(e: BaseException) -> int:
