@@ -49,3 +49,20 @@ def _read_owner(fd: int) -> str:
     except (OSError, ValueError):
         return "unknown"
     return f"{info.get('what', '?')}, pid {info.get('pid', '?')}, since {info.get('since', '?')}"
+
+
+def hold_for_launch(out_dir, what: str, *, main_process: bool, world_size: int) -> None:
+    """``hold`` on the main process of a launch; every process learns the outcome, so a refused launch ends on all
+    of them instead of leaving the others waiting in a collective."""
+    refusal = [None]
+    if main_process:
+        try:
+            hold(out_dir, what)
+        except UsageError as e:
+            refusal = [str(e)]
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise UsageError("", refusal[0])

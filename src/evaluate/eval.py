@@ -130,24 +130,6 @@ def check_flags(args) -> None:
         raise UsageError("--min-new-tokens", f"must be at least 0, got {args.min_new_tokens}")
 
 
-def _lock(out: Path, main_proc: bool, world: int) -> None:
-    """One step 4 run per --out (src/common/locks.py); with several processes, all of them end on a refusal."""
-    from ..common.locks import hold
-
-    refusal = [None]
-    if main_proc:
-        try:
-            hold(out, "step 4")
-        except UsageError as e:
-            refusal = [str(e)]
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(refusal, src=0)
-    if refusal[0]:
-        raise UsageError("", refusal[0])
-
-
 def _check_resume(out: Path, settings: dict, overwrite: bool) -> None:
     run_file = out / "run.json"
     has_preds = (out / PRED).is_file() or (out / PARTS).is_dir()
@@ -245,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                 "max_padding": args.max_padding, "prefix_cache": args.prefix_cache,
                 "proxy_tuned": args.proxy_tuned, "proxy_raw": args.proxy_raw}
     out = args.out
-    _lock(out, main_proc, world)
+    from ..common.locks import hold_for_launch
+
+    hold_for_launch(out, "step 4", main_process=main_proc, world_size=world)
     if main_proc:
         _check_resume(out, settings, args.overwrite)
         if args.overwrite or not (out / "run.json").is_file():  # so an interrupted run is resumed with its settings

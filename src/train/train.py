@@ -198,25 +198,6 @@ def no_zero3_init(plugin):
         plugin.set_deepspeed_weakref()
 
 
-def lock_main_process(out_dir: Path, main_proc: bool, what: str) -> None:
-    """One run per --out (src/common/locks.py): the main process takes the lock, every rank learns the outcome, so
-    a refused launch ends on all ranks instead of leaving the others waiting in a collective."""
-    from accelerate.utils import broadcast_object_list
-
-    from src.common.errors import UsageError
-    from src.common.locks import hold
-
-    refusal = [None]
-    if main_proc:
-        try:
-            hold(out_dir, what)
-        except UsageError as e:
-            refusal = [str(e)]
-    broadcast_object_list(refusal)
-    if refusal[0]:
-        raise UsageError("", refusal[0])
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     single_process_env()
@@ -273,7 +254,9 @@ def main(argv=None) -> int:
 
     set_seed(args.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock_main_process(out_dir, main_proc, "step 3")
+    from src.common.locks import hold_for_launch
+
+    hold_for_launch(out_dir, "step 3", main_process=main_proc, world_size=world)
     # Is OUT shared by every node? (normal on clusters) Then only global rank 0 renames and rotates checkpoints,
     # otherwise each node's local rank 0 does it in its own copy.
     from accelerate.utils import broadcast_object_list
