@@ -11,7 +11,7 @@ if [ $# -eq 0 ]; then
   EXP=sample_SmolLM2-135M-Instruct
   set -- --model models/SmolLM2-135M-Instruct --train "data/$EXP/train" --dev "data/$EXP/dev.jsonl" \
     --out "ckpts/$EXP" --max-steps 3 --batch-size 1 --grad-accum 1 --save-every 0 --max-ckpts 1 \
-    --eval-every 0 --dev-limit 7 --dev-batch-size 7 --dev-max-new-tokens 8
+    --eval-every 0 --dev-limit 7 --dev-batch-size 7 --dev-max-new-tokens 8 --overwrite  # a demo: retrain afresh
 fi
 if [ -z "${NUM_PROCESSES:-}" ]; then
   NUM_PROCESSES="$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')"
