@@ -177,6 +177,28 @@ def test_planted_rng_state_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
+def test_deepspeed_and_accelerate_loads_go_through_the_weights_only_load(tmp_path):
+    """Pins the library internals weights_only.py leans on (DeepSpeed 0.19's checkpoint engine, accelerate 1.15's
+    load helper): inside forced_weights_only their loads refuse a planted pickle and still read plain tensors."""
+    import torch
+    from accelerate.utils.other import load as accelerate_load
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from src.train.weights_only import UnsafeCheckpointError, forced_weights_only
+
+    marker = tmp_path / "code-ran"
+    planted, plain = tmp_path / "planted.pt", tmp_path / "plain.pt"
+    torch.save({"module": PlantedCode(marker)}, planted)
+    torch.save({"module": {"w": torch.ones(2)}}, plain)
+    engine = TorchCheckpointEngine()
+    with forced_weights_only():
+        for load in (engine.load, accelerate_load):
+            with pytest.raises(UnsafeCheckpointError, match="planted.pt: refused to load"):
+                load(str(planted), map_location="cpu")
+            assert torch.equal(load(str(plain), map_location="cpu")["module"]["w"], torch.ones(2))
+    assert not marker.exists()
+
+
 def test_a_model_folder_with_only_pickled_weights_is_refused(tiny_model_dir, tmp_path):
     import torch
 
