@@ -11,10 +11,15 @@ if [ $# -eq 0 ]; then
   EXP=sample_SmolLM2-135M-Instruct
   set -- --model models/SmolLM2-135M-Instruct --train "data/$EXP/train" --dev "data/$EXP/dev.jsonl" \
     --out "ckpts/$EXP" --max-steps 3 --batch-size 1 --grad-accum 1 --save-every 0 --max-ckpts 1 \
-    --eval-every 0 --dev-limit 7 --dev-batch-size 7 --dev-max-new-tokens 8
+    --eval-every 0 --dev-limit 7 --dev-batch-size 7 --dev-max-new-tokens 8 --overwrite  # a demo: retrain afresh
 fi
 if [ -z "${NUM_PROCESSES:-}" ]; then
   NUM_PROCESSES="$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')"
+fi
+if [ "$NUM_PROCESSES" = 1 ]; then
+  # One process needs no launcher (train.py gives itself a world of one): errors stay one line with their exit code
+  # (a launcher adds its own failure report), and Ctrl-C ends it with exit code 130.
+  exec python -m src.train.train "$@"
 fi
 exec accelerate launch --config_file src/train/configs/single_node.yaml \
   --num_processes "$NUM_PROCESSES" --num_machines 1 --main_process_port "${MAIN_PORT:-29503}" \

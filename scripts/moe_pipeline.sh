@@ -14,7 +14,7 @@ bash scripts/upcycle_moe.sh --model models/SmolLM2-135M-Instruct --out models/Sm
   --experts 7 --top-k 2 --moe-layers 2
 bash 3.single_node_train.sh --model models/SmolLM2-135M-MoE --expect moe --train "data/$EXP/train" \
   --dev "data/$EXP/dev.jsonl" --out "ckpts/${EXP}_moe" --max-steps 3 --batch-size 1 --grad-accum 1 \
-  --save-every 0 --max-ckpts 1 --eval-every 0 --dev-limit 7 --dev-batch-size 7 --dev-max-new-tokens 8
+  --save-every 0 --max-ckpts 1 --eval-every 0 --dev-limit 7 --dev-batch-size 7 --dev-max-new-tokens 8 --overwrite
 CKPT="$(python -c "from src.train.checkpoint import latest_checkpoint; print(latest_checkpoint('ckpts/${EXP}_moe'))")"
 bash 4.eval.sh --model "$CKPT" --input "data/$EXP/test.jsonl" --out "results/${EXP}_moe" --limit-per-source 2
 python util/routing_analysis.py --model "$CKPT" --input "data/$EXP/test.jsonl" --out "results/${EXP}_moe/routing" --limit 4

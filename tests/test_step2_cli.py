@@ -124,7 +124,7 @@ def rec(q, a, source):
 def test_bad_records_raise_or_are_rejected(tmp_path, smollm2_dir, capsys):
     data = write(tmp_path / "t.json", [rec("q", "a", "general_en"), rec("q", "", "general_en"),
                                        {"conversations": ["q"], "source": "general_fr"}, rec("q", "a", "general_de")])
-    assert run("--data", data, "--model", smollm2_dir, "--out", tmp_path / "o1") == 1
+    assert run("--data", data, "--model", smollm2_dir, "--out", tmp_path / "o1") == 2  # a user error: exit code 2
     err = capsys.readouterr().err
     assert str(data) in err and "record 1" in err and "conversations[1].value" in err and "empty turn" in err
     assert run("--data", data, "--model", smollm2_dir, "--out", tmp_path / "o2", "--on-error", "skip") == 0
@@ -137,7 +137,7 @@ def test_bad_records_raise_or_are_rejected(tmp_path, smollm2_dir, capsys):
 def test_unmatched_sources_fail_listing_them(tmp_path, smollm2_dir, capsys):
     data = write(tmp_path / "t.json", [rec("q", "a", "medicalBook_en"), rec("q", "a", "textbook_fr"),
                                        rec("q", "a", "general_en")])
-    assert run("--data", data, "--model", smollm2_dir, "--out", tmp_path / "o") == 1
+    assert run("--data", data, "--model", smollm2_dir, "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err
     assert "medicalBook_en" in err and "textbook_fr" in err and "match no priority rule" in err
     prio = tmp_path / "p.yaml"

@@ -244,3 +244,55 @@ def test_one_process_with_a_double_batch_computes_the_same_steps(zero2_run, tiny
     assert sorted(got) == [1, 2] and not list(out.glob("checkpoint-*"))
     for step in (1, 2):
         assert got[step] == pytest.approx(full[step], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------- reliability (issue: lost work)
+class _PlantedCode:
+    """Unpickling this creates a marker file: proof that code from a checkpoint folder ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_never_unpickles_code_planted_in_the_state_folder(zero2_run, tiny_model_dir, rows_dir, tmp_path):
+    import shutil
+
+    import torch
+
+    out = tmp_path / "ckpts"
+    ckpt = out / "checkpoint-4"
+    shutil.copytree(zero2_run / "checkpoint-4", ckpt)
+    marker = tmp_path / "code-ran"
+    target = next((ckpt / "state").rglob("mp_rank_00_model_states.pt"))
+    torch.save({"module": _PlantedCode(marker)}, target)
+    proc = single_node(_common(tiny_model_dir, rows_dir, out, "--zero", 2, "--resume", ckpt, "--eval-every", -1),
+                       check=False)
+    assert proc.returncode != 0 and not marker.exists()
+    # each rank's one-line error (accelerate's launcher then adds its own report of the failed processes)
+    line = f"error: {target}: refused to load: it holds objects other than tensors and plain data"
+    assert proc.stderr.count(line) == 2, proc.stderr[-3000:]
+    assert "Unsupported global: GLOBAL io.open" in proc.stderr
+
+
+def test_a_fresh_run_refuses_an_older_runs_folder_and_overwrite_replaces_it(zero2_run, tiny_model_dir, rows_dir,
+                                                                            tmp_path):
+    import shutil
+
+    out = tmp_path / "ckpts"
+    shutil.copytree(zero2_run, out, ignore=shutil.ignore_patterns("logs", "dev"))
+    cmd = [sys.executable, "-m", "src.train.train", *_common(tiny_model_dir, rows_dir, out, "--zero", 1,
+                                                             "--max-steps", 2, "--save-every", 1, "--max-ckpts", 2,
+                                                             "--eval-every", -1)]
+    refused = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=300)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: --out: ")
+    assert "--resume latest" in refused.stderr and "--overwrite" in refused.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    done = subprocess.run(cmd + ["--overwrite"], cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the new run keeps its own checkpoints (before: rotation by step removed each one as it was saved)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(losses(out)) == [1, 2]

@@ -20,6 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 
+NOT_COPIED = {"model.safetensors.index.json", "trainer_state.json"}
+
+
 def _tensor_files(ckpt: Path) -> dict[str, Path]:
     """name -> safetensors file holding it (single file or sharded)."""
     files = sorted(ckpt.glob("*.safetensors"))
@@ -69,7 +72,8 @@ def save_average(ckpts: list[Path], out_dir: Path, weights: list[float] | None =
     tensors = average(ckpts, weights)
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in Path(ckpts[0]).iterdir():  # config, tokenizer, generation config: everything but weights
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+        # not the weights, and not a training checkpoint's trainer_state.json: it describes another model
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in NOT_COPIED:
             shutil.copyfile(f, out_dir / f.name)
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     return out_dir
@@ -87,4 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repository's src/
+    from src.common import cli
+
+    sys.exit(cli.run(main))

@@ -11,6 +11,7 @@ padding excluded, every layer read from the checkpoint's own config.
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import math
 from pathlib import Path
@@ -149,4 +150,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from src.common import cli
+
+    sys.exit(cli.run(main))

@@ -140,9 +140,11 @@ def tokenizer_and_format(model, name: str | None = None):
     """Load a model folder's (or hub id's) tokenizer and resolve its chat format from the tokenizer and config.
 
     Used by the stages that only need text layout and token counts (steps 1 and 2), not the weights."""
-    from ..models.loading import load_config
     from transformers import AutoTokenizer
 
+    from ..models.loading import check_model_source, load_config
+
+    check_model_source(model, weights=False)
     try:
         config = load_config(model)  # also reads our Post-MoE folders, which AutoConfig refuses
     except (OSError, ValueError):  # a tokenizer-only folder: the format comes from the tokenizer alone

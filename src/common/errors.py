@@ -7,3 +7,11 @@ class DataError(ValueError):
         self.path, self.index, self.field, self.reason = str(path), index, field, message
         where = f"{self.path}: record {index}" + (f", field {field!r}" if field else "")
         super().__init__(f"{where}: {message}")
+
+
+class UsageError(ValueError):
+    """A wrong flag value or a refused request: the message starts with the flag (``--out: ...``)."""
+
+    def __init__(self, flag: str, message: str):
+        self.flag, self.reason = flag, message
+        super().__init__(f"{flag}: {message}" if flag else message)

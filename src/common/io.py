@@ -10,6 +10,25 @@ from typing import Iterable, Iterator
 from .errors import DataError
 
 
+def not_utf8(path) -> DataError:
+    """The error for a file that is not UTF-8 text, naming the byte offset of the first invalid byte (found by
+    decoding the file again incrementally: the decoder's own offset is relative to one read buffer)."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                # bytes held back from the previous chunk (an unfinished character) come first in e.object
+                start = offset - (len(e.object) - len(chunk)) + e.start
+                return DataError(path, f"at byte {start}", None, f"not UTF-8 text ({e.reason}, byte "
+                                                                  f"0x{e.object[e.start]:02x})")
+            offset += len(chunk)
+    return DataError(path, f"at byte {offset}", None, "not UTF-8 text (the file ends inside a character)")
+
+
 def read_json(path) -> object:
     path = Path(path)
     try:
@@ -17,6 +36,8 @@ def read_json(path) -> object:
             return json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: file not found") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     except json.JSONDecodeError as e:
         raise DataError(path, f"at line {e.lineno} column {e.colno}", None, f"invalid JSON: {e.msg}") from None
 
@@ -25,7 +46,14 @@ def iter_jsonl(path) -> Iterator[dict]:
     """Objects of a JSON Lines file, skipping blank lines; a broken line is an error naming the file and line."""
     path = Path(path)
     with path.open(encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark some editors write
-        for lineno, line in enumerate(f, 1):
+        lines = enumerate(f, 1)
+        while True:
+            try:
+                lineno, line = next(lines)
+            except StopIteration:
+                return
+            except UnicodeDecodeError:
+                raise not_utf8(path) from None
             if not line.strip():
                 continue
             try:
@@ -48,7 +76,10 @@ class JsonStream:
         self.f.close()
 
     def _more(self) -> bool:
-        data = self.f.read(self.chunk)
+        try:
+            data = self.f.read(self.chunk)
+        except UnicodeDecodeError:
+            raise not_utf8(self.path) from None
         if not data:
             self.eof = True
             return False

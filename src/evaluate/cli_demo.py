@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--max-new-tokens {args.max_new_tokens} leaves no room in a context of {context} tokens")
 
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # a bad byte must not end the chat and lose its history
+        sys.stdin.reconfigure(errors="replace")
     print(BANNER.format(model=args.model), flush=True)
     history: list[tuple[str, str]] = []
     while True:
@@ -139,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         message = line.strip()
         if not message:
             continue
+        if "\ufffd" in message:
+            print("[warning: the input was not valid UTF-8; invalid bytes were replaced by \ufffd]", flush=True)
         if message.lower() in QUIT:
             break
         if message.lower() in CLEAR:
@@ -159,4 +163,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from src.common import cli
+
+    sys.exit(cli.run(main))

@@ -7,7 +7,9 @@ Writes DIR/predictions.jsonl (one line per item: id, source, language, raw gener
 fired, gold letter, correct, ...), DIR/score.json (per source, per language, major/minor averages with 95% intervals),
 DIR/score.md (the same as tables) and DIR/run.json (settings, timing, engine counters), and prints the table.
 
-Resume: predictions are appended as they are made; a rerun with the same settings skips the ids already in DIR.
+Resume: predictions are appended as they are made; a rerun with the same settings skips the items whose prediction in
+DIR has the same fingerprint (prompt, weights, settings: fingerprint.py) and recomputes stale ones. DIR/.lock keeps
+a second run out.
 Multi-GPU: ``accelerate launch -m src.evaluate.eval ...``: every process scores its own share of the items (each item
 exactly once), rank 0 merges and scores. With no arguments: SmolLM2-135M-Instruct on the embedded sample.
 """
@@ -21,7 +23,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ..common.errors import DataError
+from ..common.errors import DataError, UsageError
 from ..common.io import dumps, iter_jsonl, write_json, write_jsonl, write_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,7 +170,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--proxy-tuned and --proxy-raw go together")
     if args.engine == "hf" and (args.mode != "generate" or args.proxy_tuned):
         p.error("--engine hf generates with a plain transformers model: no --mode loglik, no proxy-tuning")
+    check_flags(args)
     return args
+
+
+def check_flags(args) -> None:
+    """Counts that must be positive (``--limit -1`` used to drop the last item, ``--limit 0`` to score nothing)."""
+    for name in ("limit", "limit_per_source", "batch_size", "max_new_tokens", "prefill_batch", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')}", f"must be at least 1, got {value}")
+    if args.min_new_tokens < 0:
+        raise UsageError("--min-new-tokens", f"must be at least 0, got {args.min_new_tokens}")
 
 
 def select_records(args) -> list[dict]:
@@ -189,7 +202,7 @@ def select_records(args) -> list[dict]:
 
 def check_model_path(model_path: str) -> None:
     if not Path(model_path).exists() and model_path.startswith(("models/", "ckpts/", "./", "../", "/")):
-        raise SystemExit(f"[step 4] model folder {model_path!r} not found (run 0.download_data.sh, or step 3)")
+        raise SystemExit(f"[step 4] no such model folder: {model_path} (run 0.download_data.sh, or step 3)")
 
 
 def run_settings(args, dtype) -> dict:
@@ -202,21 +215,44 @@ def run_settings(args, dtype) -> dict:
 
 
 def prepare_out(out: Path, settings: dict, overwrite: bool, state) -> None:
-    """Create --out, refuse predictions made with other settings (or start afresh with --overwrite)."""
+    """Take --out (one run at a time: OUT/.lock), refuse predictions made with other settings (or start afresh with
+    --overwrite)."""
+    from ..common.locks import hold_for_launch
+
+    hold_for_launch(out, "step 4", main_process=state.is_main_process, world_size=state.num_processes)
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         _check_resume(out, settings, overwrite)
         if overwrite or not (out / "run.json").is_file():  # so an interrupted run is resumed with its settings
             write_json(out / "run.json", {"settings": settings, "status": "running"})
     state.wait_for_everyone()
 
 
-def done_ids(out: Path) -> set:
-    """Ids predicted so far, in predictions.jsonl and in the per-process parts of an interrupted multi-process run."""
-    done = {p["id"] for p in read_predictions(out / PRED)}
+def read_all_predictions(out: Path) -> list[dict]:
+    """predictions.jsonl, then the per-process parts of an interrupted multi-process run."""
+    preds = read_predictions(out / PRED)
     if (out / PARTS).is_dir():
         for f in sorted((out / PARTS).glob("*.jsonl")):
-            done |= {p["id"] for p in read_predictions(f)}
+            preds += read_predictions(f)
+    return preds
+
+
+def item_fingerprints(records: list[dict], settings: dict, model_path, args) -> dict:
+    """id -> the fingerprint its prediction must carry to be reused (prompt, letters, weights, settings)."""
+    from .fingerprint import item_fingerprint, run_fingerprint
+
+    run_fp = run_fingerprint(settings, {"model": model_path, "proxy_tuned": args.proxy_tuned,
+                                        "proxy_raw": args.proxy_raw})
+    return {r["id"]: item_fingerprint(r, run_fp) for r in records}
+
+
+def done_ids(out: Path, fps: dict, main_proc: bool) -> set:
+    """Ids whose prediction in --out carries the fingerprint it must have; stale ones are recomputed (said once)."""
+    previous = read_all_predictions(out)
+    done = {p["id"] for p in previous if p.get("fingerprint") == fps.get(p["id"])}
+    stale = {p["id"] for p in previous if p["id"] in fps} - done
+    if stale and main_proc:
+        print(f"[step 4] {len(stale)} predictions in {out} were made from other prompts or other weights "
+              f"(their fingerprint differs): recomputing them", flush=True)
     return done
 
 
@@ -232,7 +268,7 @@ def load_scoring_model(args, model_path: str, dtype, device):
 
 
 def predict_mine(args, mine: list[dict], tokenizer, out: Path, state, counts: dict, batch_size: int, dtype,
-                 stats: dict) -> str:
+                 stats: dict, fps: dict) -> str:
     """Predict this process's pending records, appending each prediction as it is made. Returns the format name."""
     from ..common.chat_formats import resolve_format
     from .engine import predict, stop_token_ids
@@ -251,6 +287,7 @@ def predict_mine(args, mine: list[dict], tokenizer, out: Path, state, counts: di
     _repair_tail(target)
     with target.open("a", encoding="utf-8") as fh:
         def append(pred: dict):
+            pred["fingerprint"] = fps[pred["id"]]
             fh.write(dumps(pred) + "\n")
             fh.flush()
 
@@ -275,16 +312,13 @@ def gather_stats(stats: dict, world: int) -> list[dict]:
     return all_stats
 
 
-def merge_predictions(out: Path, records: list[dict]) -> list[dict]:
+def merge_predictions(out: Path, records: list[dict], fps: dict) -> list[dict]:
     """predictions.jsonl in input order with the per-process parts folded in (predictions of other items kept at the
-    end); returns the predictions of ``records``."""
-    preds = read_predictions(out / PRED)
-    if (out / PARTS).is_dir():
-        for f in sorted((out / PARTS).glob("*.jsonl")):
-            preds += read_predictions(f)
+    end; a stale one never wins); returns the predictions of ``records``."""
     by_id: dict = {}
-    for pr in preds:
-        by_id.setdefault(pr["id"], pr)
+    for pr in read_all_predictions(out):
+        if pr["id"] not in fps or pr.get("fingerprint") == fps[pr["id"]]:
+            by_id.setdefault(pr["id"], pr)
     order = {r["id"]: k for k, r in enumerate(records)}
     merged = sorted(by_id.values(), key=lambda pr: (order.get(pr["id"], len(order)), pr["id"] in order))
     write_jsonl(out / PRED, merged)
@@ -345,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = run_settings(args, dtype)
     out = args.out
     prepare_out(out, settings, args.overwrite, state)
-    done = done_ids(out)
+    fps = item_fingerprints(records, settings, args.model, args)
+    done = done_ids(out, fps, state.is_main_process)
     pending = [r for r in records if r["id"] not in done]
     mine = shard(pending, world, state.process_index)
     state.wait_for_everyone()  # every process has read the same done ids before any of them appends new ones
@@ -355,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     fmt_name = None
     if mine:
         counts = {"items": len(records), "done": len(records) - len(pending), "pending": len(pending)}
-        fmt_name = predict_mine(args, mine, tokenizer, out, state, counts, batch_size, dtype, stats)
+        fmt_name = predict_mine(args, mine, tokenizer, out, state, counts, batch_size, dtype, stats, fps)
     elif state.is_main_process:
         print(f"[step 4] all {len(records)} items already predicted in {out}", flush=True)
     all_stats = gather_stats(stats, world)
@@ -363,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     if not state.is_main_process:
         return 0
 
-    selected = merge_predictions(out, records)
+    selected = merge_predictions(out, records, fps)
     table = write_scores(out, args, selected)
     seconds = time.time() - t_start
     new_items = sum(s.get("items", 0) for s in all_stats)
@@ -394,4 +429,6 @@ def _repair_tail(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from src.common import cli
+
+    sys.exit(cli.run(main))

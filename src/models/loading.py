@@ -30,10 +30,63 @@ def load_config(name_or_path):
     return _moe_config_kwargs(name_or_path).get("config") or AutoConfig.from_pretrained(name_or_path)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def check_model_source(name_or_path, *, weights: bool, flag: str = "--model") -> None:
+    """One-line errors instead of transformers' ("Repo id must be in the form ...") for a model that cannot load:
+    a missing folder, a hub id while offline and not cached, or (``weights``) a folder without safetensors weights:
+    pickled weights (pytorch_model.bin) are never loaded, since unpickling can run code."""
+    from src.common.errors import UsageError
+
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if weights:
+            require_safetensors(path, flag)
+        return
+    if path.exists():
+        raise UsageError(flag, f"{name}: not a folder (a model is an HF folder or a hub id ORG/NAME)")
+    parts = name.split("/")
+    if name.startswith(("/", ".", "~")) or len(parts) != 2 or Path(parts[0]).is_dir():
+        raise UsageError(flag, f"no such model folder: {name}")
+    if _offline() and not _in_hub_cache(name):
+        raise UsageError(flag, f"{name}: not a local folder, and the hub is offline (HF_HUB_OFFLINE=1) with no "
+                               f"cached copy of it")
+
+
+def require_safetensors(path: Path, flag: str = "--model") -> None:
+    from src.common.errors import UsageError
+
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    found = (f": it has {', '.join(pickles)}, pickled weights, which are never loaded (unpickling can run code); "
+             f"convert them to safetensors first") if pickles else ""
+    raise UsageError(flag, f"{path}: no safetensors weights{found}")
+
+
+def _offline() -> bool:
+    import os
+
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an unreadable cache counts as no cache
+        return False
+
+
 def load_tokenizer(name_or_path, padding_side: str = "left"):
     """The model's tokenizer with a pad token (EOS when it has none) and the requested padding side."""
     from transformers import AutoTokenizer
 
+    check_model_source(name_or_path, weights=False)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **_moe_config_kwargs(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -45,11 +98,12 @@ def load_model(name_or_path, torch_dtype: torch.dtype | None = None, device=None
     """Load a causal LM for inference or training; MoE checkpoints of ours are detected from their config."""
     from . import moe
 
+    check_model_source(name_or_path, weights=True)
     dtype = torch_dtype or default_dtype(device)
     if Path(str(name_or_path)).is_dir() and moe.is_moe_checkpoint(name_or_path):
         model = moe.load_model(name_or_path, torch_dtype=dtype)
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
     return model.to(device) if device is not None else model

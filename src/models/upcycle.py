@@ -13,6 +13,7 @@ nothing is saved if they differ.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{source} is not a local model folder (run 0.download_data.sh to fetch or convert models)")
     if moe.is_moe_checkpoint(source):
         parser.error(f"{source} is already an MoE checkpoint")
+    from src.models.loading import require_safetensors
+
+    require_safetensors(source)  # never unpickle a pytorch_model.bin
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = moe.load_model(source, torch_dtype=None if args.dtype == "auto" else args.dtype)
@@ -136,4 +140,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from src.common import cli
+
+    sys.exit(cli.run(main))

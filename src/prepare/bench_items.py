@@ -42,17 +42,12 @@ class BenchItem:
 
 def parse_options(value, path, index) -> tuple[tuple[str, str], ...]:
     if isinstance(value, dict):
-        pairs = [(str(k).strip().strip("()（）").upper(), str(v).strip()) for k, v in value.items()]
+        for k, v in value.items():
+            if not isinstance(v, str):  # str(None) or str(['y', 1]) would become an option's text
+                raise DataError(path, index, "options", f"option {k!r}: expected a string, got {type(v).__name__}")
+        pairs = [(str(k).strip().strip("()（）").upper(), v.strip()) for k, v in value.items()]
     elif isinstance(value, str):
-        pairs = []
-        for line in value.splitlines():
-            m = _OPTION_LINE.match(line)
-            if m:
-                pairs.append((m.group(1).upper(), m.group(2).strip()))
-            elif pairs and line.strip():  # an option whose text runs over several lines
-                pairs[-1] = (pairs[-1][0], pairs[-1][1] + "\n" + line.strip())
-            elif line.strip():
-                raise DataError(path, index, "options", f"text before the first '(A)' marker: {line[:60]!r}")
+        pairs = _option_lines(value, path, index)
     else:
         raise DataError(path, index, "options", f"expected a string or a mapping, got {type(value).__name__}")
     if len(pairs) < 2:
@@ -67,6 +62,27 @@ def parse_options(value, path, index) -> tuple[tuple[str, str], ...]:
     if any(not text for _, text in pairs):
         raise DataError(path, index, "options", "an option has empty text")
     return tuple(pairs)
+
+
+def _option_lines(value: str, path, index) -> list[tuple[str, str]]:
+    """``(A) ...`` lines; a line without a marker continues the option above it, unless a blank line separates
+    them: text after the last option (e.g. a stray "Answer: B") must not be glued onto it."""
+    pairs, gap = [], False
+    for line in value.splitlines():
+        m = _OPTION_LINE.match(line)
+        if m:
+            pairs.append((m.group(1).upper(), m.group(2).strip()))
+            gap = False
+        elif not line.strip():
+            gap = bool(pairs)
+        elif pairs and not gap:  # an option whose text runs over several lines
+            pairs[-1] = (pairs[-1][0], pairs[-1][1] + "\n" + line.strip())
+        elif pairs:
+            raise DataError(path, index, "options", f"text after the last option, separated from it by a blank "
+                                                    f"line: {line[:60]!r}")
+        else:
+            raise DataError(path, index, "options", f"text before the first '(A)' marker: {line[:60]!r}")
+    return pairs
 
 
 def parse_item(raw, path, index: int) -> BenchItem:
@@ -87,6 +103,8 @@ def parse_item(raw, path, index: int) -> BenchItem:
     letters = [letter for letter, _ in options]
     if answer not in letters:
         raise DataError(path, index, "answer", f"{raw['answer']!r} is not among the options {', '.join(letters)}")
+    if raw.get("language") is not None and not isinstance(raw["language"], str):
+        raise DataError(path, index, "language", f"must be a language code string, got {type(raw['language']).__name__}")
     try:
         language = source_language(raw["source"], raw.get("language"))
     except ValueError as e:

@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..common.chat_formats import FORMAT_NAMES, tokenizer_and_format
+from ..common.errors import UsageError
 from ..common.io import write_json, write_jsonl
 from ..common.languages import family_id
 from .bench_items import BenchItem, load_bench
@@ -128,6 +129,14 @@ def _dev_sample(test: list[BenchItem], fraction: float, seed: int) -> list[Bench
     return out
 
 
+def check_flags(args) -> None:
+    for flag, value, least in (("--shots", args.shots, 0), ("--max-tokens", args.max_tokens, 1)):
+        if value < least:
+            raise UsageError(flag, f"must be at least {least}, got {value}")
+    if not 0 <= args.dev_fraction <= 1:
+        raise UsageError("--dev-fraction", f"must be between 0 and 1, got {args.dev_fraction}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="1.data_process_test_dev.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="malformed items: stop with an error (default) or write them to rejects.jsonl and go on")
     args = p.parse_args(argv)
+    check_flags(args)
     if args.dev is None and args.bench == SAMPLE / "bench_test.json":
         args.dev = SAMPLE / "bench_dev.json"
     stem = "sample" if args.bench == SAMPLE / "bench_test.json" else args.bench.stem
@@ -182,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     rejects += [{"file": str(args.bench), **r} for r in test_long] + \
                [{"file": str(args.dev or args.bench), **r} for r in dev_long]
 
+    if test and not test_rec:
+        raise UsageError("--max-tokens", f"no test item fits in {args.max_tokens} tokens, even with zero shots")
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "test.jsonl", test_rec)
     write_jsonl(out / "dev.jsonl", dev_rec)
@@ -211,4 +223,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from src.common import cli
+
+    sys.exit(cli.run(main))

@@ -111,7 +111,9 @@ def run(args) -> dict:
     tokenizer, fmt = tokenizer_and_format(args.model, args.format)
     encoder = ChatEncoder(tokenizer, fmt, max_len)
 
-    out.mkdir(parents=True, exist_ok=True)
+    from ..common.locks import hold
+
+    hold(out, "step 2")  # one writer per --out
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".step2-tmp-"))
     timings = {"load tokenizer": time.time() - t0}
     try:
@@ -161,6 +163,8 @@ def _build(args, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timing
                                    "source": read.sources[r["source_id"]], "tokens": r["full_length"],
                                    "kept": int(rec["length"][i])})
     del meta
+
+    _require_loss_tokens(rec, truncated, max_len)
 
     # 3. entries and their priority order
     src_prio = np.array([r.priority for r in rules], dtype=np.float32)
@@ -286,6 +290,18 @@ def _build(args, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timing
     return report
 
 
+def _require_loss_tokens(rec: dict, truncated: np.ndarray, max_len: int) -> None:
+    """Rows without a single loss token train on nothing (loss 0.0): refuse them, and say why they are empty."""
+    if int(rec["loss"].sum()) > 0:
+        return
+    lost = int((truncated & (rec["loss"] == 0)).sum())
+    reason = (f"{lost} of {len(rec['loss'])} records lost all their answer tokens to truncation at --max-seq-len "
+              f"{max_len} (their prompts alone fill it: raise --max-seq-len)")
+    if lost < len(rec["loss"]):
+        reason += f"; {len(rec['loss']) - lost} records have no answer tokens at all"
+    raise ValueError(f"no training row has a loss token: {reason}")
+
+
 def _rel(path) -> str:
     """A path relative to the repository when it is inside it (stable across checkouts), else as given."""
     try:
@@ -341,10 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(args)
     except (DataError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        from ..common import cli
+
+        return cli.report(e)
     return 0 if report else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from src.common import cli
+
+    sys.exit(cli.run(main))

@@ -12,7 +12,12 @@ Layout of ``OUT/checkpoint-<step>/``:
 Atomicity: everything is written into ``OUT/.tmp-checkpoint-<step>/`` and renamed to ``checkpoint-<step>`` once every
 process has finished writing (a rename is atomic on POSIX filesystems). A crash while saving leaves only the temporary
 folder, which is ignored and removed by the next run; the previous checkpoint stays intact and ``--resume latest``
-picks it. Rotation (``--max-ckpts``) deletes the oldest checkpoints by step number, only after the new one is complete.
+picks it. Rotation (``--max-ckpts``) deletes the oldest checkpoints by step number, only after the new one is complete,
+and never the one just written. Re-saving a step renames the old copy to ``.old-checkpoint-<step>`` first; a crash
+before the new copy is in place leaves that, which the next run puts back. A fresh run refuses an --out that holds
+checkpoints (``--resume latest`` continues them, ``--overwrite`` deletes them first).
+
+Resume loads ``state/`` without unpickling anything (``weights_only.py``).
 """
 from __future__ import annotations
 
@@ -26,12 +31,14 @@ from pathlib import Path
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-" + PREFIX
 TRASH_PREFIX = ".trash-" + PREFIX
+OLD_PREFIX = ".old-" + PREFIX  # a checkpoint being replaced by a new save of the same step (restored if orphaned)
 EVAL_TMP_PREFIX = ".tmp-eval-"  # ZeRO-3 dev evaluation: a temporary full copy of the weights
 STATE_FILE = "trainer_state.json"
 STATE_DIR = "state"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-# Test hook: crash (os._exit) in the middle of the save at this step, after the files are written but before the
-# rename, to check that an interrupted save leaves the previous checkpoint usable.
+# Test hook: crash (os._exit) in the middle of the save at this step ("N"), after the files are written but before
+# the rename, or wait there to be killed ("pause-N"), or crash between the two renames of a re-save ("replace-N"),
+# to check that an interrupted save leaves the previous checkpoint usable.
 CRASH_ENV = "APOLLO_TRAIN_CRASH_IN_SAVE_AT_STEP"
 
 
@@ -92,24 +99,60 @@ def read_trainer_state(path) -> dict:
     return json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
 
 
+def check_out_dir(out_dir, resume_from: Path | None, *, overwrite: bool) -> list[Path]:
+    """Refuse a fresh run into an --out that holds checkpoints of another run (rotation by step number would delete
+    the new run's checkpoints as it saves them); with ``overwrite``, return what the fresh run must delete first."""
+    from src.common.errors import UsageError
+
+    out_dir = Path(out_dir)
+    if overwrite and resume_from is not None:
+        raise UsageError("--overwrite", "starts afresh and cannot be combined with --resume")
+    existing = [p for _, p in list_checkpoints(out_dir)]
+    if overwrite:
+        extra = [out_dir / "train_log.jsonl", out_dir / "dev"]
+        return existing + [p for p in extra if p.exists()]
+    if not existing or (resume_from is not None and resume_from.resolve().parent == out_dir.resolve()):
+        return []
+    names = ", ".join(p.name for p in existing)
+    raise UsageError("--out", f"{out_dir} holds checkpoints of an earlier run ({names}); continue that run with "
+                              f"--resume latest, or delete them and start again with --overwrite")
+
+
+def clear_previous_run(paths, log=print) -> None:
+    for p in paths:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        log(f"[train] --overwrite: removed {p}")
+
+
 def clean_stale(out_dir) -> list[Path]:
-    """Remove temporary folders that an interrupted save or deletion left behind. Returns what was removed."""
+    """Remove temporary folders that an interrupted save or deletion left behind, and put back a checkpoint whose
+    replacement was interrupted between its two renames. Returns what was removed."""
     out_dir = Path(out_dir)
     removed = []
     if out_dir.is_dir():
-        for p in out_dir.iterdir():
+        for p in sorted(out_dir.iterdir()):
+            if p.name.startswith(OLD_PREFIX) and p.is_dir():
+                final = out_dir / (PREFIX + p.name[len(OLD_PREFIX):])
+                if not final.exists():
+                    os.replace(p, final)  # the new copy never arrived: the old one is the complete checkpoint
+                    continue
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+                continue
             if p.name.startswith((TMP_PREFIX, TRASH_PREFIX, EVAL_TMP_PREFIX)) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
 
 
-def rotate(out_dir, max_ckpts: int) -> list[Path]:
-    """Delete the oldest checkpoints (by step) so that at most ``max_ckpts`` remain; <= 0 keeps all."""
+def rotate(out_dir, max_ckpts: int, keep: Path | None = None) -> list[Path]:
+    """Delete the oldest checkpoints (by step) so that at most ``max_ckpts`` remain; <= 0 keeps all. ``keep`` (the
+    checkpoint just written) is never deleted, even when older than the others."""
     if max_ckpts <= 0:
         return []
-    ckpts = list_checkpoints(out_dir)
-    doomed = [p for _, p in ckpts[: max(0, len(ckpts) - max_ckpts)]]
+    ckpts = [p for _, p in list_checkpoints(out_dir)]
+    others = [p for p in ckpts if keep is None or p.name != Path(keep).name]
+    doomed = others[: max(0, len(ckpts) - max_ckpts)]
     for p in doomed:
         # Rename first so that a crash mid-deletion never leaves a half-deleted folder under a checkpoint name.
         trash = p.with_name(TRASH_PREFIX + p.name[len(PREFIX):])
@@ -123,8 +166,12 @@ def rotate(out_dir, max_ckpts: int) -> list[Path]:
 
 def _replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():  # the same step saved again (e.g. a resumed run re-saving): keep the newest
-        old = final.with_name(TRASH_PREFIX + final.name[len(PREFIX):] + f"-{int(time.time())}")
+        # A crash between the two renames leaves only .old-checkpoint-N: clean_stale puts it back.
+        old = final.with_name(OLD_PREFIX + final.name[len(PREFIX):])
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
+        if os.environ.get(CRASH_ENV) == f"replace-{final.name[len(PREFIX):]}":
+            os._exit(17)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
@@ -145,22 +192,62 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, step: int, trainer_s
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     t0 = time.time()
-    save_hf_model(accelerator, model, tokenizer, tmp, is_moe=is_moe)
-    accelerator.save_state(str(tmp / STATE_DIR))
+    try:
+        save_hf_model(accelerator, model, tokenizer, tmp, is_moe=is_moe)
+        accelerator.save_state(str(tmp / STATE_DIR))
+    except BaseException as e:
+        _discard_partial(tmp, e, renamer)
+        raise
     accelerator.wait_for_everyone()
     if os.environ.get(CRASH_ENV) == str(step):
         log(f"[train] {CRASH_ENV}={step}: simulating a crash in the middle of saving {final.name}")
         os._exit(17)
+    if os.environ.get(CRASH_ENV) == f"pause-{step}":  # tests/test_faults.py kills -9 the process here
+        log(f"[train] {CRASH_ENV}=pause-{step}: waiting in the middle of saving {final.name}")
+        time.sleep(3600)
     if renamer:
         from src.common.io import write_json
 
         write_json(tmp / STATE_FILE, trainer_state)  # last file written: its presence marks a complete checkpoint
         _replace_dir(tmp, final)
-        for p in rotate(out_dir, max_ckpts):
+        for p in rotate(out_dir, max_ckpts, keep=final):
             log(f"[train] rotation (--max-ckpts {max_ckpts}): removed {p.name}")
     accelerator.wait_for_everyone()
     log(f"[train] saved {final} in {time.time() - t0:.1f}s")
     return final
+
+
+def _discard_partial(tmp: Path, error: BaseException, renamer: bool) -> None:
+    """A save that failed (a full disk: torch's C++ writer reports it as a RuntimeError) leaves no partial folder;
+    the last complete checkpoint stays the one ``--resume latest`` finds. A full disk is re-raised as ENOSPC with
+    the folder it was writing, for the one-line error."""
+    import errno
+
+    from src.common.cli import no_space_path
+
+    full = no_space_path(error) is not None or (isinstance(error, (OSError, RuntimeError)) and _disk_full(tmp.parent))
+    if renamer:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if full:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp.parent)) from error
+
+
+def _disk_full(folder: Path) -> bool:
+    """Does a 1 MiB write fail for lack of space? torch's zip writer reports a short write as "unexpected pos ...",
+    without the OS error, so ask the filesystem."""
+    import errno
+
+    probe = folder / ".space-probe"
+    try:
+        with probe.open("wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+        return False
+    except OSError as e:
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def save_hf_model(accelerator, model, tokenizer, out_dir: Path, *, is_moe: bool) -> None:

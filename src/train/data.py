@@ -32,6 +32,8 @@ def load_rows(path):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: training rows not found (step 2 writes them: 2.data_process_train.sh)")
+    if (path / "mixture.json").is_file() and (path / "train").is_dir():
+        path = path / "train"  # step 2's output folder given instead of its train/ subfolder
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # a folder that is not a saved dataset
@@ -45,8 +47,22 @@ def load_rows(path):
         raise ValueError(f"{path}: training rows lack column(s) {missing}; columns are {ds.column_names}")
     if len(ds) == 0:
         raise ValueError(f"{path}: the training set has no rows")
+    require_label_tokens(ds, path)
     keep = [c for c in ("input_ids", "labels", "position_ids", "language_ids") if c in ds.column_names]
     return ds.select_columns(keep)
+
+
+def require_label_tokens(ds, path) -> int:
+    """Refuse rows that carry no label token at all: training on them "succeeds" at loss 0.0 and learns nothing.
+    Counted with Arrow compute over the labels column (no Python loop over rows). Returns the label-token count."""
+    import pyarrow.compute as pc
+
+    labels = pc.list_flatten(ds.data.table.column("labels"))
+    n_label = int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
+    if n_label == 0:
+        raise ValueError(f"{path}: no row has a label token (every label is {IGNORE_INDEX}): nothing to train on; "
+                         f"step 2 with a larger --max-seq-len keeps the answers")
+    return n_label
 
 
 @dataclass(frozen=True)

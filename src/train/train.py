@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max-ckpts", type=int, default=3, help="keep the newest N checkpoints (<= 0: keep all)")
     g.add_argument("--resume", default=None, help="latest (newest checkpoint in --out, fresh start if none) or a "
                                                   "checkpoint folder")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds checkpoints of an earlier run: delete them, its "
+                        "train_log.jsonl and dev/ first (without it such a run refuses to start)")
     g.add_argument("--log-dir", default=None, help="TensorBoard folder (default OUT/logs)")
     g.add_argument("--run-name", default=None, help="run name for the trackers (default: the name of --out)")
     g.add_argument("--log-every", type=int, default=1, help="log every N optimizer steps")
@@ -107,4 +110,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from src.common import cli
+
+    sys.exit(cli.run(main))

@@ -108,7 +108,10 @@ class Trainer:
             print(msg, flush=True)
 
     def _setup_out_dir(self) -> None:
+        from src.common.locks import hold_for_launch
+
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        hold_for_launch(self.out_dir, "step 3", main_process=self.main_proc, world_size=self.world)  # one run per OUT
         shared_fs = ckpt.out_dir_is_shared(self.accelerator, self.out_dir)
         # The process that renames and rotates checkpoints: the global main one on a shared filesystem, else each
         # node's local main one in its own copy.
@@ -118,6 +121,13 @@ class Trainer:
                 print(f"[train] removed {p.name} (left by an interrupted save)", flush=True)
         self.accelerator.project_configuration.save_on_each_node = not shared_fs
         self.resume_from = ckpt.resolve_resume(self.args.resume, self.out_dir)
+        # A fresh run into a folder with an earlier run's checkpoints refuses to start unless --overwrite (every rank
+        # refuses alike); with it, the earlier run's files go first.
+        stale = ckpt.check_out_dir(self.out_dir, self.resume_from, overwrite=self.args.overwrite)
+        self.accelerator.wait_for_everyone()
+        if self.renamer and stale:
+            ckpt.clear_previous_run(stale, log=self.log)
+        self.accelerator.wait_for_everyone()
         if self.args.resume == "latest" and self.resume_from is None:
             self.log(f"[train] --resume latest: no checkpoint in {self.out_dir}, starting from scratch")
 
@@ -196,7 +206,10 @@ class Trainer:
         if diff:
             raise SystemExit(f"--resume {self.resume_from}: the run's settings differ from the checkpoint's, an exact "
                              "resume is impossible: " + ", ".join(f"{k} was {a}, now {b}" for k, (a, b) in diff.items()))
-        self.accelerator.load_state(str(self.resume_from / ckpt.STATE_DIR))
+        from .weights_only import load_training_state
+
+        # accelerate/DeepSpeed would unpickle these files: they are read with torch.load(weights_only=True) instead
+        load_training_state(self.accelerator, self.resume_from / ckpt.STATE_DIR, self.accelerator.process_index)
         step = int(state["step"])
         self.log(f"[train] resumed from {self.resume_from} at step {step} (weights, optimizer, scheduler, RNG, data "
                  f"position: epoch {step // self.plan.steps_per_epoch}, row "

@@ -1,0 +1,123 @@
+"""How every entry point ends: a user mistake is one line on stderr and exit code 2, never a traceback.
+
+    error: FILE: record N, field 'F': what is wrong        (DataError)
+    error: --flag: what is wrong                           (UsageError)
+    error: no space left on device: PATH                   (a full disk)
+    interrupted                                            (Ctrl-C, exit 130; outputs stay resumable)
+
+``--debug`` anywhere on the command line (it is removed before the step parses its flags) or ``APOLLO_DEBUG=1`` in
+the environment prints the traceback as well. An unexpected exception (a bug, not a user mistake) is also one line,
+with exit code 1, naming its type.
+
+Use: ``if __name__ == "__main__": sys.exit(cli.run(main))``.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+import traceback
+
+from .errors import DataError, UsageError
+
+DEBUG_ENV = "APOLLO_DEBUG"
+EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
+# Exceptions that mean "the input or the request is wrong": shown as their message alone.
+USER_ERRORS = (DataError, UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError, FileExistsError, UnicodeDecodeError)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0", "false", "no")
+
+
+def run(main, argv: list[str] | None = None) -> int:
+    """Call ``main(argv)`` and turn what it raises into the one-line messages above and an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        os.environ[DEBUG_ENV] = "1"  # child processes (accelerate launch) see it too
+    original_error = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _flag_error  # documented as overridable; restored below
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        _traceback_if_debug()
+        print("interrupted (Ctrl-C): what was written so far is kept; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except SystemExit as e:
+        if isinstance(e.code, str):  # raise SystemExit("message"): a refused request
+            _traceback_if_debug()
+            print(f"error: {_one_line(_strip_tag(e.code))}", file=sys.stderr, flush=True)
+            return EXIT_USAGE
+        raise
+    except BaseException as e:  # noqa: BLE001 - every other exception becomes one line
+        return report(e)
+    finally:
+        argparse.ArgumentParser.error = original_error
+    return int(code or 0)
+
+
+def _flag_error(parser, message: str):
+    """argparse's errors ("usage: ..." and "PROG: error: argument --shots: invalid int value") as one UsageError
+    line: ``error: --shots: invalid int value: 'x'`` (``--help`` still shows the usage)."""
+    flag, _, rest = message.partition(": ")
+    if flag.startswith("argument "):
+        raise UsageError(flag[len("argument "):].split("/")[0], rest)
+    raise UsageError("", message)
+
+
+def report(e: BaseException) -> int:
+    """Print ``e`` as one ``error:`` line (plus the traceback when debugging) and return the exit code."""
+    _traceback_if_debug()
+    message, code = describe(e)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if code == EXIT_BUG and not debug_enabled():
+        print(f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
+    return code
+
+
+def describe(e: BaseException) -> tuple[str, int]:
+    space = no_space_path(e)
+    if space is not None:
+        return f"no space left on device: {space}", EXIT_USAGE
+    if isinstance(e, OSError) and e.filename and isinstance(e, (FileNotFoundError, PermissionError,
+                                                                NotADirectoryError, IsADirectoryError)):
+        text = str(e)
+        if text.startswith("[Errno"):  # the bare OS message: say it as "PATH: reason"
+            return f"{e.filename}: {(e.strerror or text).lower()}", EXIT_USAGE
+    if isinstance(e, USER_ERRORS):
+        return _one_line(_strip_tag(str(e))) or type(e).__name__, EXIT_USAGE
+    return f"internal error: {type(e).__name__}: {_one_line(str(e))}", EXIT_BUG
+
+
+def no_space_path(e: BaseException) -> str | None:
+    """The path of a write that failed on a full disk, or None when ``e`` (or its causes) is no such failure.
+    torch and DeepSpeed report it as a RuntimeError from their C++ writers, hence the message check."""
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return str(e.filename or getattr(e, "apollo_path", "") or "?")
+        if "No space left on device" in str(e) or "file write failed" in str(e):
+            return str(getattr(e, "apollo_path", "") or "?")
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def _traceback_if_debug() -> None:
+    if debug_enabled():
+        traceback.print_exc()
+
+
+def _strip_tag(text: str) -> str:
+    """Messages written for logs start with ``[step 4] ``; the error line does not need it."""
+    text = text.strip()
+    if text.startswith("[") and "] " in text[:20]:
+        text = text.split("] ", 1)[1]
+    return text
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
