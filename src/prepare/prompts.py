@@ -52,12 +52,6 @@ def template_name(item: BenchItem) -> str:
     return "en_pubmed" if is_major(item.language) else "en"
 
 
-def wording(language: str) -> dict:
-    """The strings of a language's template (the 38 minor languages use English, as the reference does)."""
-    table = wording_table()
-    return table.get(language, table["en"])
-
-
 class PromptBuilder:
     def __init__(self, fmt: ChatFormat, style: str = "fixed"):
         if style not in STYLES:

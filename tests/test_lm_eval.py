@@ -1,0 +1,96 @@
+"""lm-evaluation-harness agreement: on real XMedBench items, the harness (run in-process on the task folder that
+util/export_lm_eval.py writes) chooses the same letter as step 4's ``--mode loglik`` on every item."""
+import json
+
+import pytest
+import torch
+
+from src.common.io import iter_jsonl
+from src.evaluate import eval as step4
+from src.prepare import test_dev
+from util import export_lm_eval
+
+PER_SOURCE = 3
+SOURCES = ("mmlu-medical", "cmexam", "medqa-mcmle", "headqa", "frenchmedmcqa", "mmlu-medical-ar", "mmlu-medical-hi",
+           "KorMedMCQA")  # 7 languages
+
+
+def _pick(raw: list[dict]) -> list[dict]:
+    """The shortest items of each source (short prompts keep both scorers' runs short on a CPU)."""
+    out = []
+    for source in SOURCES:
+        items = [it for it in raw if it["source"] == source]
+        out += sorted(items, key=lambda it: len(it["question"]) + len(it["options"]))[:PER_SOURCE]
+    return out
+
+
+def test_export_writes_one_task_per_language_and_a_group(tmp_path):
+    recs = [{"id": f"x{i}", "source": "headqa", "language": lang, "prompt": "P", "answer": "B", "letters": ["A", "B"],
+             "answer_phrase": "La respuesta correcta es "} for i, lang in enumerate(["es", "es", "ar"])]
+    inp = tmp_path / "test.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    rep = export_lm_eval.export(inp, tmp_path / "tasks")
+    assert rep["tasks"] == ["xmedbench_ar", "xmedbench_es"] and rep["by_language"] == {"ar": 1, "es": 2}
+    group = json.loads((tmp_path / "tasks" / "xmedbench.yaml").read_text())
+    assert group["group"] == "xmedbench" and group["task"] == rep["tasks"]
+    (doc,) = iter_jsonl(tmp_path / "tasks" / "data" / "ar.jsonl")
+    assert doc["query"] == "PLa respuesta correcta es (" and doc["choices"] == ["A", "B"] and doc["gold"] == 1
+    with pytest.raises(SystemExit, match="already holds"):
+        export_lm_eval.export(inp, tmp_path / "tasks")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**recs[0], "answer": "C"}) + "\n", encoding="utf-8")
+    with pytest.raises(Exception, match="bad.jsonl.*record 1.*answer"):
+        export_lm_eval.export(bad, tmp_path / "t2")
+
+
+def test_lm_eval_chooses_our_loglik_letters(shared_data, smollm2_dir, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    raw = json.loads((shared_data / "bench_test.json").read_text(encoding="utf-8"))
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps(_pick(raw), ensure_ascii=False), encoding="utf-8")
+    data = tmp_path / "step1"
+    # Shots from the other picked items of the same source (no --dev): short exemplars keep the run short.
+    assert test_dev.main(["--bench", str(bench), "--model", str(smollm2_dir), "--out", str(data), "--shots", "1",
+                          "--prompt-style", "paper"]) == 0
+    records = list(iter_jsonl(data / "test.jsonl"))
+    assert len(records) >= 24 and len({r["language"] for r in records}) >= 6
+
+    out = tmp_path / "ours"
+    assert step4.main(["--model", str(smollm2_dir), "--input", str(data / "test.jsonl"), "--out", str(out),
+                       "--mode", "loglik", "--no-progress", "--threads", "1"]) == 0
+    ours = {p["id"]: p for p in iter_jsonl(out / "predictions.jsonl")}
+
+    tasks = tmp_path / "tasks"
+    export_lm_eval.export(data / "test.jsonl", tasks)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster than two contending ones
+    try:
+        res = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(smollm2_dir), "dtype": "float32"},
+                                      tasks=["xmedbench"], num_fewshot=0, batch_size=1, device="cpu",
+                                      task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                                      log_samples=True, bootstrap_iters=0)
+    finally:
+        torch.set_num_threads(threads)
+    theirs = {}
+    for samples in res["samples"].values():
+        for s in samples:
+            lls = [float(r[0]) for r in s["filtered_resps"]]
+            theirs[s["doc"]["id"]] = dict(zip(s["doc"]["choices"], lls))
+    assert set(theirs) == set(ours)
+
+    differ = []
+    for item_id, pred in ours.items():
+        ll = theirs[item_id]
+        letter = max(ll, key=ll.get)
+        gap = max(abs(ll[L] - pred["scores"][L]) for L in ll)
+        if letter != pred["letter"] or gap > 2e-3:
+            differ.append(f"{item_id}: lm-eval {letter} {ll}, ours {pred['letter']} {pred['scores']}")
+    print(f"{len(ours)} items, {len(differ)} differ")
+    assert not differ, "\n".join(differ)
+    accs = {t: r["acc,none"] for t, r in res["results"].items() if t != "xmedbench"}
+    for task, acc in accs.items():
+        lang = task.removeprefix("xmedbench_")
+        mine = [p["correct"] for p in ours.values() if p["language"] == lang]
+        assert acc == pytest.approx(sum(mine) / len(mine))
