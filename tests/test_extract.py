@@ -1,5 +1,5 @@
 """Answer extraction: a table of generations in many languages with the letter and rule each must give, the
-reference's exact behaviour (checked against an independent transcription of REFERENCE.md 5.2), and the stopping
+reference's exact behaviour (checked against an independent transcription of the original rules, docs/reference.md), and the stopping
 rule the engine relies on."""
 import random
 import re
@@ -195,7 +195,7 @@ def test_letters_are_validated():
     assert extract("(A)", ["a", "b"]).letter == "A"  # lower-case letters are accepted
 
 
-# ---- the reference's extractor, transcribed independently from REFERENCE.md 5.2 / the published code -------------
+# ---- the reference's extractor, transcribed independently from the published code's rules (docs/reference.md) -------------
 def _oracle(text, pattern=r"[（\(]([A-Fa-f])[）\)]"):
     if "\n" in text:
         for part in text.split("\n"):

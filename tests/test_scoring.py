@@ -1,4 +1,4 @@
-"""Scoring maths on hand-made predictions: per-source counts, language scores as REFERENCE.md 5.4 defines them,
+"""Scoring maths on hand-made predictions: per-source counts, language scores as the original collector defines them (docs/reference.md, "Scores"),
 major/minor averages, zero-correct sources, no-letter counts, and the confidence intervals."""
 import math
 

@@ -21,13 +21,9 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from src.common.io import iter_jsonl  # noqa: E402
-from src.common.languages import major_languages, minor_languages  # noqa: E402
-from src.evaluate.scoring import score as score_predictions  # noqa: E402
+from src.common.io import iter_jsonl
+from src.common.languages import major_languages, minor_languages
+from src.evaluate.scoring import score as score_predictions
 
 
 def load_scores(dirs: list[Path], exclude_sources=()) -> list[dict]:

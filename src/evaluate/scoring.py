@@ -1,9 +1,9 @@
-"""Scores from predictions: per source, per language (REFERENCE.md 5.4), major and minor averages, 95% intervals.
+"""Scores from predictions: per source, per language (docs/reference.md, "Scores"), major and minor averages, 95% intervals.
 
 How each number is made:
 
 * A **source** is scored by its pooled counts: accuracy = right / total.
-* A **language** follows REFERENCE.md 5.4 (``src.common.languages.score_method``): 'macro' languages (en, zh and the
+* A **language** follows the original collector (docs/reference.md, "Scores"; ``src.common.languages.score_method``): 'macro' languages (en, zh and the
   single-source ones) take the unweighted mean of their source accuracies; 'micro' languages (de, fr, it, pt) pool the
   counts of their sources. A language with one source gets exactly that source's accuracy either way.
 * The **major average** is the unweighted mean of the major languages present (the paper's "Major"/"Avg." column when
@@ -166,7 +166,7 @@ def score(predictions: list[dict], exclude_sources=()) -> dict:
         "duplicates_dropped": duplicates,
         "excluded_sources": excluded,
         "ci_method": CI_METHOD,
-        "language_method": "REFERENCE.md 5.4: macro = mean of source accuracies, micro = pooled counts",
+        "language_method": "the original collector: macro = mean of source accuracies, micro = pooled counts",
     }
     return out
 
