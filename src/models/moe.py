@@ -621,6 +621,24 @@ def _load_weights_strict(model: nn.Module, path: Path) -> None:
         raise ValueError(f"{path}: checkpoint lacks weights: {missing[:5]}")
 
 
+def check_training_rows(model_dir: str | Path, train_dir: str | Path) -> str | None:
+    """Refuse step 2 rows whose language ids do not match the checkpoint's experts (a routing rule would send
+    tokens to the wrong experts, or to none): step 2 records how many ids it uses (7 families or 50 languages) in
+    mixture.json beside the rows. Returns a note when there is no mixture.json to check."""
+    mixture = Path(train_dir).parent / "mixture.json"
+    if not mixture.is_file():
+        return f"no {mixture}: the rows' language ids are not checked against the experts"
+    entry = json.loads(mixture.read_text(encoding="utf-8"))
+    settings = settings_from_config(_config_dict(model_dir)[MOE_CONFIG_KEY], Path(model_dir) / "config.json")
+    count = entry.get("num_language_ids")
+    if settings.routing != "learned" and count is not None and count != settings.num_experts:
+        raise ValueError(f"{mixture}: field num_language_ids is {count} ({entry.get('language_ids')} ids), but "
+                         f"{model_dir} has {settings.num_experts} experts per MoE layer with {settings.routing} "
+                         "routing: upcycle with as many experts as ids (e.g. --experts 50 for --language-ids "
+                         "language) or prepare the rows with the matching --language-ids")
+    return None
+
+
 def load_model(path: str | Path, torch_dtype: torch.dtype | str | None = None, device=None) -> nn.Module:
     """Load a dense HF checkpoint or one of our MoE checkpoints, in eval mode.
 

@@ -220,6 +220,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"--expect moe: {args.model} is not a Post-MoE checkpoint (scripts/upcycle_moe.sh makes one)")
     if args.expect == "dense" and is_moe:
         raise SystemExit(f"--expect dense: {args.model} is a Post-MoE checkpoint")
+    rows_note = None
+    if is_moe:  # the rows' language ids must match the experts (7 families or 50 languages)
+        try:
+            rows_note = moe_module().check_training_rows(args.model, args.train)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     lr = args.lr if args.lr is not None else (MOE_LR if is_moe else DENSE_LR)
     out_dir = Path(args.out)
     log_dir = Path(args.log_dir) if args.log_dir else out_dir / "logs"
@@ -248,6 +254,9 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         if main_proc:
             print(msg, flush=True)
+
+    if rows_note:
+        log(f"[train] note: {rows_note}")
 
     set_seed(args.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
