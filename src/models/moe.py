@@ -1,15 +1,15 @@
-"""Post-MoE upcycling for any HF decoder (DESIGN.md "Models", REFERENCE.md section 6), done right.
+"""Post-MoE upcycling for any HF decoder (docs/moe.md), with the published ApolloMoE recipe as the default.
 
 `upcycle(model)` turns the MLP of the last N decoder layers into a `SparseMoeBlock`: E experts, each a copy of that
 layer's gated MLP, stored fused like transformers' own MoE classes (`experts.gate_up_proj [E, 2I, H]`,
 `experts.down_proj [E, H, I]`), plus a router `gate: Linear(H, E)`. The settings live in one config field
 (`config.post_moe`) so a checkpoint says what it is.
 
-Routing: softmax over E in fp32, top-k; the k weights are renormalised by default so that with identical experts the
-upcycled model computes exactly what the dense one did (`norm_topk_prob=False` is the reference's raw probabilities).
-Hybrid routing (training only, when `language_ids` are given): each token's family expert (language id = expert index)
-is always among its k experts, replacing the lowest-weighted choice when the router did not pick it. At eval the
-router decides alone.
+Routing (src/models/router.py): softmax over E in fp32, top-k; the k weights are renormalised by default so that with
+identical experts the upcycled model computes exactly what the dense one did (`norm_topk_prob=False` is the
+reference's raw probabilities). While training with `language_ids`, the checkpoint's routing rule applies: hybrid
+(default: each token's family expert, language id = expert index, is always among its k), hard (top-1 to the
+language expert) or learned. At eval the router decides alone.
 
 How language ids reach the blocks: `model(..., language_ids=B x S)` is an extra keyword argument, which transformers
 passes down to every decoder layer and on to its attention call (the layer calls `self.mlp(h)` without arguments). A
