@@ -97,20 +97,28 @@ def test_per_language_experts_follow_the_50_language_ids():
 
 
 def test_step3_refuses_rows_whose_ids_do_not_match_the_experts(tmp_path):
-    model_dir = moe.save_moe(moe.upcycle(tiny("llama"), num_experts=7), None, tmp_path / "moe")
+    model_dir = moe.save_moe(moe.upcycle(tiny("llama"), num_experts=12), None, tmp_path / "moe")
     train = tmp_path / "data" / "train"
     train.mkdir(parents=True)
     assert "not checked" in moe.check_training_rows(model_dir, train)
     mixture = tmp_path / "data" / "mixture.json"
-    mixture.write_text(json.dumps({"language_ids": "family", "num_language_ids": 7}))
-    assert moe.check_training_rows(model_dir, train) is None
-    mixture.write_text(json.dumps({"language_ids": "language", "num_language_ids": 50}))
-    with pytest.raises(ValueError, match=r"mixture.json: field num_language_ids is 50 .* --experts 50"):
+
+    def rows(mode, codes):
+        count = 7 if mode == "family" else 50
+        by_language = {c: {"family": languages()[c]["family"], "language_id": language_id(c)} for c in codes}
+        mixture.write_text(json.dumps({"language_ids": mode, "num_language_ids": count, "by_language": by_language}))
+
+    rows("language", ["en", "zh", "ar"])  # the 12 major languages have ids 0-11: each has an expert
+    assert "50 language ids for 12 experts" in moe.check_training_rows(model_dir, train)
+    rows("language", ["en", "ha", "sw"])  # minor languages have ids 12-49
+    with pytest.raises(ValueError, match=r"mixture.json: field by_language: 2 language\(s\) \(ha, sw\).* --experts 50"):
         moe.check_training_rows(model_dir, train)
     from src.train.train import main
 
-    with pytest.raises(SystemExit, match="num_language_ids is 50"):
+    with pytest.raises(SystemExit, match="have language ids >= 12"):
         main(["--model", str(model_dir), "--train", str(train), "--out", str(tmp_path / "ckpt")])
+    rows("family", ["en", "ha", "sw"])
+    assert "7 family ids for 12 experts" in moe.check_training_rows(model_dir, train)
 
 
 def test_upcycle_cli_variant_flags(tiny_model_dir, tmp_path):

@@ -622,20 +622,28 @@ def _load_weights_strict(model: nn.Module, path: Path) -> None:
 
 
 def check_training_rows(model_dir: str | Path, train_dir: str | Path) -> str | None:
-    """Refuse step 2 rows whose language ids do not match the checkpoint's experts (a routing rule would send
-    tokens to the wrong experts, or to none): step 2 records how many ids it uses (7 families or 50 languages) in
-    mixture.json beside the rows. Returns a note when there is no mixture.json to check."""
+    """Refuse step 2 rows whose language ids the checkpoint has no expert for: a routing rule would silently force
+    nothing for those tokens. Step 2's mixture.json beside the rows says which ids it used (`language_ids`: family
+    or language; `by_language`: each language's family and language_id). Returns a note when the id count differs
+    from the experts without leaving any token out (e.g. the 12 major languages on 12 experts), or when there is no
+    mixture.json to check."""
     mixture = Path(train_dir).parent / "mixture.json"
     if not mixture.is_file():
         return f"no {mixture}: the rows' language ids are not checked against the experts"
     entry = json.loads(mixture.read_text(encoding="utf-8"))
     settings = settings_from_config(_config_dict(model_dir)[MOE_CONFIG_KEY], Path(model_dir) / "config.json")
-    count = entry.get("num_language_ids")
-    if settings.routing != "learned" and count is not None and count != settings.num_experts:
-        raise ValueError(f"{mixture}: field num_language_ids is {count} ({entry.get('language_ids')} ids), but "
-                         f"{model_dir} has {settings.num_experts} experts per MoE layer with {settings.routing} "
-                         "routing: upcycle with as many experts as ids (e.g. --experts 50 for --language-ids "
-                         "language) or prepare the rows with the matching --language-ids")
+    mode, count = entry.get("language_ids"), entry.get("num_language_ids")
+    field = "family" if mode == "family" else "language_id"
+    used = {lang: info[field] for lang, info in (entry.get("by_language") or {}).items() if field in info}
+    uncovered = sorted(lang for lang, i in used.items() if i >= settings.num_experts)
+    if settings.routing != "learned" and uncovered:
+        raise ValueError(f"{mixture}: field by_language: {len(uncovered)} language(s) ({', '.join(uncovered[:8])}) "
+                         f"have {mode} ids >= {settings.num_experts}, the experts per MoE layer of {model_dir} "
+                         f"({settings.routing} routing): upcycle with as many experts as ids (e.g. --experts "
+                         f"{count} for --language-ids {mode}) or prepare the rows with the matching --language-ids")
+    if count is not None and count != settings.num_experts:
+        return (f"{mixture}: {count} {mode} ids for {settings.num_experts} experts; every language in the rows has "
+                "an expert")
     return None
 
 
