@@ -169,7 +169,7 @@ def _grads(model, steps):
     """Gradients of loss + aux loss for each (input_ids, language_ids, position_ids) after all forwards ran."""
     losses = []
     for input_ids, language_ids, position_ids in steps:
-        # use_cache=False: with a cache transformers does not build the packed-document mask (STACK.md)
+        # use_cache=False: with a cache transformers does not build the packed-document mask (transformers 5.23)
         out = model(input_ids=input_ids, labels=input_ids, language_ids=language_ids, position_ids=position_ids,
                     use_cache=False)
         losses.append(out.loss + moe.aux_loss(model))

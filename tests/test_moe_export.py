@@ -141,3 +141,17 @@ def test_export_cli_reads_our_folder_and_refuses_to_overwrite(tmp_path, capsys):
         moe_export.main(["--model", str(source), "--out", str(tmp_path / "hf")])
     with pytest.raises(SystemExit):
         moe_export.main(["--model", str(tmp_path / "hf"), "--out", str(tmp_path / "again")])  # not ours
+
+
+def test_compare_predictions(tmp_path, capsys):
+    from util.compare_predictions import main
+
+    def write(name, letters):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"id": f"q{i}", "letter": x}) + "\n" for i, x in enumerate(letters)))
+        return str(path)
+
+    a, same, other, shorter = write("a", "ABCD"), write("b", "ABCD"), write("c", "ABDD"), write("d", "ABC")
+    assert main([a, same]) == 0 and capsys.readouterr().out.splitlines()[-1].startswith("OK: 4 identical")
+    assert main([a, other]) == 1 and "q2: 'C' vs 'D'" in capsys.readouterr().out
+    assert main([a, shorter]) == 1 and "1 unmatched ids" in capsys.readouterr().out

@@ -26,7 +26,7 @@ from src.common.errors import DataError
 from src.models import moe, moe_export
 
 APOLLO_MODEL_TYPE = "upcycling-qwen2-moe"
-# config.json fields of the reference's MoE config that are not Qwen2 fields (REFERENCE.md-style list in docs/moe.md).
+# config.json fields of the reference's MoE config that are not Qwen2 fields (listed in docs/moe.md).
 MOE_FIELDS = ("decoder_sparse_step", "num_experts_per_tok", "num_experts", "norm_topk_prob", "output_router_logits",
               "router_aux_loss_coef", "mlp_only_layers", "share_flag", "attn_init_change", "language_gate",
               "moe_intermediate_size", "shared_expert_intermediate_size")

@@ -5,7 +5,7 @@
 Reads a processed test set (jsonl; each line needs "prompt" and "language"), runs the prompts through an MoE
 checkpoint in eval mode (learned router only, nothing forced), batched with left padding; padding is not counted.
 Writes routing.png (one panel per language: MoE layers x experts, each cell the share of the layer's selections) and
-routing.json (the same ratios plus token counts). Fixes the reference tool (REFERENCE.md 6.10): any batch size,
+routing.json (the same ratios plus token counts). Fixes the reference tool (docs/moe.md): any batch size,
 padding excluded, every layer read from the checkpoint's own config.
 """
 from __future__ import annotations

@@ -1,15 +1,15 @@
-"""Post-MoE upcycling for any HF decoder (DESIGN.md "Models", REFERENCE.md section 6), done right.
+"""Post-MoE upcycling for any HF decoder (docs/moe.md), with the published ApolloMoE recipe as the default.
 
 `upcycle(model)` turns the MLP of the last N decoder layers into a `SparseMoeBlock`: E experts, each a copy of that
 layer's gated MLP, stored fused like transformers' own MoE classes (`experts.gate_up_proj [E, 2I, H]`,
 `experts.down_proj [E, H, I]`), plus a router `gate: Linear(H, E)`. The settings live in one config field
 (`config.post_moe`) so a checkpoint says what it is.
 
-Routing: softmax over E in fp32, top-k; the k weights are renormalised by default so that with identical experts the
-upcycled model computes exactly what the dense one did (`norm_topk_prob=False` is the reference's raw probabilities).
-Hybrid routing (training only, when `language_ids` are given): each token's family expert (language id = expert index)
-is always among its k experts, replacing the lowest-weighted choice when the router did not pick it. At eval the
-router decides alone.
+Routing (src/models/router.py): softmax over E in fp32, top-k; the k weights are renormalised by default so that with
+identical experts the upcycled model computes exactly what the dense one did (`norm_topk_prob=False` is the
+reference's raw probabilities). While training with `language_ids`, the checkpoint's routing rule applies: hybrid
+(default: each token's family expert, language id = expert index, is always among its k), hard (top-1 to the
+language expert) or learned. At eval the router decides alone.
 
 How language ids reach the blocks: `model(..., language_ids=B x S)` is an extra keyword argument, which transformers
 passes down to every decoder layer and on to its attention call (the layer calls `self.mlp(h)` without arguments). A
@@ -620,6 +620,32 @@ def _load_weights_strict(model: nn.Module, path: Path) -> None:
     missing = sorted(k for k in expected - loaded if not shared.get(k, set()) & loaded)
     if missing:
         raise ValueError(f"{path}: checkpoint lacks weights: {missing[:5]}")
+
+
+def check_training_rows(model_dir: str | Path, train_dir: str | Path) -> str | None:
+    """Refuse step 2 rows whose language ids the checkpoint has no expert for: a routing rule would silently force
+    nothing for those tokens. Step 2's mixture.json beside the rows says which ids it used (`language_ids`: family
+    or language; `by_language`: each language's family and language_id). Returns a note when the id count differs
+    from the experts without leaving any token out (e.g. the 12 major languages on 12 experts), or when there is no
+    mixture.json to check."""
+    mixture = Path(train_dir).parent / "mixture.json"
+    if not mixture.is_file():
+        return f"no {mixture}: the rows' language ids are not checked against the experts"
+    entry = json.loads(mixture.read_text(encoding="utf-8"))
+    settings = settings_from_config(_config_dict(model_dir)[MOE_CONFIG_KEY], Path(model_dir) / "config.json")
+    mode, count = entry.get("language_ids"), entry.get("num_language_ids")
+    field = "family" if mode == "family" else "language_id"
+    used = {lang: info[field] for lang, info in (entry.get("by_language") or {}).items() if field in info}
+    uncovered = sorted(lang for lang, i in used.items() if i >= settings.num_experts)
+    if settings.routing != "learned" and uncovered:
+        raise ValueError(f"{mixture}: field by_language: {len(uncovered)} language(s) ({', '.join(uncovered[:8])}) "
+                         f"have {mode} ids >= {settings.num_experts}, the experts per MoE layer of {model_dir} "
+                         f"({settings.routing} routing): upcycle with as many experts as ids (e.g. --experts "
+                         f"{count} for --language-ids {mode}) or prepare the rows with the matching --language-ids")
+    if count is not None and count != settings.num_experts:
+        return (f"{mixture}: {count} {mode} ids for {settings.num_experts} experts; every language in the rows has "
+                "an expert")
+    return None
 
 
 def load_model(path: str | Path, torch_dtype: torch.dtype | str | None = None, device=None) -> nn.Module:

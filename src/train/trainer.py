@@ -77,6 +77,12 @@ class Trainer:
                              "one)")
         if args.expect == "dense" and self.is_moe:
             raise SystemExit(f"--expect dense: {args.model} is a Post-MoE checkpoint")
+        self.rows_note = None
+        if self.is_moe:  # the rows' language ids must match the experts (7 families or 50 languages)
+            try:
+                self.rows_note = moe_module().check_training_rows(args.model, args.train)
+            except ValueError as e:
+                raise SystemExit(str(e)) from None
         self.lr = args.lr if args.lr is not None else (MOE_LR if self.is_moe else DENSE_LR)
         self.out_dir = Path(args.out)
         log_dir = Path(args.log_dir) if args.log_dir else self.out_dir / "logs"
@@ -101,6 +107,8 @@ class Trainer:
         self.main_proc = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.device = self.accelerator.device
+        if self.rows_note:
+            self.log(f"[train] note: {self.rows_note}")
         set_seed(args.seed)
 
     def log(self, msg: str) -> None:
