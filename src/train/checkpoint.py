@@ -23,6 +23,8 @@ import shutil
 import time
 from pathlib import Path
 
+from . import lora
+
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-" + PREFIX
 TRASH_PREFIX = ".trash-" + PREFIX
@@ -124,7 +126,7 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, step: int, trainer_s
     accelerator.wait_for_everyone()
     t0 = time.time()
     save_hf_model(accelerator, model, tokenizer, tmp, is_moe=is_moe)
-    accelerator.save_state(str(tmp / STATE_DIR))
+    accelerator.save_state(str(tmp / STATE_DIR), **lora.state_save_kwargs(model))
     accelerator.wait_for_everyone()
     if os.environ.get(CRASH_ENV) == str(step):
         log(f"[train] {CRASH_ENV}={step}: simulating a crash in the middle of saving {final.name}")
@@ -144,6 +146,9 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, step: int, trainer_s
 def save_hf_model(accelerator, model, tokenizer, out_dir: Path, *, is_moe: bool) -> None:
     """The model in HF format (16-bit weights gathered under ZeRO-3) and its tokenizer, written by the main process."""
     unwrapped = accelerator.unwrap_model(model)
+    if lora.is_lora(unwrapped):
+        lora.save_adapter(accelerator, model, unwrapped, tokenizer, out_dir)
+        return
     if is_moe:
         _save_moe(accelerator, model, unwrapped, tokenizer, out_dir)
         return

@@ -88,7 +88,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak FLOP/s (TFLOP/s) for MFU (default: known GPUs' bf16 dense peak)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from . import lora
+
+    lora.add_args(p)
     args = p.parse_args(argv)
+    lora.check_args(p, args)
     for name in ("batch_size", "grad_accum", "epochs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -211,6 +215,7 @@ def main(argv=None) -> int:
     from src.models.loading import load_model, load_tokenizer
 
     from . import checkpoint as ckpt
+    from . import lora
     from .data import BatchPlan, Collator, load_rows
     from .optim import build_optimizer, build_scheduler, no_decay_names
 
@@ -279,8 +284,11 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(args.model, padding_side="left")
     dtype = torch.bfloat16 if on_gpu else torch.float32
     t0 = time.time()
-    if is_moe and args.zero == 3:
-        with no_zero3_init(plugin):  # the MoE loader builds and fills a full model; DeepSpeed partitions it later
+    if args.qlora:
+        model = lora.load_4bit(args.model, dtype, accelerator.local_process_index)
+    elif (is_moe or lora.enabled(args)) and args.zero == 3:
+        # The MoE loader builds and fills a full model, and peft wraps full layers: DeepSpeed partitions it later.
+        with no_zero3_init(plugin):
             model = load_model(args.model, torch_dtype=dtype)
     else:
         model = load_model(args.model, torch_dtype=dtype)  # ZeRO-3 dense: partitioned while loading (zero.Init)
@@ -291,6 +299,7 @@ def main(argv=None) -> int:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    model = lora.apply(model, args, base=args.model, is_moe=is_moe)
     if is_moe and args.zero == 3:
         from deepspeed.utils import set_z3_leaf_modules
 
@@ -301,6 +310,9 @@ def main(argv=None) -> int:
     log(f"[train] model {args.model} ({'Post-MoE' if is_moe else 'dense'}, {n_flop_params / 1e6:.1f}M compute "
         f"params, attention {attn_impl}{', gradient checkpointing' if args.gradient_checkpointing else ''}) "
         f"loaded in {time.time() - t0:.1f}s")
+    param_counts = lora.param_counts(model)
+    if lora.enabled(args):
+        log(f"[train] LoRA r {args.lora_r}, alpha {lora.alpha(args)} on {args.lora_targets}: {lora.describe(param_counts)}")
 
     rows = load_rows(args.train)
     plan = BatchPlan(len(rows), world, args.batch_size, args.grad_accum)
@@ -320,10 +332,13 @@ def main(argv=None) -> int:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     engine = model
     unwrapped = accelerator.unwrap_model(model)
+    if lora.enabled(args):
+        lora.drop_frozen_tied_weights_on_save(engine)
 
     # The settings an exact resume depends on: they must not change between the runs.
     run_signature = {"num_rows": len(rows), "world_size": world, "batch_size": args.batch_size,
-                     "grad_accum": args.grad_accum, "total_steps": total_steps, "zero": args.zero}
+                     "grad_accum": args.grad_accum, "total_steps": total_steps, "zero": args.zero,
+                     "lora": lora.settings(args)}
     start_step = 0
     if resume_from is not None:
         state = ckpt.read_trainer_state(resume_from)
@@ -332,7 +347,7 @@ def main(argv=None) -> int:
         if diff:
             raise SystemExit(f"--resume {resume_from}: the run's settings differ from the checkpoint's, an exact "
                              f"resume is impossible: " + ", ".join(f"{k} was {a}, now {b}" for k, (a, b) in diff.items()))
-        accelerator.load_state(str(resume_from / ckpt.STATE_DIR))
+        accelerator.load_state(str(resume_from / ckpt.STATE_DIR), **lora.state_load_kwargs(unwrapped))
         start_step = int(state["step"])
         log(f"[train] resumed from {resume_from} at step {start_step} (weights, optimizer, scheduler, RNG, data "
             f"position: epoch {start_step // plan.steps_per_epoch}, row "
@@ -341,6 +356,7 @@ def main(argv=None) -> int:
     hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
     hparams.update(lr=lr, world_size=world, total_steps=total_steps, is_moe=is_moe, attn_impl=attn_impl)
     accelerator.init_trackers(run_name, config=hparams)
+    accelerator.log({f"params/{k}": v for k, v in param_counts.items()}, step=start_step)
     metrics_path = out_dir / "train_log.jsonl"
     if main_proc:
         # On resume keep the records up to the resumed step (a crashed run may have logged steps past it).
@@ -373,7 +389,7 @@ def main(argv=None) -> int:
         else:
             eval_model = unwrapped
         try:
-            res = evaluate_dev(accelerator, eval_model, tokenizer, dev_records, predict_fn, score_fn, args,
+            res = evaluate_dev(accelerator, lora.plain_view(eval_model), tokenizer, dev_records, predict_fn, score_fn, args,
                                out_dir / "dev" / f"step-{step}")
         finally:
             if eval_model is not unwrapped:
@@ -668,9 +684,13 @@ def materialize_copy(accelerator, plugin, model, tokenizer, tmp_dir: Path, *, is
 
     from src.models.loading import load_model
 
+    from . import lora
+
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         if writer:
-            if is_moe:
+            if lora.is_lora(model):  # the adapter only: loading it applies it to --model again, merged
+                lora.save_adapter_files(model, None, tmp_dir)
+            elif is_moe:
                 moe_module().save_moe(model, None, tmp_dir)
             else:
                 model.save_pretrained(tmp_dir, safe_serialization=True)
