@@ -58,7 +58,7 @@ def perturb_adapter(model, seed: int = 0) -> None:
 
 # --------------------------------------------------------------------------------------------------- flags
 @pytest.mark.parametrize("argv, message", [
-    (["--lora-alpha", "8"], "--lora-alpha need(s) --lora-r"),
+    (["--lora-alpha", "8"], "--lora-alpha: only with --lora-r"),
     (["--lora-r", "4", "--qlora"], "--qlora needs a CUDA GPU"),
     (["--lora-r", "4", "--lora-experts", "lora", "--lora-dropout", "0.1"], "--lora-experts lora needs --lora-dropout 0"),
     (["--lora-r", "-1"], "--lora-r must be >= 0"),
@@ -161,6 +161,23 @@ def test_adapter_folder_loads_merged_with_the_adapter_logits(kind, base_dir, moe
     assert "is not empty" in capsys.readouterr().err
 
 
+def test_saved_engine_state_leaves_out_the_frozen_tied_output_projection(tiny_model_dir):
+    """Pins the DeepSpeed 0.19.8 behaviour lora.drop_frozen_tied_weights_on_save works around, and the workaround."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    peft_model = lora.apply(load_model(tiny_model_dir), flags("--lora-r", 4), base=tiny_model_dir, is_moe=False)
+    engine = SimpleNamespace(module=peft_model, random_ltd_enabled=lambda: False)
+    engine.module_state_dict = lambda **kw: DeepSpeedEngine.module_state_dict(engine, **kw)
+    tied = "base_model.model.lm_head.weight"
+    assert tied in engine.module_state_dict(exclude_frozen_parameters=True)  # DeepSpeed's own exclusion misses it
+    lora.drop_frozen_tied_weights_on_save(engine)
+    kept = engine.module_state_dict(exclude_frozen_parameters=True)
+    assert set(kept) == trainable(peft_model)  # (this model's rotary buffers are not persistent)
+    assert tied in engine.module_state_dict()  # without the flag: everything, as before
+
+
 # ------------------------------------------------------------------------------------------ step 3 end to end
 def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -213,11 +230,14 @@ def test_lora_resume_reproduces_the_uninterrupted_losses(lora_run, base_dir, row
         assert resumed[step] == pytest.approx(full[step], abs=1e-6)
 
 
-def test_lora_on_upcycled_moe_under_zero3_trains_the_router(moe_dir, rows_dir, tmp_path):  # noqa: F811
+def test_lora_on_upcycled_moe_under_zero3_trains_the_router(moe_dir, rows_dir, dev_file, tmp_path):  # noqa: F811
     out = tmp_path / "moe3"
     single_node(_common(moe_dir, rows_dir, out, "--zero", 3, "--lora-r", 4, "--lora-experts", "lora",
-                        "--max-steps", 2, "--save-every", 0, "--eval-every", -1))
+                        "--max-steps", 2, "--save-every", 0, "--dev", dev_file, "--eval-every", 0,
+                        "--dev-max-new-tokens", 2))
     assert sorted(losses(out)) == [1, 2]
+    # dev evaluation under ZeRO-3 runs on a merged full copy (the adapter saved, loaded onto the base)
+    assert json.loads((out / "dev" / "step-2" / "score.json").read_text())["items"] == 5
     ckpt = out / "checkpoint-2"
     from safetensors.torch import load_file
 

@@ -53,7 +53,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                                 ("--lora-router", args.lora_router != "full"),
                                 ("--lora-experts", args.lora_experts != "frozen"), ("--qlora", args.qlora)) if v]
         if given:
-            p.error(f"{', '.join(given)} need(s) --lora-r R (> 0)")
+            p.error(f"{', '.join(given)}: only with --lora-r R (> 0)")
         return
     if not 0.0 <= args.lora_dropout < 1.0:
         p.error("--lora-dropout must be in [0, 1)")
@@ -86,9 +86,11 @@ def settings(args) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------------------- the model
-def load_4bit(name_or_path, dtype, device):
+def load_4bit(name_or_path, dtype, device, *, is_moe: bool):
     """The base in 4-bit NF4 (double quantisation, compute in ``dtype``) on this process's GPU. bitsandbytes is imported
     only here: it has no CPU use and is not a dependency of CPU installs."""
+    if is_moe:
+        raise SystemExit("--qlora: Post-MoE checkpoints are not loaded in 4-bit (use --lora-r alone)")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -166,8 +168,6 @@ def apply(model, args, *, base, is_moe: bool):
     if not enabled(args):
         return model
     if args.qlora:
-        if is_moe:
-            raise SystemExit("--qlora: Post-MoE checkpoints are not loaded in 4-bit (use --lora-r alone)")
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,

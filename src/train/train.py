@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     t0 = time.time()
     if args.qlora:
-        model = lora.load_4bit(args.model, dtype, accelerator.local_process_index)
+        model = lora.load_4bit(args.model, dtype, accelerator.local_process_index, is_moe=is_moe)
     elif (is_moe or lora.enabled(args)) and args.zero == 3:
         # The MoE loader builds and fills a full model, and peft wraps full layers: DeepSpeed partitions it later.
         with no_zero3_init(plugin):
@@ -312,7 +312,8 @@ def main(argv=None) -> int:
         f"loaded in {time.time() - t0:.1f}s")
     param_counts = lora.param_counts(model)
     if lora.enabled(args):
-        log(f"[train] LoRA r {args.lora_r}, alpha {lora.alpha(args)} on {args.lora_targets}: {lora.describe(param_counts)}")
+        log(f"[train] LoRA r {args.lora_r}, alpha {lora.alpha(args)}, targets {args.lora_targets}: "
+            f"{lora.describe(param_counts)}")
 
     rows = load_rows(args.train)
     plan = BatchPlan(len(rows), world, args.batch_size, args.grad_accum)
@@ -389,8 +390,8 @@ def main(argv=None) -> int:
         else:
             eval_model = unwrapped
         try:
-            res = evaluate_dev(accelerator, lora.plain_view(eval_model), tokenizer, dev_records, predict_fn, score_fn, args,
-                               out_dir / "dev" / f"step-{step}")
+            res = evaluate_dev(accelerator, lora.plain_view(eval_model), tokenizer, dev_records, predict_fn, score_fn,
+                               args, out_dir / "dev" / f"step-{step}")
         finally:
             if eval_model is not unwrapped:
                 del eval_model
