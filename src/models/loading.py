@@ -1,5 +1,6 @@
-"""One way to load any checkpoint the project handles: a dense HF model (local folder or hub id) or a Post-MoE
-checkpoint written by ``src.models.moe``. Every stage (step 4, training, chat, tools) loads through here."""
+"""One way to load any checkpoint the project handles: a dense HF model (local folder or hub id), a Post-MoE
+checkpoint written by ``src.models.moe`` or a LoRA adapter folder (``src.models.adapter``). Every stage (step 4,
+training, chat, tools) loads through here."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -86,7 +87,11 @@ def load_tokenizer(name_or_path, padding_side: str = "left"):
     """The model's tokenizer with a pad token (EOS when it has none) and the requested padding side."""
     from transformers import AutoTokenizer
 
+    from . import adapter
+
     check_model_source(name_or_path, weights=False)
+    if adapter.is_adapter_dir(name_or_path) and not adapter.has_tokenizer(name_or_path):
+        name_or_path = adapter.adapter_base(name_or_path)  # a bare peft adapter: its base's tokenizer
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **_moe_config_kwargs(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -95,12 +100,15 @@ def load_tokenizer(name_or_path, padding_side: str = "left"):
 
 
 def load_model(name_or_path, torch_dtype: torch.dtype | None = None, device=None):
-    """Load a causal LM for inference or training; MoE checkpoints of ours are detected from their config."""
-    from . import moe
+    """Load a causal LM for inference or training; MoE checkpoints of ours are detected from their config, LoRA adapter
+    folders from their adapter_config.json (loaded on their base and merged, see adapter.py)."""
+    from . import adapter, moe
 
     check_model_source(name_or_path, weights=True)
     dtype = torch_dtype or default_dtype(device)
-    if Path(str(name_or_path)).is_dir() and moe.is_moe_checkpoint(name_or_path):
+    if adapter.is_adapter_dir(name_or_path):
+        model = adapter.load_adapter(name_or_path, torch_dtype=dtype)
+    elif Path(str(name_or_path)).is_dir() and moe.is_moe_checkpoint(name_or_path):
         model = moe.load_model(name_or_path, torch_dtype=dtype)
     else:
         from transformers import AutoModelForCausalLM

@@ -28,6 +28,8 @@ import shutil
 import time
 from pathlib import Path
 
+from . import lora
+
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-" + PREFIX
 TRASH_PREFIX = ".trash-" + PREFIX
@@ -194,7 +196,7 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, step: int, trainer_s
     t0 = time.time()
     try:
         save_hf_model(accelerator, model, tokenizer, tmp, is_moe=is_moe)
-        accelerator.save_state(str(tmp / STATE_DIR))
+        accelerator.save_state(str(tmp / STATE_DIR), **lora.state_save_kwargs(model))
     except BaseException as e:
         _discard_partial(tmp, e, renamer)
         raise
@@ -253,6 +255,9 @@ def _disk_full(folder: Path) -> bool:
 def save_hf_model(accelerator, model, tokenizer, out_dir: Path, *, is_moe: bool) -> None:
     """The model in HF format (16-bit weights gathered under ZeRO-3) and its tokenizer, written by the main process."""
     unwrapped = accelerator.unwrap_model(model)
+    if lora.is_lora(unwrapped):
+        lora.save_adapter(accelerator, model, unwrapped, tokenizer, out_dir)
+        return
     if is_moe:
         _save_moe(accelerator, model, unwrapped, tokenizer, out_dir)
         return

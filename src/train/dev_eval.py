@@ -80,9 +80,13 @@ def materialize_copy(accelerator, plugin, model, tokenizer, tmp_dir: Path, *, is
 
     from src.models.loading import load_model
 
+    from . import lora
+
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         if writer:
-            if is_moe:
+            if lora.is_lora(model):  # the adapter only: loading it applies it to --model again, merged
+                lora.save_adapter_files(model, None, tmp_dir)
+            elif is_moe:
                 moe_module().save_moe(model, None, tmp_dir)
             else:
                 model.save_pretrained(tmp_dir, safe_serialization=True)

@@ -75,7 +75,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak FLOP/s (TFLOP/s) for MFU (default: known GPUs' bf16 dense peak)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from . import lora
+
+    lora.add_args(p)
     args = p.parse_args(argv)
+    lora.check_args(p, args)
     for name in ("batch_size", "grad_accum", "epochs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -23,6 +23,7 @@ import torch
 from src.common.defaults import IGNORE_INDEX
 
 from . import checkpoint as ckpt
+from . import lora
 from .dev_eval import evaluate_dev, format_dev, load_dev, materialize_copy
 from .runtime import (DENSE_LR, MOE_LR, choose_attn_impl, deepspeed_config, flop_params, is_moe_path, moe_module,
                       no_zero3_init, peak_flops)
@@ -146,8 +147,11 @@ class Trainer:
         self.tokenizer = load_tokenizer(args.model, padding_side="left")
         self.dtype = torch.bfloat16 if self.on_gpu else torch.float32
         t0 = time.time()
-        if self.is_moe and args.zero == 3:
-            with no_zero3_init(self.plugin):  # the MoE loader builds a full model; DeepSpeed partitions it later
+        if args.qlora:
+            model = lora.load_4bit(args.model, self.dtype, self.accelerator.local_process_index, is_moe=self.is_moe)
+        elif (self.is_moe or lora.enabled(args)) and args.zero == 3:
+            # The MoE loader builds and fills a full model, and peft wraps full layers: DeepSpeed partitions it later.
+            with no_zero3_init(self.plugin):
                 model = load_model(args.model, torch_dtype=self.dtype)
         else:
             model = load_model(args.model, torch_dtype=self.dtype)  # ZeRO-3 dense: partitioned while loading
@@ -157,6 +161,7 @@ class Trainer:
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        model = lora.apply(model, args, base=args.model, is_moe=self.is_moe)  # unchanged without --lora-r
         if self.is_moe and args.zero == 3:
             from deepspeed.utils import set_z3_leaf_modules
 
@@ -167,6 +172,10 @@ class Trainer:
                  f"{self.n_flop_params / 1e6:.1f}M compute params, attention {self.attn_impl}"
                  f"{', gradient checkpointing' if args.gradient_checkpointing else ''}) loaded in "
                  f"{time.time() - t0:.1f}s")
+        self.param_counts = lora.param_counts(model)
+        if lora.enabled(args):
+            self.log(f"[train] LoRA r {args.lora_r}, alpha {lora.alpha(args)}, targets {args.lora_targets}: "
+                     f"{lora.describe(self.param_counts)}")
 
     def _build_data(self) -> None:
         from .data import BatchPlan, Collator, load_rows
@@ -200,9 +209,12 @@ class Trainer:
         scheduler = build_scheduler(optimizer, self.total_steps, args.warmup_ratio)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
+        if lora.enabled(args):
+            lora.drop_frozen_tied_weights_on_save(self.model)
         # The settings an exact resume depends on: they must not change between the runs.
         self.signature = {"num_rows": len(self.rows), "world_size": self.world, "batch_size": args.batch_size,
-                          "grad_accum": args.grad_accum, "total_steps": self.total_steps, "zero": args.zero}
+                          "grad_accum": args.grad_accum, "total_steps": self.total_steps, "zero": args.zero,
+                          "lora": lora.settings(args)}
 
     def _resume(self) -> int:
         """Weights, optimizer, scheduler and RNG states from ``--resume``; returns the step to continue from."""
@@ -217,7 +229,8 @@ class Trainer:
         from .weights_only import load_training_state
 
         # accelerate/DeepSpeed would unpickle these files: they are read with torch.load(weights_only=True) instead
-        load_training_state(self.accelerator, self.resume_from / ckpt.STATE_DIR, self.accelerator.process_index)
+        load_training_state(self.accelerator, self.resume_from / ckpt.STATE_DIR, self.accelerator.process_index,
+                            **lora.state_load_kwargs(self.unwrapped))
         step = int(state["step"])
         self.log(f"[train] resumed from {self.resume_from} at step {step} (weights, optimizer, scheduler, RNG, data "
                  f"position: epoch {step // self.plan.steps_per_epoch}, row "
@@ -232,6 +245,7 @@ class Trainer:
         hparams.update(lr=self.lr, world_size=self.world, total_steps=self.total_steps, is_moe=self.is_moe,
                        attn_impl=self.attn_impl)
         self.accelerator.init_trackers(args.run_name or self.out_dir.resolve().name, config=hparams)
+        self.accelerator.log({f"params/{k}": v for k, v in self.param_counts.items()}, step=self.start_step)
         self.metrics_path = self.out_dir / "train_log.jsonl"
         if self.main_proc:
             # On resume keep the records up to the resumed step (a crashed run may have logged steps past it).
@@ -319,7 +333,7 @@ class Trainer:
         else:
             eval_model = self.unwrapped
         try:
-            res = evaluate_dev(self.accelerator, eval_model, self.tokenizer, self.dev_records, predict, score,
+            res = evaluate_dev(self.accelerator, lora.plain_view(eval_model), self.tokenizer, self.dev_records, predict, score,
                                self.args, self.out_dir / "dev" / f"step-{step}")
         finally:
             if eval_model is not self.unwrapped:

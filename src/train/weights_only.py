@@ -79,11 +79,11 @@ def forced_weights_only():
         torch.load = original
 
 
-def load_training_state(accelerator, state_dir, process_index: int) -> None:
+def load_training_state(accelerator, state_dir, process_index: int, **load_kwargs) -> None:
     """``accelerator.load_state(state_dir)`` with no pickle executed. accelerate silently skips RNG states it cannot
     load, so this process's RNG file is checked first: a tampered one is an error, not a quietly inexact resume."""
     rng = Path(state_dir) / f"random_states_{process_index}.pkl"
     if rng.is_file():
         load_weights_only(rng)
     with forced_weights_only():
-        accelerator.load_state(str(state_dir))
+        accelerator.load_state(str(state_dir), **load_kwargs)
