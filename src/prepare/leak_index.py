@@ -126,8 +126,10 @@ class HashSet:
         if not len(maybe):
             return maybe
         q = hashes[maybe]
+        order = np.argsort(q)  # sorted queries walk the sorted hashes in order: far fewer cache misses
+        q, maybe = q[order], maybe[order]
         pos = np.minimum(np.searchsorted(self.hashes, q), len(self.hashes) - 1)
-        return maybe[self.hashes[pos] == q]
+        return np.sort(maybe[self.hashes[pos] == q])
 
     def entries(self, h) -> np.ndarray:
         """The payloads of every entry with hash ``h`` (several: the same window in several items, or a collision)."""
@@ -231,19 +233,27 @@ class BenchIndex:
         win = _unique(np.clip(cand[:, None] + np.arange(q - m, 1)[None, :], 0, h.n - m).ravel())
         wh = h.window(win, m)
         hit = self.windows.find(wh)
-        out, done = [], set()
-        win = win[hit]
+        win, wh = win[hit], wh[hit]
+        if not len(win):
+            return []
         owner = np.searchsorted(starts, win, side="right") - 1
-        for a, wa, t in zip(win.tolist(), wh[hit].tolist(), owner.tolist()):
-            if t in done:  # a long shared run hits every window along it: one verified window is enough
-                continue
-            for item, off in self.windows.entries(wa).tolist():
-                bench = self.questions[item]
-                if h.text[a:a + m] == bench[off:off + m]:
-                    out.append(self._overlap(h.text, t, starts, a, item, off))
-                    done.add(t)  # the first window of a text is its first leak: windows are visited in order
-                    break
+        # A long shared run hits every window along it: verify each text's windows in order and stop at the first
+        # that matches (nearly always its first: a hash hit that is not a real match needs a 64-bit collision).
+        bounds = np.flatnonzero(np.concatenate([[True], owner[1:] != owner[:-1], [True]]))
+        out = []
+        for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            leak = next(filter(None, (self._verify(h, int(owner[lo]), starts, int(win[j]), wh[j])
+                                      for j in range(lo, hi))), None)
+            if leak is not None:
+                out.append(leak)
         return out
+
+    def _verify(self, h: HashedText, t: int, starts, a: int, wa) -> Leak | None:
+        m = self.min_chars
+        for item, off in self.windows.entries(wa).tolist():
+            if h.text[a:a + m] == self.questions[item][off:off + m]:
+                return self._overlap(h.text, t, starts, a, item, off)
+        return None
 
     def _overlap(self, text: str, t: int, starts, a: int, item: int, off: int) -> Leak:
         bench, m = self.questions[item], self.min_chars
