@@ -111,13 +111,17 @@ class ReadResult:
     records: int = 0  # valid records written
     read_per_file: list[int] = field(default_factory=list)  # elements read per input file (valid + rejected)
     rejects: list[dict] = field(default_factory=list)
+    leaks: list[dict] = field(default_factory=list)  # records removed by --decontaminate-against (not in sources)
 
 
-def read_records(paths: list[Path], out_file: Path, skip_errors: bool = False, batch: int = 8192) -> ReadResult:
-    """Stream every record of ``paths`` into an Arrow stream file with RECORD_SCHEMA."""
+def read_records(paths: list[Path], out_file: Path, skip_errors: bool = False, batch: int = 8192,
+                 screen=None) -> ReadResult:
+    """Stream every record of ``paths`` into an Arrow stream file with RECORD_SCHEMA. ``screen`` (a
+    ``decontaminate.Screen``) removes records that leak bench questions; they are listed in ``ReadResult.leaks``."""
     res = ReadResult()
     ids: dict[str, int] = {}
     cols: dict[str, list] = {name: [] for name in RECORD_SCHEMA.names}
+    pending: list[tuple] = []  # valid records waiting for the leak screen (checked a batch at a time)
 
     with pa.OSFile(str(out_file), "wb") as sink, pa.ipc.new_stream(sink, RECORD_SCHEMA) as writer:
         def flush():
@@ -126,6 +130,25 @@ def read_records(paths: list[Path], out_file: Path, skip_errors: bool = False, b
                                                     for n in RECORD_SCHEMA.names], schema=RECORD_SCHEMA))
                 for v in cols.values():
                     v.clear()
+
+        def keep():
+            found = screen.check([p[3] for p in pending]) if screen else [None] * len(pending)
+            for (f, index, source, turns), leak in zip(pending, found):
+                if leak is not None:
+                    res.leaks.append({"file": str(paths[f]), "index": index, "source": source, **leak})
+                    continue
+                sid = ids.get(source)
+                if sid is None:
+                    sid = ids[source] = len(res.sources)
+                    res.sources.append(source)
+                cols["file"].append(f)
+                cols["index"].append(str(index))
+                cols["source_id"].append(sid)
+                cols["turns"].append(turns)
+                res.records += 1
+            pending.clear()
+            if len(cols["file"]) >= batch:
+                flush()
 
         for f, path in enumerate(paths):
             path = Path(path)
@@ -139,17 +162,10 @@ def read_records(paths: list[Path], out_file: Path, skip_errors: bool = False, b
                         raise
                     res.rejects.append({"file": str(path), "index": index, "field": e.field, "reason": e.reason})
                     continue
-                sid = ids.get(source)
-                if sid is None:
-                    sid = ids[source] = len(res.sources)
-                    res.sources.append(source)
-                cols["file"].append(f)
-                cols["index"].append(str(index))
-                cols["source_id"].append(sid)
-                cols["turns"].append(turns)
-                res.records += 1
-                if len(cols["file"]) >= batch:
-                    flush()
+                pending.append((f, index, source, turns))
+                if len(pending) >= batch:
+                    keep()
+            keep()
             res.read_per_file.append(n_read)
         flush()
     return res

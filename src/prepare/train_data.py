@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="malformed records: stop with an error (default) or write them to train_rejects.jsonl and "
                         "go on")
     p.add_argument("--format", choices=FORMAT_NAMES, default=None, help="chat format (default: from the model)")
+    p.add_argument("--decontaminate-against", type=Path, action="append", default=None, metavar="BENCH",
+                   help="bench items (repeatable): records leaking one of their questions are left out, counted in "
+                        "mixture.json and listed in train_leaks.jsonl (the rule of scripts/decontaminate.sh)")
+    p.add_argument("--leak-min-chars", type=int, default=64,
+                   help="with --decontaminate-against: shared characters that make a leak (default: %(default)s)")
     return p
 
 
@@ -138,7 +143,11 @@ def _build(args, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timing
         clock[0] = now
 
     # 1. read and validate, streamed into an Arrow file
-    read = read_records(data, tmp / "records.arrow", skip_errors=args.on_error == "skip")
+    screen = None
+    if args.decontaminate_against:
+        from .decontaminate import Screen, load_bench
+        screen = Screen(load_bench(args.decontaminate_against), args.leak_min_chars)
+    read = read_records(data, tmp / "records.arrow", skip_errors=args.on_error == "skip", screen=screen)
     if read.records == 0:
         raise ValueError(f"no valid training records in {', '.join(map(str, data))}")
     rules = table.resolve(read.sources)
@@ -249,6 +258,7 @@ def _build(args, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timing
             "records_read": sum(read.read_per_file),
             "records": read.records,
             "rejected": len(read.rejects),
+            "leaked": len(read.leaks),
             "entries": n_entries,
             "rows": n_rows,
             "tokens": tot_tokens,
@@ -273,10 +283,13 @@ def _build(args, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timing
                     "by_field": _tally(r["field"] for r in read.rejects),
                     "by_reason": _tally(r["reason"].split(":")[0] for r in read.rejects)},
         "truncated_examples": truncated_examples,
+        "decontamination": _decontamination(screen, read.leaks),
         "curriculum": mx.curriculum(lengths, src_is_qa[entry_source]),
     }
     write_json(out / "mixture.json", report)
     write_jsonl(out / "train_rejects.jsonl", read.rejects)
+    if screen is not None:
+        write_jsonl(out / "train_leaks.jsonl", read.leaks)
     classes = "; ".join(
         f"{name}: " + ", ".join(sorted({f"priority {v['priority']:g}, {v['epochs']:g} epoch(s)"
                                         for v in by_source.values() if v["pretrain_qa"] == (name == "pretrain-QA")}))
@@ -300,6 +313,15 @@ def _require_loss_tokens(rec: dict, truncated: np.ndarray, max_len: int) -> None
     if lost < len(rec["loss"]):
         reason += f"; {len(rec['loss']) - lost} records have no answer tokens at all"
     raise ValueError(f"no training row has a loss token: {reason}")
+
+
+def _decontamination(screen, leaks: list[dict]) -> dict | None:
+    """What --decontaminate-against removed (None without it), as scripts/decontaminate.sh reports it."""
+    if screen is None:
+        return None
+    return {**screen.settings(), "removed": len(leaks), "file": "train_leaks.jsonl",
+            "removed_by_source": _tally(leak["source"] for leak in leaks),
+            "removed_by_bench_source": _tally(leak["bench_source"] for leak in leaks)}
 
 
 def _rel(path) -> str:
@@ -339,7 +361,8 @@ def _print_summary(report: dict, out: Path, timings: dict) -> None:
     print(f"[step 2] format={report['chat_format']['name']} max_seq_len={report['max_seq_len']} "
           f"seed={report['seed']} language_ids={report['language_ids']} -> {out}")
     print(f"  records: read {t['records_read']}, kept {t['records']}, rejected {t['rejected']}"
-          + (f" (see {out / 'train_rejects.jsonl'})" if t["rejected"] else ""))
+          + (f" (see {out / 'train_rejects.jsonl'})" if t["rejected"] else "")
+          + (f", leaked {t['leaked']} (see {out / 'train_leaks.jsonl'})" if report["decontamination"] else ""))
     print(f"  entries {t['entries']} -> rows {t['rows']}: {t['tokens']} tokens ({t['loss_tokens']} with loss), "
           f"packing efficiency {t['packing_efficiency']:.1%}, {t['mean_documents_per_row']} documents/row")
     print(f"  truncated: {t['truncated_records']} records ({t['truncated_entries']} entries, "
