@@ -31,7 +31,8 @@ PRED = "predictions.jsonl"
 PARTS = "parts"
 REQUIRED = ("id", "source", "prompt", "answer", "letters")
 # Settings that change what a prediction is: a resumed run must use the same ones.
-RESUME_KEYS = ("model", "mode", "max_new_tokens", "min_new_tokens", "format", "dtype", "proxy_tuned", "proxy_raw")
+RESUME_KEYS = ("model", "mode", "max_new_tokens", "min_new_tokens", "format", "dtype", "proxy_tuned", "proxy_raw",
+               "backend")
 
 
 def load_records(path: Path) -> list[dict]:
@@ -149,11 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--proxy-tuned", default=None,
                    help="proxy-tuning: a small tuned model; --model is decoded with base + (tuned - raw) logits")
     p.add_argument("--proxy-raw", default=None, help="proxy-tuning: the small model before tuning")
+    p.add_argument("--backend", choices=["inprocess", "openai"], default="inprocess",
+                   help="inprocess: our engine; openai: an OpenAI-compatible server at --api-base (scripts/serve.sh)")
+    p.add_argument("--api-base", default=None, help="server URL for --backend openai, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-model", default=None, help="model name on the server (default: the one it lists)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (--backend openai; %(default)s)")
+    p.add_argument("--api-timeout", type=float, default=300.0, help="seconds per request (%(default)s)")
     p.add_argument("--overwrite", action="store_true", help="discard predictions already in --out")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if bool(args.proxy_tuned) != bool(args.proxy_raw):
         p.error("--proxy-tuned and --proxy-raw go together")
+    if args.backend == "openai" and (not args.api_base or args.proxy_tuned or args.concurrency < 1):
+        p.error("--backend openai needs --api-base URL and --concurrency >= 1, and takes no proxy models")
 
     import torch
     from accelerate import PartialState
@@ -194,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                 "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
                 "format": args.format, "dtype": str(dtype).replace("torch.", ""),
                 "max_padding": args.max_padding, "prefix_cache": args.prefix_cache,
-                "proxy_tuned": args.proxy_tuned, "proxy_raw": args.proxy_raw}
+                "proxy_tuned": args.proxy_tuned, "proxy_raw": args.proxy_raw, "backend": args.backend}
+    if args.backend == "openai":
+        settings.update(api_base=args.api_base, api_model=args.api_model, concurrency=args.concurrency)
     out = args.out
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
@@ -214,7 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = args.batch_size or (64 if device.type == "cuda" else 16)
     stats: dict = {}
     fmt_name = None
-    if mine:
+    if mine and args.backend == "openai":  # generation on a server; same records, predictions and files
+        from .openai_backend import predict_through_server
+
+        if world > 1:
+            raise SystemExit("[step 4] --backend openai runs in one process (use --concurrency for parallel requests)")
+        fmt_name = predict_through_server(args, tokenizer, mine, out / PRED, stats, progress=not args.no_progress)
+    elif mine:
         if args.proxy_tuned:
             from ..models.proxy_tuning import load_proxy_tuned
 
