@@ -3,6 +3,7 @@
     python bench/eval_speed.py [--model models/SmolLM2-135M-Instruct] [--data ../shared/data/xmedbench]
                                [--items 48] [--max-prompt-tokens 1000] [--batch-size 16] [--threads 1]
                                [--json results/bench_eval_speed.json]
+    python bench/eval_speed.py --backend openai (--api-base URL | --serve transformers|vllm) [same flags]
 
 Items: real XMedBench test items from ``--data`` (never copied into the project), drawn seeded and round-robin over
 the sources (so several languages), 3-shot prompts built by step 1's code with shots from the dev file, keeping
@@ -18,6 +19,13 @@ Measured, in this order, all with the same model, dtype and threads:
   tokens, min 2, stopping on the same stop tokens, answers extracted by the same extractor.
 * fixed shots (``--shot-mode fixed`` prompts for the same items): the floor becomes one forward over each source's
   shared prefix plus one over every item's suffix; ours reuses the prefix KV cache.
+
+With ``--backend openai`` one more method runs on the same items: **server**, step 4's OpenAI backend
+(``src/evaluate/openai_backend.py``, the prompts unchanged, greedy, ``--concurrency`` requests in flight) against a
+running server (``--api-base``) or one this script starts and stops (``--serve ENGINE``, the same command as
+``scripts/serve.sh``; its start-up time is reported apart). Its letters are compared with ours (in-process) and with
+the reference-style loop's. ``--device cuda`` runs the in-process methods in bf16 on a GPU (the GPU check,
+``bench/gpu_serving_check.sh``).
 
 Prints items/s for each, the ratio ours/reference, the share of identical extracted letters, our time against the
 floor, and the time each scorer spends above the floor (decoding, padding, overheads).
@@ -82,7 +90,7 @@ def floor_per_item(model, ids_list) -> float:
     t0 = time.perf_counter()
     with torch.no_grad():
         for ids in ids_list:
-            t = torch.tensor([ids])
+            t = torch.tensor([ids], device=model.device)
             model(input_ids=t, use_cache=False, logits_to_keep=1)
     return time.perf_counter() - t0
 
@@ -100,14 +108,14 @@ def floor_fixed(model, records, ids_list) -> tuple[float, int]:
             P = len(g.prefix)
             cache = None
             if P:
-                out = model(input_ids=torch.tensor([g.prefix]), use_cache=True, logits_to_keep=1)
+                out = model(input_ids=torch.tensor([g.prefix], device=model.device), use_cache=True, logits_to_keep=1)
                 cache = out.past_key_values
                 computed += P
             for i in g.members:
                 suffix = ids_list[i][P:]
                 c = copy.deepcopy(cache) if cache is not None else None
                 pos = torch.arange(P, P + len(suffix))[None]
-                model(input_ids=torch.tensor([suffix]), position_ids=pos, past_key_values=c, use_cache=True,
+                model(input_ids=torch.tensor([suffix], device=model.device), position_ids=pos.to(model.device), past_key_values=c, use_cache=True,
                       logits_to_keep=1)
                 computed += len(suffix)
     return time.perf_counter() - t0, computed
@@ -139,8 +147,21 @@ def main(argv=None) -> int:
                    help="torch threads (default 1: on a shared machine two threads wait for each other's core)")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--skip-fixed", action="store_true")
+    p.add_argument("--skip-floor", action="store_true", help="no floor measurement (the server comparison only)")
+    p.add_argument("--skip-ours", action="store_true", help="no in-process engine run (the server comparison only)")
+    p.add_argument("--backend", choices=["inprocess", "openai"], default="inprocess",
+                   help="openai: also time step 4 through an OpenAI-compatible server")
+    p.add_argument("--api-base", default=None, help="a running server (scripts/serve.sh)")
+    p.add_argument("--api-model", default=None)
+    p.add_argument("--serve", choices=["transformers", "vllm"], default=None,
+                   help="start this engine on --model for the run (instead of --api-base) and stop it afterwards")
+    p.add_argument("--port", type=int, default=8011, help="port for --serve (%(default)s)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight to the server (%(default)s)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="in-process methods (cuda: bf16)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args(argv)
+    if args.backend == "openai" and not (args.api_base or args.serve):
+        p.error("--backend openai needs --api-base URL or --serve ENGINE")
 
     import torch
 
@@ -154,7 +175,7 @@ def main(argv=None) -> int:
         print(f"no bench data at {args.data}", file=sys.stderr)
         return 2
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model).eval()
+    model = load_model(args.model, device=args.device).eval()
     fmt = resolve_format(tokenizer, model.config)
     t = time.perf_counter()
     per_item, fixed = build_items(args.data, tokenizer, fmt, args.items, args.max_prompt_tokens, args.seed)
@@ -165,22 +186,28 @@ def main(argv=None) -> int:
           f"{tokens} prompt tokens (mean {tokens / len(ids):.0f}), built in {time.perf_counter() - t:.1f}s; "
           f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}", flush=True)
     with torch.no_grad():  # warm-up
-        model(input_ids=torch.tensor([ids[0][:64]]), use_cache=False, logits_to_keep=1)
+        model(input_ids=torch.tensor([ids[0][:64]], device=model.device), use_cache=False, logits_to_keep=1)
 
     fig: dict = {"model": args.model, "items": len(per_item), "languages": langs,
                  "sources": sorted({r["source"] for r in per_item}), "prompt_tokens": tokens,
                  "max_prompt_tokens": args.max_prompt_tokens, "round_items": args.round_items,
                  "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                 "device": "cpu", "dtype": "float32", "load_average_start": round(os.getloadavg()[0], 2)}
+                 "device": args.device, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                 "load_average_start": round(os.getloadavg()[0], 2)}
+    if args.device == "cuda":
+        fig["gpu"] = torch.cuda.get_device_name(0)
+    server = _open_server(args, tokenizer, fig) if args.backend == "openai" else None
     fids = tokenizer([r["prompt"] for r in fixed], add_special_tokens=False)["input_ids"]
 
     # The machine is shared: measure in rounds of a few items, every method on the same round back to back, in a
     # rotating order, so a burst of foreign load hits all methods alike. Wall and process CPU seconds are summed.
-    methods = ["floor", "ours"] + ([] if args.skip_reference else ["reference"]) + \
+    methods = ([] if args.skip_floor else ["floor"]) + ([] if args.skip_ours else ["ours"]) + \
+              ([] if server is None else ["server"]) + ([] if args.skip_reference else ["reference"]) + \
               ([] if args.skip_fixed else ["fixed_floor", "fixed_ours"])
     wall = {m: 0.0 for m in methods}
     cpu = {m: 0.0 for m in methods}
     ours: list = []
+    served: list = []
     ref_letters: list = []
     ref_raws: list = []
     ours_f: list = []
@@ -213,6 +240,8 @@ def main(argv=None) -> int:
                 ours += predict(model, tokenizer, recs, fmt=fmt, batch_size=args.batch_size, progress=False,
                                 stats=st)
                 add_stats(stats, st)
+            elif m == "server":
+                served += _server_predictions(server, tokenizer, recs, args.concurrency)
             elif m == "reference":
                 _, letters, raws = reference_style(model, tokenizer, recs)
                 ref_letters += letters
@@ -234,6 +263,10 @@ def main(argv=None) -> int:
     fig["cpu_s"] = {m: round(v, 2) for m, v in cpu.items()}
     fig["load_average_end"] = round(os.getloadavg()[0], 2)
     fig["items_per_s"] = {m: round(n / v, 4) for m, v in wall.items()}
+    if server is not None:
+        _report_server(fig, server, wall, served, ours, n)
+    if "floor" not in wall or "ours" not in wall:
+        return _finish(fig, args, served, ref_letters, server)
     fig["ours_vs_floor"] = round(wall["ours"] / wall["floor"], 3)
     fig["ours_vs_floor_cpu"] = round(cpu["ours"] / cpu["floor"], 3)
     fig["ours_engine"] = stats
@@ -275,6 +308,68 @@ def main(argv=None) -> int:
               f"({n / wall['fixed_ours']:.3f} items/s, {wall['fixed_ours'] / wall['fixed_floor']:.3f}x its floor, "
               f"{wall['ours'] / wall['fixed_ours']:.2f}x faster than ours with per-item shots)")
 
+    return _finish(fig, args, served, ref_letters, server)
+
+
+def _open_server(args, tokenizer, fig: dict):
+    """A server to time: the one at --api-base, or --serve ENGINE started here on --model (start-up timed apart)."""
+    from src.evaluate.openai_backend import open_server
+    from src.serving.launch import ServerProcess, engine_command
+
+    proc = None
+    base = args.api_base
+    if args.serve:
+        extra = ["--dtype", "bfloat16"] if args.serve == "vllm" else []
+        proc = ServerProcess(engine_command(args.serve, args.model, "127.0.0.1", args.port, extra), "127.0.0.1",
+                             args.port, log=Path(os.environ.get("SERVE_LOG", "/tmp/eval_speed_serve.log")),
+                             env={"OMP_NUM_THREADS": str(args.threads)} if args.threads else None)  # as in-process
+        import atexit
+
+        atexit.register(proc.stop)  # also when the run fails half-way
+        t = time.perf_counter()
+        proc.start(timeout=600)
+        fig["server_start_s"] = round(time.perf_counter() - t, 1)
+        base = proc.base_url
+        print(f"[bench] {args.serve} serve up in {fig['server_start_s']} s at {base}", flush=True)
+    client, target, _ = open_server(base, args.api_model, args.model, tokenizer, None, 128, 2)
+    fig.update(server_engine=target.engine, server_url=client.base, concurrency=args.concurrency)
+    return {"client": client, "target": target, "proc": proc}
+
+
+def _server_predictions(server: dict, tokenizer, records: list[dict], concurrency: int) -> list[dict]:
+    from src.evaluate.openai_backend import iter_predictions
+
+    out: list = [None] * len(records)
+    for i, pred in iter_predictions(server["client"], server["target"], tokenizer, records, "generate", concurrency):
+        out[i] = pred
+    return out
+
+
+def _report_server(fig: dict, server: dict, wall: dict, served: list, ours: list, n: int) -> None:
+    fig["server_stats"] = server["target"].stats
+    print(f"[bench] server ({fig['server_engine']}, concurrency {fig['concurrency']}): {wall['server']:.1f}s wall, "
+          f"{n / wall['server']:.3f} items/s; stops {server['target'].stats['stops']}")
+    if ours:
+        same = sum(a["letter"] == b["letter"] for a, b in zip(ours, served))
+        fig.update(server_vs_ours=round(wall["server"] / wall["ours"], 3),
+                   server_identical_letters_vs_ours=f"{same}/{n}")
+        print(f"[bench] server vs ours (in-process): {wall['ours'] / wall['server']:.2f}x the speed; identical "
+              f"letters {same}/{n}")
+
+
+def _finish(fig: dict, args, served: list, ref_letters: list, server) -> int:
+    if served and ref_letters:
+        same = sum(a["letter"] == b for a, b in zip(served, ref_letters))
+        fig["server_identical_letters_vs_reference"] = f"{same}/{len(served)}"
+        fig["server_identical_letters_vs_reference_share"] = round(same / len(served), 4)
+        if "reference" in fig.get("wall_s", {}) and "server" in fig["wall_s"]:
+            fig["server_speedup_vs_reference"] = round(fig["wall_s"]["reference"] / fig["wall_s"]["server"], 2)
+            print(f"[bench] server vs reference-style: {fig['server_speedup_vs_reference']}x faster; identical "
+                  f"letters {same}/{len(served)}")
+    if server is not None:
+        server["client"].close()
+        if server["proc"] is not None:
+            server["proc"].stop()
     print(json.dumps(fig, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

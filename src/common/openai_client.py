@@ -6,7 +6,12 @@ this module, so retries, timeouts, concurrency and the API key are handled in on
 * ``OpenAIClient.completion``: ``POST /v1/completions`` with a raw prompt (step 4 sends step 1's prompt text unchanged);
 * ``OpenAIClient.chat`` / ``chat_stream``: ``POST /v1/chat/completions`` (the demos, QA rewriting);
 * ``OpenAIClient.models`` / ``default_model``: ``GET /v1/models`` (the one model a server lists);
+* ``OpenAIClient.server_paths`` / ``engine``: which server this is (vLLM, transformers serve, another), from the
+  routes it publishes, so callers send only the fields that server accepts;
 * ``run_concurrently``: at most N requests in flight, results as they finish.
+
+``model=""`` (``SERVER_DEFAULT``) sends no model field: a server pinned to one model (``transformers serve FOLDER``)
+answers with that model, which it does not list under ``/v1/models`` on an offline machine.
 
 Transient failures (connection errors, timeouts, HTTP 429 and 5xx) are retried with exponential backoff; any other
 HTTP error is raised at once as ``ApiError`` with the server's own message. The key comes from ``OPENAI_API_KEY`` when it
@@ -23,6 +28,7 @@ from typing import Callable, Iterable, Iterator
 import httpx
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+SERVER_DEFAULT = ""  # as ``model``: send no model field (the server's own one model)
 
 
 class ApiError(RuntimeError):
@@ -80,8 +86,29 @@ class OpenAIClient:
         raise AssertionError("unreachable")
 
     def _with_model(self, body: dict) -> dict:
-        model = body.pop("model", None) or self.model or self.default_model()
-        return {"model": model, **{k: v for k, v in body.items() if v is not None}}
+        fields = {k: v for k, v in body.items() if v is not None and k != "model"}
+        if self.model == SERVER_DEFAULT and not body.get("model"):
+            return fields
+        return {"model": body.get("model") or self.model or self.default_model(), **fields}
+
+    def server_paths(self) -> set[str]:
+        """The routes the server publishes in its OpenAPI schema (FastAPI servers: vLLM, transformers serve,
+        SGLang); empty when it publishes none. One try, no retries: a probe, not a request that must succeed."""
+        root = self.base[:-len("/v1")]
+        try:
+            r = self._http.get(f"{root}/openapi.json")
+            return set(r.json().get("paths", {})) if r.status_code == 200 else set()
+        except (httpx.HTTPError, ValueError):
+            return set()
+
+    def engine(self) -> str:
+        """'vllm', 'transformers' (``transformers serve``) or 'openai' (any other server: only standard fields)."""
+        paths = self.server_paths()
+        if "/tokenize" in paths and "/version" in paths:
+            return "vllm"
+        if "/v1/systemone" in paths or "/load_model" in paths:
+            return "transformers"
+        return "openai"
 
     # -- endpoints --------------------------------------------------------------------------------------------------
     def models(self) -> list[str]:

@@ -34,7 +34,8 @@ PRED = "predictions.jsonl"
 PARTS = "parts"
 REQUIRED = ("id", "source", "prompt", "answer", "letters")
 # Settings that change what a prediction is: a resumed run must use the same ones.
-RESUME_KEYS = ("model", "mode", "max_new_tokens", "min_new_tokens", "format", "dtype", "proxy_tuned", "proxy_raw")
+RESUME_KEYS = ("model", "mode", "max_new_tokens", "min_new_tokens", "format", "dtype", "proxy_tuned", "proxy_raw",
+               "backend")
 
 
 def load_records(path: Path) -> list[dict]:
@@ -158,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-source", action="append", default=[], metavar="NAME",
                    help="leave this source out of score.json/score.md (repeatable; predictions are still made and "
                         "kept). Default: every source counts, as in the reference's collector")
+    p.add_argument("--backend", choices=["inprocess", "openai"], default="inprocess",
+                   help="inprocess: our engine; openai: an OpenAI-compatible server at --api-base (scripts/serve.sh)")
+    p.add_argument("--api-base", default=None, help="server URL for --backend openai, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-model", default=None, help="model name on the server (default: the one it lists)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (--backend openai; %(default)s)")
+    p.add_argument("--api-timeout", type=float, default=300.0, help="seconds per request (%(default)s)")
     p.add_argument("--overwrite", action="store_true", help="discard predictions already in --out")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -170,6 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--proxy-tuned and --proxy-raw go together")
     if args.engine == "hf" and (args.mode != "generate" or args.proxy_tuned):
         p.error("--engine hf generates with a plain transformers model: no --mode loglik, no proxy-tuning")
+    if args.backend == "openai" and (not args.api_base or args.proxy_tuned or args.concurrency < 1):
+        p.error("--backend openai needs --api-base URL and --concurrency >= 1, and takes no proxy models")
     check_flags(args)
     return args
 
@@ -211,7 +220,8 @@ def run_settings(args, dtype) -> dict:
             "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
             "format": args.format, "dtype": str(dtype).replace("torch.", ""),
             "max_padding": args.max_padding, "prefix_cache": args.prefix_cache, "engine": args.engine,
-            "proxy_tuned": args.proxy_tuned, "proxy_raw": args.proxy_raw, "exclude_source": args.exclude_source}
+            "proxy_tuned": args.proxy_tuned, "proxy_raw": args.proxy_raw, "exclude_source": args.exclude_source,
+            "backend": args.backend}
 
 
 def prepare_out(out: Path, settings: dict, overwrite: bool, state) -> None:
@@ -377,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = _dtype(args.dtype, state.device)
     tokenizer = load_tokenizer(args.model, padding_side="left")
     settings = run_settings(args, dtype)
+    if args.backend == "openai":
+        settings.update(api_base=args.api_base, api_model=args.api_model, concurrency=args.concurrency)
     out = args.out
     prepare_out(out, settings, args.overwrite, state)
     fps = item_fingerprints(records, settings, args.model, args)
@@ -388,7 +400,14 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = args.batch_size or (64 if state.device.type == "cuda" else 16)
     stats: dict = {}
     fmt_name = None
-    if mine:
+    if mine and args.backend == "openai":  # generation on a server; same records, predictions and files
+        from .openai_backend import predict_through_server
+
+        if world > 1:
+            raise SystemExit("[step 4] --backend openai runs in one process (use --concurrency for parallel requests)")
+        fmt_name = predict_through_server(args, tokenizer, mine, out / PRED, stats, progress=not args.no_progress,
+                                          fingerprints=fps)
+    elif mine:
         counts = {"items": len(records), "done": len(records) - len(pending), "pending": len(pending)}
         fmt_name = predict_mine(args, mine, tokenizer, out, state, counts, batch_size, dtype, stats, fps)
     elif state.is_main_process:
