@@ -43,7 +43,7 @@ def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids).logits.float()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="dense checkpoint folder (local; this step is offline)")
     parser.add_argument("--out", required=True, help="output folder for the MoE checkpoint")
@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-qwen2-moe", "--export-stock", metavar="DIR", dest="export_qwen2_moe",
                         help="also write a stock transformers Qwen2MoeForCausalLM copy (Qwen2- and Llama-based "
                              "models; refused, naming the setting, when it cannot be exact)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
