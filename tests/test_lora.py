@@ -28,8 +28,8 @@ def flags(*argv) -> argparse.Namespace:
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
-    """A tiny Llama wide enough (hidden 256) that its weights outweigh the 3.5 MB tokenizer an adapter folder carries."""
-    return make_tiny_llama(smollm2_tokenizer, tmp_path_factory.mktemp("lora_base"), hidden=256)
+    """A tiny Llama wide enough (hidden 384) that its weights outweigh the 3.5 MB tokenizer an adapter folder carries."""
+    return make_tiny_llama(smollm2_tokenizer, tmp_path_factory.mktemp("lora_base"), hidden=384)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,8 @@ def test_dense_targets_and_bad_names(tiny_model_dir):
         lora.lora_targets(model, "q_proj,qproj", [])
     with pytest.raises(SystemExit, match="is a dense model"):
         lora.apply(model, flags("--lora-r", 4, "--lora-experts", "full"), base=tiny_model_dir, is_moe=False)
+    with pytest.raises(SystemExit, match="--lora-router frozen: .* is a dense model"):
+        lora.apply(model, flags("--lora-r", 4, "--lora-router", "frozen"), base=tiny_model_dir, is_moe=False)
     peft_model = lora.apply(model, flags("--lora-r", 4, "--lora-targets", "q_proj,v_proj"), base=tiny_model_dir,
                             is_moe=False)
     names = trainable(peft_model)

@@ -126,13 +126,11 @@ def lora_targets(model, spec: str, exclude: list[str]) -> list[str]:
 
     out = model.get_output_embeddings()
     skip = {id(out)} | {id(model.get_submodule(n)) for n in exclude}
-    leaves: dict[str, int] = {}
-    excluded_leaves = set()
+    leaves, excluded_leaves = set(), set()
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear):
-            leaf = name.rpartition(".")[-1]
-            (excluded_leaves.add(leaf) if id(m) in skip else leaves.__setitem__(leaf, leaves.get(leaf, 0) + 1))
-    clash = sorted(excluded_leaves & set(leaves))
+            (excluded_leaves if id(m) in skip else leaves).add(name.rpartition(".")[-1])
+    clash = sorted(excluded_leaves & leaves)
     if clash:  # peft matches by leaf name: a router sharing a name with a LoRA target would be adapted too
         raise SystemExit(f"--lora-targets: layer names {clash} are both routers/output and ordinary linear layers")
     if spec == ALL_LINEAR:
@@ -167,13 +165,16 @@ def apply(model, args, *, base, is_moe: bool):
     """The peft LoRA model for these flags (``model`` itself without ``--lora-r``)."""
     if not enabled(args):
         return model
+    if not is_moe:
+        for flag, value, default in (("--lora-experts", args.lora_experts, "frozen"),
+                                     ("--lora-router", args.lora_router, "full")):
+            if value != default:
+                raise SystemExit(f"{flag} {value}: {base} is a dense model (no experts, no router)")
     if args.qlora:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.lora_experts != "frozen" and not is_moe:
-        raise SystemExit(f"--lora-experts {args.lora_experts}: {base} is a dense model (no experts)")
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, build_config(model, args))
