@@ -53,6 +53,9 @@ def test_whole_question(bench_texts):
     found = first_leaks(bench_texts, texts)
     assert {t: f.item for t, f in found.items()} == {0: 2, 1: 3, 2: 4}
     assert all(f.rule == "whole_question" for f in found.values())
+    # with a floor on the question length, "NK" (2 characters) no longer counts; longer questions still do
+    floored = BenchIndex([normalise(q) for q in bench_texts], min_question_chars=3).scan(texts)
+    assert {t: f.item for t, f in floored.items()} == {0: 2, 1: 3}
     # a question of 64 characters or more, contained whole, is an overlap of its full length
     long_q = normalise(bench_texts[0])
     assert first_leaks(bench_texts, ["x " + long_q + " y"])[0].span == long_q

@@ -67,9 +67,11 @@ def load_bench(paths: list[Path], fold_case: bool = False) -> Bench:
 class Screen:
     """Checks batches of records (lists of turns) against a bench; used here and by step 2's --decontaminate-against."""
 
-    def __init__(self, bench: Bench, min_chars: int = MIN_CHARS, fold_case: bool = False):
+    def __init__(self, bench: Bench, min_chars: int = MIN_CHARS, fold_case: bool = False,
+                 min_question_chars: int = 1):
         self.bench, self.min_chars, self.fold_case = bench, min_chars, fold_case
-        self.index = BenchIndex(bench.questions, min_chars)
+        self.min_question_chars = min_question_chars
+        self.index = BenchIndex(bench.questions, min_chars, min_question_chars)
 
     def check(self, records: list[list[str]]) -> list[dict | None]:
         """Per record: None when clean, else the first leak (turn, rule, span and the bench item it came from)."""
@@ -86,7 +88,8 @@ class Screen:
         return out
 
     def settings(self) -> dict:
-        return {"min_chars": self.min_chars, "fold_case": self.fold_case, "normalisation": NORMALISATION,
+        return {"min_chars": self.min_chars, "min_question_chars": self.min_question_chars,
+                "fold_case": self.fold_case, "normalisation": NORMALISATION,
                 "bench_files": self.bench.files, "bench_items": self.bench.items,
                 "unique_questions": len(self.bench.questions), "questions_ge_min_chars": self.index.n_long,
                 "questions_lt_min_chars": self.index.n_short}
@@ -103,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default: {DEFAULT_OUT.relative_to(ROOT)})")
     p.add_argument("--min-chars", type=int, default=MIN_CHARS,
                    help="shared consecutive characters that make a leak (default: %(default)s, the paper's)")
+    p.add_argument("--min-question-chars", type=int, default=1,
+                   help="questions shorter than this are not matched whole (default: %(default)s, the paper's rule: "
+                        "every question; the 64-character rule is unaffected)")
     p.add_argument("--fold-case", action="store_true", help="compare case-insensitively (default: case kept)")
     p.add_argument("--num-proc", type=int, default=1, help="screening processes (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
@@ -256,7 +262,7 @@ def run(args) -> dict:
             raise FileNotFoundError(f"{p}: file not found")
 
     bench = load_bench(args.bench, args.fold_case)
-    screen = _WORKER = Screen(bench, args.min_chars, args.fold_case)
+    screen = _WORKER = Screen(bench, args.min_chars, args.fold_case, args.min_question_chars)
     t_index = time.time() - t0
     leaks: list[dict] = []
     per_file = []

@@ -151,7 +151,8 @@ class Leak:
 class BenchIndex:
     """The normalised bench questions, indexed for both rules. ``scan`` finds the first leak of each text."""
 
-    def __init__(self, questions: list[str], min_chars: int = MIN_CHARS):
+    def __init__(self, questions: list[str], min_chars: int = MIN_CHARS, min_question_chars: int = 1):
+        """``min_question_chars``: shorter questions are not matched whole (1, the default, is the paper's rule)."""
         if min_chars < 1:
             raise ValueError(f"min_chars must be at least 1, got {min_chars}")
         self.questions = questions
@@ -159,7 +160,7 @@ class BenchIndex:
         self.q = min(min_chars, max(ANCHOR, min_chars // 2))
         self.stride = min_chars - self.q + 1
         long_ids = [i for i, t in enumerate(questions) if len(t) >= min_chars]
-        short_ids = [i for i, t in enumerate(questions) if 0 < len(t) < min_chars]
+        short_ids = [i for i, t in enumerate(questions) if max(1, min_question_chars) <= len(t) < min_chars]
         self.n_long, self.n_short = len(long_ids), len(short_ids)
         self._index_long(long_ids)
         self._index_short(short_ids)
