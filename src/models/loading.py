@@ -9,7 +9,7 @@ import torch
 
 
 def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
-    """bf16 on GPU, fp32 on CPU (bf16 is ~17x slower on CPUs without bf16 hardware, see STACK.md)."""
+    """bf16 on GPU, fp32 on CPU (bf16 is ~17x slower on CPUs without bf16 hardware, see docs/stack.md)."""
     device = torch.device(device) if device is not None else None
     return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
 

@@ -5,7 +5,7 @@ Accepted files:
 - the release list ``[{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}, ...],
   "source": "<category>_<lang>[_qa]", "class": ...}, ...]`` (a turn may also be a plain string, or use
   ``role``/``content``);
-- the extracted dict ``{"<source>": [[q, a, q, a, ...], ...], ...}`` (REFERENCE.md 2.1);
+- the extracted dict ``{"<source>": [[q, a, q, a, ...], ...], ...}`` (docs/reference.md, "Data formats");
 - JSON Lines with one release record per line (``.jsonl``).
 
 Files are parsed one element at a time (``json.JSONDecoder.raw_decode`` over a sliding buffer), so a multi-gigabyte

@@ -1,4 +1,4 @@
-"""Step 2: priority-ordered, tokenized, packed training rows (REFERENCE.md section 3, done right).
+"""Step 2: priority-ordered, tokenized, packed training rows (docs/reference.md, "Priority sampling", done right).
 
 Reads training records (release list, extracted dict or JSONL; several --data files are concatenated), gives every
 source a priority and a number of epochs from one rule table (src/prepare/priorities.yaml, overridable), orders all
