@@ -2,11 +2,13 @@
 
 Two runs into one --out (two step 4 runs once computed 238 predictions for 140 items) interleave their files; the
 second one now refuses to start, naming the first. The lock is an ``flock`` on the file, so the kernel releases it
-when its process ends, however it ends (kill -9 included): a lock is never stale. Within one ``accelerate launch``
-only the main process takes it (the other ranks are the same run).
+when its process ends, however it ends (kill -9 included): a lock is never stale. A run that ends normally also
+removes the file (unlinked while still locked, so no second run can slip in between). Within one
+``accelerate launch`` only the main process takes it (the other ranks are the same run).
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import time
@@ -41,6 +43,21 @@ def hold(out_dir, what: str, flag: str = "--out") -> Path:
                              "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
     _held[key] = fd
     return path
+
+
+def release(out_dir) -> None:
+    """Remove and unlock ``OUT/.lock`` if this process holds it (at exit at the latest)."""
+    key = str((Path(out_dir) / LOCK_NAME).resolve())
+    fd = _held.pop(key, None)
+    if fd is not None:
+        Path(key).unlink(missing_ok=True)
+        os.close(fd)
+
+
+@atexit.register
+def _release_all() -> None:
+    for key in list(_held):
+        release(Path(key).parent)
 
 
 def _read_owner(fd: int) -> str:

@@ -116,7 +116,7 @@ def run(args) -> dict:
     tokenizer, fmt = tokenizer_and_format(args.model, args.format)
     encoder = ChatEncoder(tokenizer, fmt, max_len)
 
-    from ..common.locks import hold
+    from ..common.locks import hold, release
 
     hold(out, "step 2")  # one writer per --out
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".step2-tmp-"))
@@ -125,6 +125,7 @@ def run(args) -> dict:
         report = _build(args, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timings)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        release(out)
     timings["total"] = time.time() - t0
     _print_summary(report, out, timings)
     # timings are printed, not written: mixture.json stays byte-identical between runs
