@@ -288,7 +288,9 @@ def test_step1_and_step4_reject_nonsense_counts(tiny_model_dir, tiny_recs, tmp_p
     with pytest.raises(UsageError, match="--shots: must be at least 0, got -1"):
         test_dev.main(["--model", str(tiny_model_dir), "--shots", "-1", "--out", str(tmp_path / "o")])
     with pytest.raises(UsageError, match="--max-tokens: no test item fits in 5 tokens"):
-        test_dev.main(["--model", str(tiny_model_dir), "--max-tokens", "5", "--out", str(tmp_path / "o")])
+        # the shipped sample, not data/raw/ (step 0 has not run on a fresh clone)
+        test_dev.main(["--model", str(tiny_model_dir), "--max-tokens", "5", "--bench", str(SAMPLE / "bench_test.json"),
+                       "--dev", str(SAMPLE / "bench_dev.json"), "--out", str(tmp_path / "o")])
     inp = _write_jsonl(tmp_path / "t.jsonl", tiny_recs[0][:3])
     for flag, value in (("--limit", "-1"), ("--limit", "0"), ("--max-new-tokens", "0"), ("--batch-size", "0")):
         with pytest.raises(UsageError, match=f"{flag}: must be at least 1, got {value}"):
