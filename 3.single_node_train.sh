@@ -17,10 +17,11 @@ if [ -z "${NUM_PROCESSES:-}" ]; then
   NUM_PROCESSES="$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')"
 fi
 if [ "$NUM_PROCESSES" = 1 ]; then
-  # One process needs no launcher (train.py gives itself a world of one): errors stay one line with their exit code
-  # (a launcher adds its own failure report), and Ctrl-C ends it with exit code 130.
+  # One process needs no launcher (train.py gives itself a world of one): it starts faster.
   exec python -m src.train.train "$@"
 fi
-exec accelerate launch --config_file src/train/configs/single_node.yaml \
+# accelerate launch, reporting a failed run as one line per distinct error with the ranks' exit code (2: a user
+# mistake; 130: Ctrl-C) instead of torch's traceback: src/train/launch.py.
+exec python -m src.train.launch --config_file src/train/configs/single_node.yaml \
   --num_processes "$NUM_PROCESSES" --num_machines 1 --main_process_port "${MAIN_PORT:-29503}" \
   -m src.train.train "$@"

@@ -27,7 +27,7 @@ if [ -z "$MACHINE_RANK" ] || [ -z "$MAIN_IP" ] || [ -z "$NODES" ] || [ -z "$GPUS
   echo "multi_node_train: --machine-rank, --main-ip, --nodes and --gpus-per-node are required" >&2
   usage
 fi
-exec accelerate launch --config_file src/train/configs/multi_node.yaml \
+exec python -m src.train.launch --config_file src/train/configs/multi_node.yaml \
   --num_machines "$NODES" --num_processes "$((NODES * GPUS))" --machine_rank "$MACHINE_RANK" \
   --main_process_ip "$MAIN_IP" --main_process_port "$MAIN_PORT" \
   --deepspeed_multinode_launcher standard --same_network --rdzv_backend static \

@@ -46,6 +46,14 @@ def _run_until(cmd, line_start: str, **env) -> subprocess.Popen:
     raise AssertionError(f"{cmd[2]} ended ({proc.returncode}) before printing {line_start!r}")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _kill9(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
@@ -159,3 +167,62 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tiny
         AutoModelForCausalLM.from_pretrained(out / "checkpoint-1")
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_two_processes_end_like_one_a_mistake_is_one_line_and_ctrl_c_is_130(tiny_model_dir, rows, tmp_path):
+    """3.single_node_train.sh with 2 processes (src/train/launch.py): the ranks' error line once, exit code 2, no
+    launcher traceback; Ctrl-C to the process group: one "interrupted" line, exit code 130."""
+    script = ["bash", str(ROOT / "3.single_node_train.sh")]
+    env = _env(NUM_PROCESSES=2, MAIN_PORT=_free_port())
+    bad = subprocess.run([*script, *_train_cmd(tiny_model_dir, tmp_path / "missing", tmp_path / "a")[3:]], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {tmp_path / 'missing'}: training rows not found (step 2 writes them: "
+                      "2.data_process_train.sh)"], bad.stderr[-3000:]
+    assert "Traceback" not in bad.stderr and "ChildFailedError" not in bad.stderr
+
+    cmd = [*script, *_train_cmd(tiny_model_dir, rows, tmp_path / "b", "--max-steps", 100000, "--save-every", 0)[3:]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "MAIN_PORT": str(_free_port())}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "b" / "train_log.jsonl").exists():  # a first step done: both ranks are training
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert [line for line in stderr.splitlines() if line.startswith("interrupted")] == [
+        "interrupted (Ctrl-C): what was written so far is kept; rerun the same command to resume"], stderr[-3000:]
+    assert "Traceback" not in stderr
+
+
+def test_launcher_report_keeps_each_ranks_own_message_once(tmp_path):
+    """What src/train/launch.py prints from torch elastic's failure records (real ProcessFailure objects read from
+    error files as the ranks write them through src/common/cli.py)."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from src.common import cli
+    from src.train import launch
+
+    def failure(rank, code, message=None):
+        path = tmp_path / f"error{rank}.json"
+        if message is not None:
+            os.environ["TORCHELASTIC_ERROR_FILE"] = str(path)
+            try:
+                cli.emit(message)
+            finally:
+                del os.environ["TORCHELASTIC_ERROR_FILE"]
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file=str(path))
+
+    same = {0: failure(0, 2, "error: --lr: must be positive"), 1: failure(1, 2, "error: --lr: must be positive")}
+    assert launch.report_failures(same) == 2
+    # rank 1 failed on its own; rank 0 was stopped by the launcher (SIGTERM) and wrote nothing: rank 1 is the report
+    one = {0: failure(0, -signal.SIGTERM), 1: failure(1, 1, "error: internal error: RuntimeError: boom")}
+    assert launch.report_failures(one) == 1
+    killed = {0: failure(0, -signal.SIGKILL)}
+    assert launch.report_failures(killed) == 128 + signal.SIGKILL

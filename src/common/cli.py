@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
+import time
 import traceback
 
 from .errors import DataError, UsageError
@@ -26,6 +28,10 @@ EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
 # Exceptions that mean "the input or the request is wrong": shown as their message alone.
 USER_ERRORS = (DataError, UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                PermissionError, FileExistsError, UnicodeDecodeError)
+
+
+# Set by src/train/launch.py for the ranks it starts: it prints their error lines itself, once each.
+REPORTED_BY_LAUNCHER = "APOLLO_LAUNCHER_REPORTS"
 
 
 def debug_enabled() -> bool:
@@ -44,13 +50,12 @@ def run(main, argv: list[str] | None = None) -> int:
         code = main(argv)
     except KeyboardInterrupt:
         _traceback_if_debug()
-        print("interrupted (Ctrl-C): what was written so far is kept; rerun the same command to resume",
-              file=sys.stderr, flush=True)
+        emit("interrupted (Ctrl-C): what was written so far is kept; rerun the same command to resume")
         return EXIT_INTERRUPTED
     except SystemExit as e:
         if isinstance(e.code, str):  # raise SystemExit("message"): a refused request
             _traceback_if_debug()
-            print(f"error: {_one_line(_strip_tag(e.code))}", file=sys.stderr, flush=True)
+            emit(f"error: {_one_line(_strip_tag(e.code))}")
             return EXIT_USAGE
         raise
     except BaseException as e:  # noqa: BLE001 - every other exception becomes one line
@@ -73,10 +78,34 @@ def report(e: BaseException) -> int:
     """Print ``e`` as one ``error:`` line (plus the traceback when debugging) and return the exit code."""
     _traceback_if_debug()
     message, code = describe(e)
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    if not emit(f"error: {message}"):
+        return code
     if code == EXIT_BUG and not debug_enabled():
-        print(f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
+        print(DEBUG_HINT, file=sys.stderr, flush=True)
     return code
+
+
+DEBUG_HINT = f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
+
+
+def emit(line: str) -> bool:
+    """Print ``line`` on stderr; return False when it went to the launcher instead.
+
+    In a process started by torch's elastic launcher (``accelerate launch``), the line is also written to the error
+    file the launcher reads back (``TORCHELASTIC_ERROR_FILE``, torch's documented channel), so its failure report
+    shows our message instead of "To enable traceback see ...". Under src/train/launch.py, which prints each distinct
+    line once for all ranks, it is not printed here."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"message": line, "timestamp": int(time.time())}, f)
+        except OSError:
+            path = None
+    if path and os.environ.get(REPORTED_BY_LAUNCHER):
+        return False
+    print(line, file=sys.stderr, flush=True)
+    return True
 
 
 def describe(e: BaseException) -> tuple[str, int]:
