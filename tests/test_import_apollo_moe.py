@@ -15,6 +15,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from src.common.errors import DataError  # noqa: E402
 from src.models import moe  # noqa: E402
+from src.models.loading import load_model  # noqa: E402
 from util import import_apollo_moe  # noqa: E402
 
 H, INTER, LAYERS, HEADS, KV, VOCAB, E = 32, 48, 3, 4, 2, 80, 4
@@ -129,7 +130,7 @@ def test_import_preserves_the_routing_and_never_runs_code(tmp_path, share_flag, 
 
     ids = torch.randint(0, VOCAB, (17,), generator=torch.Generator().manual_seed(1))
     want = reference_logits(weights, ids)
-    model = moe.load_model(ours)
+    model = load_model(ours)
     settings = moe.moe_settings(model)
     assert settings.moe_layers == (1, 2) and settings.shared_expert is share_flag and not settings.norm_topk_prob
     assert settings.routing == "hybrid"  # language_gate: hybrid routing when training continues
@@ -146,7 +147,7 @@ def test_weights_decide_the_moe_layers_and_bad_checkpoints_fail_cleanly(tmp_path
     write_apollo_checkpoint(src, share_flag=False, config_overrides={"mlp_only_layers": []})  # the quirk
     assert import_apollo_moe.main(["--src", str(src), "--out", str(tmp_path / "ours")]) == 0
     assert "mlp_only_layers=[]" in capsys.readouterr().out
-    assert moe.moe_settings(moe.load_model(tmp_path / "ours")).moe_layers == (1, 2)
+    assert moe.moe_settings(load_model(tmp_path / "ours")).moe_layers == (1, 2)
     with pytest.raises(SystemExit):  # never overwrites
         import_apollo_moe.main(["--src", str(src), "--out", str(tmp_path / "ours")])
 

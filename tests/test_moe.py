@@ -13,6 +13,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config,  # noqa: E
                           Qwen2ForCausalLM)
 
 from src.models import moe  # noqa: E402
+from src.models.loading import load_model  # noqa: E402
 
 VOCAB = 96
 ARCHS = {
@@ -239,17 +240,35 @@ def test_save_and_load_round_trip(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["post_moe"]["shared_expert"] is True
     assert config["model_type"] == moe.MOE_MODEL_TYPE and config[moe.BASE_TYPE_KEY] == "llama"
-    loaded = moe.load_model(out)
+    loaded = load_model(out, torch_dtype="auto")
     assert not loaded.training and moe.moe_settings(loaded) == moe.moe_settings(model)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids).logits, model(input_ids).logits)
-    assert next(moe.load_model(out, torch_dtype=torch.bfloat16).parameters()).dtype == torch.bfloat16
+    assert next(load_model(out, torch_dtype=torch.bfloat16).parameters()).dtype == torch.bfloat16
     # A dense checkpoint goes through the same call.
     tiny("llama").save_pretrained(tmp_path / "dense")
     assert not moe.is_moe_checkpoint(tmp_path / "dense")
-    assert not moe.is_moe(moe.load_model(tmp_path / "dense"))
+    assert not moe.is_moe(load_model(tmp_path / "dense"))
     with pytest.raises(ValueError, match="not an upcycled"):
         moe.save_moe(tiny(), None, tmp_path / "nope")
+
+
+def test_one_dtype_policy_for_dense_and_moe_folders(tmp_path):
+    """load_model: a dtype as given, "auto" the checkpoint's own, None the device's default (fp32 on CPU), the same
+    for a dense folder and a Post-MoE one (the MoE loader used to keep the checkpoint's dtype where the dense one
+    chose fp32)."""
+    dense = tiny("llama").to(torch.bfloat16)
+    dense.save_pretrained(tmp_path / "dense")
+    moe.save_moe(moe.upcycle(tiny("llama"), num_experts=2, top_k=2).to(torch.bfloat16), None, tmp_path / "moe")
+    for folder in ("dense", "moe"):
+        path = tmp_path / folder
+        assert next(load_model(path, torch_dtype="auto").parameters()).dtype == torch.bfloat16
+        assert next(load_model(path).parameters()).dtype == torch.float32
+        assert next(load_model(path, torch_dtype="float16").parameters()).dtype == torch.float16
+    with pytest.raises(ValueError, match="not a Post-MoE checkpoint"):
+        moe.load_moe(tmp_path / "dense", torch.float32)
+    with pytest.raises(ValueError, match="'float42' is not a torch dtype"):
+        load_model(tmp_path / "dense", torch_dtype="float42")
 
 
 def test_routing_analysis_tool(tmp_path):

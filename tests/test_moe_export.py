@@ -14,6 +14,7 @@ from test_moe import VOCAB, batch, tiny_moe  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from src.models import loading, moe, moe_export  # noqa: E402
+from src.models.loading import load_model  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # the zero-width shared expert
 
@@ -50,7 +51,7 @@ def test_folder_written_before_the_model_type_change_still_loads(tmp_path):
     for key in ("routing", "router_language_loss_coef"):
         del config["post_moe"][key]
     (out / "config.json").write_text(json.dumps(config))
-    loaded = moe.load_model(out)
+    loaded = load_model(out)
     assert moe.moe_settings(loaded).routing == "hybrid"
     input_ids, _ = batch()
     with torch.no_grad():
@@ -63,12 +64,12 @@ def test_unknown_settings_are_refused_naming_the_field(tmp_path):
     config["post_moe"]["routing"] = "telepathic"
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config.json: field post_moe: routing rule 'telepathic'"):
-        moe.load_model(out)
+        load_model(out)
     config["post_moe"]["routing"] = "hybrid"
     config["post_moe"]["capacity_factor"] = 1.25
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"field post_moe.capacity_factor is not known"):
-        moe.load_model(out)
+        load_model(out)
 
 
 def _llama3_rope_model():

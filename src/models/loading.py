@@ -3,6 +3,7 @@ checkpoint written by ``src.models.moe`` or a LoRA adapter folder (``src.models.
 training, chat, tools) loads through here."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -99,19 +100,54 @@ def load_tokenizer(name_or_path, padding_side: str = "left"):
     return tokenizer
 
 
-def load_model(name_or_path, torch_dtype: torch.dtype | None = None, device=None):
-    """Load a causal LM for inference or training; MoE checkpoints of ours are detected from their config, LoRA adapter
-    folders from their adapter_config.json (loaded on their base and merged, see adapter.py)."""
+def load_model(name_or_path, torch_dtype: torch.dtype | str | None = None, device=None):
+    """Load a causal LM for inference or training, in the dtype ``resolve_dtype`` gives; MoE checkpoints of ours are
+    detected from their config, LoRA adapter folders from their adapter_config.json (loaded on their base and merged,
+    see adapter.py)."""
     from . import adapter, moe
 
     check_model_source(name_or_path, weights=True)
-    dtype = torch_dtype or default_dtype(device)
+    dtype = resolve_dtype(torch_dtype, name_or_path, device)
     if adapter.is_adapter_dir(name_or_path):
         model = adapter.load_adapter(name_or_path, torch_dtype=dtype)
     elif Path(str(name_or_path)).is_dir() and moe.is_moe_checkpoint(name_or_path):
-        model = moe.load_model(name_or_path, torch_dtype=dtype)
+        model = moe.load_moe(name_or_path, dtype)
     else:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
     return model.to(device) if device is not None else model
+
+
+def resolve_dtype(requested: torch.dtype | str | None, name_or_path, device=None) -> torch.dtype:
+    """The one dtype policy of every loader: a dtype (or its name, "bfloat16") is used as given; "auto" is the
+    checkpoint's own (``checkpoint_dtype``); None is the device's default (``default_dtype``)."""
+    if requested is None:
+        return default_dtype(device)
+    if requested == "auto":
+        return checkpoint_dtype(name_or_path)
+    return _named_dtype(requested, "torch_dtype") if isinstance(requested, str) else requested
+
+
+def checkpoint_dtype(name_or_path) -> torch.dtype:
+    """The dtype a checkpoint's config.json names (an adapter folder: its base's), float32 when it names none."""
+    from . import adapter
+
+    if adapter.is_adapter_dir(name_or_path):
+        name_or_path = adapter.adapter_base(name_or_path)
+    config_file = Path(str(name_or_path)) / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    else:  # a hub id
+        from transformers import AutoConfig
+
+        config, config_file = AutoConfig.from_pretrained(name_or_path).to_dict(), f"{name_or_path}: config.json"
+    name = config.get("dtype") or config.get("torch_dtype")
+    return _named_dtype(name, f"{config_file}: field dtype") if name else torch.float32
+
+
+def _named_dtype(name: str, where: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{where}: {name!r} is not a torch dtype")
+    return dtype

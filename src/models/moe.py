@@ -585,10 +585,6 @@ def save_moe(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     return out
 
 
-def _as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    return getattr(torch, value) if isinstance(value, str) else value
-
-
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -648,25 +644,19 @@ def check_training_rows(model_dir: str | Path, train_dir: str | Path) -> str | N
     return None
 
 
-def load_model(path: str | Path, torch_dtype: torch.dtype | str | None = None, device=None) -> nn.Module:
-    """Load a dense HF checkpoint or one of our MoE checkpoints, in eval mode.
-
-    torch_dtype None keeps the checkpoint's dtype. An MoE checkpoint is rebuilt as its base architecture (from its
-    config), upcycled structurally, then loaded with a strict key check.
-    """
-    from transformers import AutoModelForCausalLM
-
+def load_moe(path: str | Path, dtype: torch.dtype) -> nn.Module:
+    """One of our Post-MoE checkpoints, in eval mode: rebuilt as its base architecture (from its config), upcycled
+    structurally, then loaded with a strict key check. Load through ``src.models.loading.load_model``, which also
+    takes dense and adapter folders and decides the dtype (one policy for all)."""
+    path = Path(path)
     if not is_moe_checkpoint(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_as_dtype(torch_dtype) or "auto")
-    else:
-        path = Path(path)
-        config = base_config(path)
-        dtype = _as_dtype(torch_dtype) or _as_dtype(getattr(config, "dtype", None)) or torch.float32
-        model = build_empty(config, dtype)
-        build_sparse_blocks(model, MoESettings.from_config(getattr(config, MOE_CONFIG_KEY)), router_init_std=0.0)
-        _load_weights_strict(model, path)
+        raise ValueError(f"{path}: not a Post-MoE checkpoint (load it with src.models.loading.load_model)")
+    config = base_config(path)
+    model = build_empty(config, dtype)
+    build_sparse_blocks(model, MoESettings.from_config(getattr(config, MOE_CONFIG_KEY)), router_init_std=0.0)
+    _load_weights_strict(model, path)
     model.eval()
-    return model.to(device) if device is not None else model
+    return model
 
 
 def build_empty(config, dtype: torch.dtype) -> nn.Module:

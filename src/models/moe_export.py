@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if (out / "config.json").exists() and not args.overwrite:
         parser.error(f"{out} already holds a model (pass --overwrite to replace it)")
-    model = moe.load_model(args.model)
+    from src.models.loading import load_model
+
+    model = load_model(args.model, torch_dtype="auto")  # exported in the checkpoint's own dtype
     tokenizer = AutoTokenizer.from_pretrained(args.model, config=moe.base_config(args.model))
     try:
         export_qwen2_moe(model, out, tokenizer)

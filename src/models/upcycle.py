@@ -87,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{source} is not a local model folder (run 0.download_data.sh to fetch or convert models)")
     if moe.is_moe_checkpoint(source):
         parser.error(f"{source} is already an MoE checkpoint")
-    from src.models.loading import require_safetensors
+    from src.models.loading import load_model, require_safetensors
 
     require_safetensors(source)  # never unpickle a pytorch_model.bin
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = moe.load_model(source, torch_dtype=None if args.dtype == "auto" else args.dtype)
+    model = load_model(source, torch_dtype=args.dtype).eval()  # "auto": the checkpoint's own dtype
     input_ids = tokenizer(CHECK_TEXT, return_tensors="pt").input_ids
     if input_ids.numel() == 0:
         parser.error(f"the tokenizer in {source} turns the check text into no tokens")

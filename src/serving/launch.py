@@ -64,10 +64,10 @@ def stock_checkpoint(model: str) -> str:
     if (out / "config.json").is_file() and (out / "config.json").stat().st_mtime >= config.stat().st_mtime:
         print(f"[serve] using the stock export {out}", flush=True)
         return str(out)
-    from ..models.loading import load_tokenizer
+    from ..models.loading import load_model, load_tokenizer
 
     print(f"[serve] exporting the Post-MoE checkpoint to Qwen2MoeForCausalLM -> {out}", flush=True)
-    moe.export_qwen2_moe(moe.load_model(path), out, load_tokenizer(path))
+    moe.export_qwen2_moe(load_model(path, torch_dtype="auto"), out, load_tokenizer(path))
     return str(out)
 
 
