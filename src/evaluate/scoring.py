@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
 
 from ..common.languages import is_major, major_languages, score_method, source_language
 
@@ -85,6 +86,36 @@ def score(predictions: list[dict], exclude_sources=()) -> dict:
     Duplicate ids are counted once (the first); how many were dropped is reported. Predictions of the sources in
     ``exclude_sources`` are left out (the count per named source is reported, 0 for a name not present).
     """
+    preds, excluded, duplicates = _kept(predictions, exclude_sources)
+    t = _tally(preds)
+    sources = _by_source(t)
+    languages = _by_language(t, sources)
+    major = [lg for lg in languages if languages[lg]["major"]]
+    minor = [lg for lg in languages if not languages[lg]["major"]]
+    n_items, n_right = sum(t.total.values()), sum(t.right.values())
+    return {
+        "items": n_items,
+        "right": n_right,
+        "accuracy_items": _round(n_right / n_items) if n_items else None,
+        "major_average": _maybe_public(_average(languages, major, major_languages())),
+        "minor_average": _maybe_public(_average(languages, minor, None)),
+        "languages": {lg: _public(e) for lg, e in languages.items()},
+        "sources": {s: _public(e) for s, e in sources.items()},
+        "zero_correct_sources": [s for s in sources if t.right[s] == 0],
+        "no_letter": {"total": sum(t.no_letter.values()), "by_source": {s: t.no_letter[s] for s in sources
+                                                                       if t.no_letter[s]}},
+        "rules": dict(sorted(t.rules.items())),
+        "ties_broken": t.ties,
+        "duplicates_dropped": duplicates,
+        "excluded_sources": excluded,
+        "ci_method": CI_METHOD,
+        "language_method": "the original collector: macro = mean of source accuracies, micro = pooled counts",
+    }
+
+
+def _kept(predictions: list[dict], exclude_sources) -> tuple[list[dict], dict[str, int], int]:
+    """The predictions that count (first of each id, excluded sources left out), the excluded counts per named
+    source, and how many duplicates were dropped."""
     excluded = {name: 0 for name in exclude_sources}
     seen: set = set()
     preds = []
@@ -97,77 +128,67 @@ def score(predictions: list[dict], exclude_sources=()) -> dict:
             continue
         seen.add(key)
         preds.append(p)
-    duplicates = len(predictions) - len(preds) - sum(excluded.values())
+    return preds, excluded, len(predictions) - len(preds) - sum(excluded.values())
 
-    right: Counter = Counter()
-    total: Counter = Counter()
-    no_letter: Counter = Counter()
-    lang_of: dict[str, str] = {}
-    rules: Counter = Counter()
-    ties = 0
+
+@dataclass
+class _Tally:
+    right: Counter = field(default_factory=Counter)
+    total: Counter = field(default_factory=Counter)
+    no_letter: Counter = field(default_factory=Counter)
+    rules: Counter = field(default_factory=Counter)
+    lang_of: dict = field(default_factory=dict)
+    ties: int = 0
+
+
+def _tally(preds: list[dict]) -> _Tally:
+    t = _Tally()
     for p in preds:
         src = p["source"]
         lang = source_language(src, p.get("language"))
-        if lang_of.setdefault(src, lang) != lang:
-            raise ValueError(f"source {src!r} appears with two languages: {lang_of[src]!r} and {lang!r}")
-        total[src] += 1
-        right[src] += bool(p.get("correct"))
-        rule = p.get("rule") or "none"
-        rules[rule] += 1
-        ties += bool(p.get("tie"))
-        if p.get("letter") is None:
-            no_letter[src] += 1
+        if t.lang_of.setdefault(src, lang) != lang:
+            raise ValueError(f"source {src!r} appears with two languages: {t.lang_of[src]!r} and {lang!r}")
+        t.total[src] += 1
+        t.right[src] += bool(p.get("correct"))
+        t.rules[p.get("rule") or "none"] += 1
+        t.ties += bool(p.get("tie"))
+        t.no_letter[src] += p.get("letter") is None
+    return t
 
+
+def _by_source(t: _Tally) -> dict[str, dict]:
     sources: dict[str, dict] = OrderedDict()
-    for src in sorted(total, key=lambda s: (_lang_rank(lang_of[s]), lang_of[s], s.lower())):
-        r, n = right[src], total[src]
-        sources[src] = {"language": lang_of[src], "right": r, "total": n, "accuracy": r / n,
-                        "ci95": list(wilson(r, n)), "no_letter": no_letter[src], "var": proportion_variance(r, n)}
+    for src in sorted(t.total, key=lambda s: (_lang_rank(t.lang_of[s]), t.lang_of[s], s.lower())):
+        r, n = t.right[src], t.total[src]
+        sources[src] = {"language": t.lang_of[src], "right": r, "total": n, "accuracy": r / n,
+                        "ci95": list(wilson(r, n)), "no_letter": t.no_letter[src], "var": proportion_variance(r, n)}
+    return sources
 
+
+def _by_language(t: _Tally, sources: dict[str, dict]) -> dict[str, dict]:
+    """Each language's accuracy by its method: micro pools the counts, macro averages its sources."""
     languages: dict[str, dict] = OrderedDict()
-    for lang in sorted(set(lang_of.values()), key=lambda lg: (_lang_rank(lg), lg)):
-        srcs = [s for s in sources if lang_of[s] == lang]
+    for lang in sorted(set(t.lang_of.values()), key=lambda lg: (_lang_rank(lg), lg)):
+        srcs = [s for s in sources if t.lang_of[s] == lang]
         method = score_method(lang)
-        r = sum(right[s] for s in srcs)
-        n = sum(total[s] for s in srcs)
+        r = sum(t.right[s] for s in srcs)
+        n = sum(t.total[s] for s in srcs)
         if method == "micro" or len(srcs) == 1:
             est = {"accuracy": r / n, "ci95": list(wilson(r, n)), "var": proportion_variance(r, n)}
         else:
             est = _mean_component([sources[s] for s in srcs])
         languages[lang] = {"method": method, "major": is_major(lang), "sources": srcs, "right": r, "total": n, **est}
+    return languages
 
-    def average(langs: list[str], expected: list[str] | None) -> dict | None:
-        if not langs:
-            return None
-        est = _mean_component([languages[lg] for lg in langs])
-        out = {"accuracy": est["accuracy"], "ci95": est["ci95"], "languages": langs, "n_languages": len(langs),
-               "var": est["var"]}
-        if expected is not None:
-            out["missing"] = [lg for lg in expected if lg not in languages]
-        return out
 
-    major = [lg for lg in languages if languages[lg]["major"]]
-    minor = [lg for lg in languages if not languages[lg]["major"]]
-    n_items = sum(total.values())
-    n_right = sum(right.values())
-    out = {
-        "items": n_items,
-        "right": n_right,
-        "accuracy_items": _round(n_right / n_items) if n_items else None,
-        "major_average": _maybe_public(average(major, major_languages())),
-        "minor_average": _maybe_public(average(minor, None)),
-        "languages": {lg: _public(e) for lg, e in languages.items()},
-        "sources": {s: _public(e) for s, e in sources.items()},
-        "zero_correct_sources": [s for s in sources if right[s] == 0],
-        "no_letter": {"total": sum(no_letter.values()), "by_source": {s: no_letter[s] for s in sources
-                                                                     if no_letter[s]}},
-        "rules": dict(sorted(rules.items())),
-        "ties_broken": ties,
-        "duplicates_dropped": duplicates,
-        "excluded_sources": excluded,
-        "ci_method": CI_METHOD,
-        "language_method": "the original collector: macro = mean of source accuracies, micro = pooled counts",
-    }
+def _average(languages: dict[str, dict], langs: list[str], expected: list[str] | None) -> dict | None:
+    if not langs:
+        return None
+    est = _mean_component([languages[lg] for lg in langs])
+    out = {"accuracy": est["accuracy"], "ci95": est["ci95"], "languages": langs, "n_languages": len(langs),
+           "var": est["var"]}
+    if expected is not None:
+        out["missing"] = [lg for lg in expected if lg not in languages]
     return out
 
 
