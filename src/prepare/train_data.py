@@ -22,22 +22,23 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..common.chat_formats import FORMAT_NAMES, tokenizer_and_format
+from ..common.chat_formats import FORMAT_NAMES, ChatFormat, tokenizer_and_format
+from ..common.defaults import DEFAULT_MODEL, IGNORE_INDEX, ROOT, SAMPLE_DIR
 from ..common.errors import DataError
 from ..common.io import write_json, write_jsonl
 from ..common.languages import PAD_LANGUAGE_ID, families, family_id, language_id, languages, parse_train_source
 from . import mixture as mx
-from .packing import IGNORE_INDEX, ROW_SCHEMA, ListColumn, plan_rows, write_dataset_metadata, write_rows
-from .records import read_records
+from .packing import ROW_SCHEMA, ListColumn, plan_rows, write_dataset_metadata, write_rows
+from .records import ReadResult, read_records
 from .tokenize_chat import ChatEncoder
 
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLE = ROOT / "data" / "raw" / "sample" / "train.json"
-DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
+SAMPLE = SAMPLE_DIR / "train.json"
 PAPER_MAX_SEQ_LEN = 4096
 SAMPLE_MAX_SEQ_LEN = 1024  # the embedded sample's documents are < 400 tokens; short rows keep CPU training quick
 TOKENIZE_BATCH = 1000
@@ -121,8 +122,9 @@ def run(args) -> dict:
     hold(out, "step 2")  # one writer per --out
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".step2-tmp-"))
     timings = {"load tokenizer": time.time() - t0}
+    ctx = Build(args, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timings)
     try:
-        report = _build(args, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timings)
+        report = _build(ctx)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         release(out)
@@ -132,86 +134,164 @@ def run(args) -> dict:
     return report | {"_timings": timings}
 
 
-def _build(args, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timings: dict) -> dict:
+@dataclass
+class Build:
+    """What every step of one step-2 run needs: the settings, the loaded tokenizer and format, where to write."""
+    args: argparse.Namespace
+    data: list[Path]  # the input files, in --data order
+    out: Path
+    tmp: Path  # scratch folder inside out, removed at the end
+    max_len: int
+    table: mx.PriorityTable
+    tokenizer: object
+    fmt: ChatFormat
+    encoder: ChatEncoder
+    timings: dict  # step name -> seconds, filled by lap()
+    clock: float = field(default_factory=time.time)
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.timings[name] = now - self.clock
+        self.clock = now
+
+
+@dataclass
+class Records:
+    """Step 1 of the build: the validated records (in tmp/records.arrow) and their sources' rules."""
+    read: ReadResult
+    screen: object  # the decontamination Screen, or None
+    rules: list  # mx.Rule per source id
+    parsed: list  # (category, language, is_qa) per source id
+
+
+@dataclass
+class Tokens:
+    """Step 2: the tokenized table and its per-record numbers."""
+    dataset: object  # the datasets.Dataset the table belongs to (kept alive while the table is read)
+    table: object  # its Arrow table: input_ids, label_spans, ...
+    rec: dict  # per-record arrays (_per_record)
+    truncated: np.ndarray  # bool per record
+    truncated_examples: list
+
+
+@dataclass
+class Order:
+    """Step 3: the entries in training order."""
+    order: np.ndarray  # record index of each entry, in training order
+    src_is_qa: np.ndarray
+    src_lang_id: np.ndarray
+
+
+@dataclass
+class Rows:
+    """Step 4: how the entries were packed into rows."""
+    lengths: np.ndarray  # tokens of each entry, in order
+    bounds: np.ndarray  # row r holds entries bounds[r]:bounds[r + 1]
+    digest: str
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.bounds) - 1
+
+
+def _build(ctx: Build) -> dict:
+    recs = _read(ctx)
+    tok = _tokenize(ctx, recs)
+    order = _order(ctx, recs, tok)
+    rows = _pack(ctx, tok, order)
+    del tok.dataset, tok.table
+    report = _report(ctx, recs, tok, order, rows)
+    _write_report(ctx, recs, report, order, rows)
+    ctx.lap("report")
+    return report
+
+
+def _read(ctx: Build) -> Records:
+    """Read and validate every input, streamed into an Arrow file (leaks screened out when asked)."""
+    screen = None
+    if ctx.args.decontaminate_against:
+        from .decontaminate import Screen, load_bench
+        screen = Screen(load_bench(ctx.args.decontaminate_against), ctx.args.leak_min_chars)
+    read = read_records(ctx.data, ctx.tmp / "records.arrow", skip_errors=ctx.args.on_error == "skip", screen=screen)
+    if read.records == 0:
+        raise ValueError(f"no valid training records in {', '.join(map(str, ctx.data))}")
+    rules = ctx.table.resolve(read.sources)
+    ctx.lap("read + validate")
+    return Records(read, screen, rules, [parse_train_source(s) for s in read.sources])
+
+
+def _tokenize(ctx: Build, recs: Records) -> Tokens:
+    """Tokenize in parallel into Arrow cache files (map keeps the record order whatever num_proc)."""
     import datasets
     from datasets.table import MemoryMappedTable
 
-    clock = [time.time()]
-
-    def lap(name):
-        now = time.time()
-        timings[name] = now - clock[0]
-        clock[0] = now
-
-    # 1. read and validate, streamed into an Arrow file
-    screen = None
-    if args.decontaminate_against:
-        from .decontaminate import Screen, load_bench
-        screen = Screen(load_bench(args.decontaminate_against), args.leak_min_chars)
-    read = read_records(data, tmp / "records.arrow", skip_errors=args.on_error == "skip", screen=screen)
-    if read.records == 0:
-        raise ValueError(f"no valid training records in {', '.join(map(str, data))}")
-    rules = table.resolve(read.sources)
-    lap("read + validate")
-    n_src = len(read.sources)
-    parsed = [parse_train_source(s) for s in read.sources]
-
-    # 2. tokenize (parallel, into Arrow cache files; map keeps the record order whatever num_proc)
-    records = datasets.Dataset(MemoryMappedTable.from_file(str(tmp / "records.arrow")), fingerprint="step2-records")
+    records = datasets.Dataset(MemoryMappedTable.from_file(str(ctx.tmp / "records.arrow")),
+                               fingerprint="step2-records")
+    num_proc = ctx.args.num_proc if ctx.args.num_proc > 1 else None
     tokenized = records.with_format("arrow").map(
-        encoder, batched=True, batch_size=TOKENIZE_BATCH, num_proc=args.num_proc if args.num_proc > 1 else None,
-        cache_file_name=str(tmp / "tokenized.arrow"), new_fingerprint="step2-tokenized", desc="tokenizing")
-    tok_table = tokenized.data.table
-    lap("tokenize")
-    rec = _per_record(tok_table)
+        ctx.encoder, batched=True, batch_size=TOKENIZE_BATCH, num_proc=num_proc,
+        cache_file_name=str(ctx.tmp / "tokenized.arrow"), new_fingerprint="step2-tokenized", desc="tokenizing")
+    ctx.lap("tokenize")
+    rec = _per_record(tokenized.data.table)
     truncated = rec["full_length"] > rec["length"]
+    _require_loss_tokens(rec, truncated, ctx.max_len)
+    return Tokens(tokenized, tokenized.data.table, rec, truncated,
+                  _truncated_examples(ctx, recs, tokenized, rec, truncated))
+
+
+def _truncated_examples(ctx: Build, recs: Records, tokenized, rec: dict, truncated: np.ndarray) -> list[dict]:
+    """The first MAX_EXAMPLES truncated records by name (a few row lookups, no table copy)."""
     meta = tokenized.with_format(None).select_columns(["file", "index", "source_id", "full_length"])
-    truncated_examples = []
-    for i in np.flatnonzero(truncated)[:MAX_EXAMPLES].tolist():  # a few row lookups, no table copy
+    examples = []
+    for i in np.flatnonzero(truncated)[:MAX_EXAMPLES].tolist():
         r = meta[i]
-        truncated_examples.append({"file": str(data[r["file"]]), "index": r["index"],
-                                   "source": read.sources[r["source_id"]], "tokens": r["full_length"],
-                                   "kept": int(rec["length"][i])})
-    del meta
+        examples.append({"file": str(ctx.data[r["file"]]), "index": r["index"],
+                         "source": recs.read.sources[r["source_id"]], "tokens": r["full_length"],
+                         "kept": int(rec["length"][i])})
+    return examples
 
-    _require_loss_tokens(rec, truncated, max_len)
 
-    # 3. entries and their priority order
-    src_prio = np.array([r.priority for r in rules], dtype=np.float32)
-    src_epochs = [r.epochs for r in rules]
-    src_is_qa = np.array([qa for _, _, qa in parsed], dtype=bool)
-    lang_of = family_id if args.language_ids == "family" else language_id
-    src_lang_id = np.array([lang_of(lang) for _, lang, _ in parsed], dtype=np.int32)
-    entry_record = mx.build_entries(rec["source"], src_epochs)
-    perm = mx.exponential_order(src_prio[rec["source"][entry_record]], args.seed)
-    order = entry_record[perm]  # record index of each entry, in training order
-    del perm, entry_record
-    n_entries = len(order)
-    if n_entries == 0:
+def _order(ctx: Build, recs: Records, tok: Tokens) -> Order:
+    """Every epoch copy is an entry; entries sorted by seeded exponential keys Exp(1)/priority."""
+    source = tok.rec["source"]
+    src_prio = np.array([r.priority for r in recs.rules], dtype=np.float32)
+    src_is_qa = np.array([qa for _, _, qa in recs.parsed], dtype=bool)
+    lang_of = family_id if ctx.args.language_ids == "family" else language_id
+    src_lang_id = np.array([lang_of(lang) for _, lang, _ in recs.parsed], dtype=np.int32)
+    entry_record = mx.build_entries(source, [r.epochs for r in recs.rules])
+    perm = mx.exponential_order(src_prio[source[entry_record]], ctx.args.seed)
+    order = entry_record[perm]
+    if len(order) == 0:
         raise ValueError("every source has epochs 0: nothing to train on")
-    lap("order")
+    ctx.lap("order")
+    return Order(order, src_is_qa, src_lang_id)
 
-    # 4. pack and write
-    lengths = rec["length"][order]
-    bounds = plan_rows(lengths, max_len)
+
+def _pack(ctx: Build, tok: Tokens, order: Order) -> Rows:
+    """Pack the entries next-fit in order and write the rows as out/train (renamed into place when complete)."""
+    lengths = tok.rec["length"][order.order]
+    bounds = plan_rows(lengths, ctx.max_len)
     hasher = hashlib.sha256()
-    partial = out / ".train.partial"
+    partial = ctx.out / ".train.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    shards = write_rows(tok_table, order, bounds, src_lang_id[rec["source"]], partial, hasher=hasher)
+    shards = write_rows(tok.table, order.order, bounds, order.src_lang_id[tok.rec["source"]], partial,
+                        hasher=hasher)
     digest = hasher.hexdigest()
-    n_rows = len(bounds) - 1
     write_dataset_metadata(partial, shards, fingerprint=digest[:32])
-    del tokenized, records, tok_table
-    shutil.rmtree(out / "train", ignore_errors=True)
-    partial.rename(out / "train")
-    lap("pack + write rows")
+    shutil.rmtree(ctx.out / "train", ignore_errors=True)
+    partial.rename(ctx.out / "train")
+    ctx.lap("pack + write rows")
+    return Rows(lengths, bounds, digest)
 
-    # 5. the report
-    entry_source = rec["source"][order]
-    copies = np.bincount(order, minlength=len(rec["length"]))  # entries per record
+
+def _by_source(recs: Records, tok: Tokens, order: Order) -> dict:
+    """Per-source counts of records, entries, tokens, loss tokens and truncations, and their mean position."""
+    rec, truncated, n_src = tok.rec, tok.truncated, len(recs.read.sources)
+    entry_source = rec["source"][order.order]
+    copies = np.bincount(order.order, minlength=len(rec["length"]))  # entries per record
+    n_entries = len(order.order)
     pos = np.arange(n_entries, dtype=np.float64) / max(n_entries - 1, 1)
     mean_pos = _counts(entry_source, pos, n_src) / np.maximum(_counts(entry_source, None, n_src), 1)
-    del pos
     per_src = {
         "records": _counts(rec["source"], None, n_src),
         "entries": _counts(rec["source"], copies, n_src),
@@ -222,58 +302,73 @@ def _build(args, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timing
         "entries_without_loss": _counts(rec["source"], copies * (rec["loss"] == 0), n_src),
     }
     by_source = {}
-    for s in sorted(range(n_src), key=lambda i: read.sources[i]):
-        category, lang, qa = parsed[s]
-        by_source[read.sources[s]] = {
+    for s in sorted(range(n_src), key=lambda i: recs.read.sources[i]):
+        category, lang, qa = recs.parsed[s]
+        rule = recs.rules[s]
+        by_source[recs.read.sources[s]] = {
             "category": category, "language": lang, "family": family_id(lang), "pretrain_qa": qa,
-            "rule": rules[s].pattern, "priority": rules[s].priority, "epochs": rules[s].epochs,
+            "rule": rule.pattern, "priority": rule.priority, "epochs": rule.epochs,
             **{k: int(v[s]) for k, v in per_src.items()},
             "mean_position": round(float(mean_pos[s]), 4) if per_src["entries"][s] else None,
         }
-    tot_tokens = int(lengths.sum())
-    row_tokens = np.add.reduceat(lengths, bounds[:-1])
-    report = {
+    return by_source
+
+
+def _totals(recs: Records, tok: Tokens, order: Order, rows: Rows, max_len: int) -> dict:
+    read, rec, truncated = recs.read, tok.rec, tok.truncated
+    copies = np.bincount(order.order, minlength=len(rec["length"]))
+    n_entries, n_rows = len(order.order), rows.n_rows
+    tot_tokens = int(rows.lengths.sum())
+    row_tokens = np.add.reduceat(rows.lengths, rows.bounds[:-1])
+    return {
+        "records_read": sum(read.read_per_file),
+        "records": read.records,
+        "rejected": len(read.rejects),
+        "leaked": len(read.leaks),
+        "entries": n_entries,
+        "rows": n_rows,
+        "tokens": tot_tokens,
+        "loss_tokens": int(rec["loss"][order.order].sum()),
+        "truncated_records": int(truncated.sum()),
+        "truncated_entries": int(copies[truncated].sum()),
+        "truncated_tokens_dropped": int(((rec["full_length"] - rec["length"]) * copies).sum()),
+        "entries_without_loss": int(copies[rec["loss"] == 0].sum()),
+        "boundary_splits": int(rec["split"].sum()),
+        "packing_efficiency": round(tot_tokens / (n_rows * max_len), 4),
+        "mean_row_tokens": round(tot_tokens / n_rows, 1),
+        "max_row_tokens": int(row_tokens.max()),
+        "mean_documents_per_row": round(n_entries / n_rows, 2),
+    }
+
+
+def _report(ctx: Build, recs: Records, tok: Tokens, order: Order, rows: Rows) -> dict:
+    """mixture.json: what went in, how it was ordered and packed, and what was left out."""
+    args, read, tokenizer = ctx.args, recs.read, ctx.tokenizer
+    by_source = _by_source(recs, tok, order)
+    return {
         "format_version": 1,
-        "inputs": [{"file": str(p), "records_read": n} for p, n in zip(data, read.read_per_file)],
+        "inputs": [{"file": str(p), "records_read": n} for p, n in zip(ctx.data, read.read_per_file)],
         "model": _rel(args.model),
-        "chat_format": fmt.to_dict(),
-        "stop_token_id": fmt.stop_token(tokenizer),
+        "chat_format": ctx.fmt.to_dict(),
+        "stop_token_id": ctx.fmt.stop_token(tokenizer),
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        "max_seq_len": max_len,
+        "max_seq_len": ctx.max_len,
         "seed": args.seed,
         "language_ids": args.language_ids,
         "num_language_ids": len(families()) if args.language_ids == "family" else len(languages()),
         "pad_language_id": PAD_LANGUAGE_ID,
         "ignore_index": IGNORE_INDEX,
         "columns": ROW_SCHEMA.names,
-        "rows_sha256": digest,
+        "rows_sha256": rows.digest,
         "order": "every epoch copy is an entry; entries sorted by Exp(1)/priority (float64 keys, numpy PCG64 seeded "
                  "by seed, stable argsort); packed next-fit in that order; rows stored in training order, unpadded, "
                  "position_ids restart per document",
         "priority_table": {"default": str(mx.DEFAULT_PRIORITIES.relative_to(ROOT)),
                            "override": str(args.priorities) if args.priorities else None,
                            "rules": [{k: v for k, v in r.items() if k != "origin"} | {"from": _rel(r["origin"])}
-                                     for r in table.to_list()],
-                           "unused_patterns": table.unused(read.sources)},
-        "totals": {
-            "records_read": sum(read.read_per_file),
-            "records": read.records,
-            "rejected": len(read.rejects),
-            "leaked": len(read.leaks),
-            "entries": n_entries,
-            "rows": n_rows,
-            "tokens": tot_tokens,
-            "loss_tokens": int(rec["loss"][order].sum()),
-            "truncated_records": int(truncated.sum()),
-            "truncated_entries": int(copies[truncated].sum()),
-            "truncated_tokens_dropped": int(((rec["full_length"] - rec["length"]) * copies).sum()),
-            "entries_without_loss": int(copies[rec["loss"] == 0].sum()),
-            "boundary_splits": int(rec["split"].sum()),
-            "packing_efficiency": round(tot_tokens / (n_rows * max_len), 4),
-            "mean_row_tokens": round(tot_tokens / n_rows, 1),
-            "max_row_tokens": int(row_tokens.max()),
-            "mean_documents_per_row": round(n_entries / n_rows, 2),
-        },
+                                     for r in ctx.table.to_list()],
+                           "unused_patterns": ctx.table.unused(read.sources)},
+        "totals": _totals(recs, tok, order, rows, ctx.max_len),
         "by_source": by_source,
         "by_language": _group(by_source, "language", {"family": family_id, "language_id": language_id}),
         "by_family": {str(k): {"name": families()[k], **v}
@@ -283,25 +378,29 @@ def _build(args, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timing
         "rejects": {"count": len(read.rejects), "file": "train_rejects.jsonl",
                     "by_field": _tally(r["field"] for r in read.rejects),
                     "by_reason": _tally(r["reason"].split(":")[0] for r in read.rejects)},
-        "truncated_examples": truncated_examples,
-        "decontamination": _decontamination(screen, read.leaks),
-        "curriculum": mx.curriculum(lengths, src_is_qa[entry_source]),
+        "truncated_examples": tok.truncated_examples,
+        "decontamination": _decontamination(recs.screen, read.leaks),
+        "curriculum": mx.curriculum(rows.lengths, order.src_is_qa[tok.rec["source"][order.order]]),
     }
+
+
+def _write_report(ctx: Build, recs: Records, report: dict, order: Order, rows: Rows) -> None:
+    """mixture.json, train_rejects.jsonl, train_leaks.jsonl (with a screen) and curriculum.png."""
+    out, by_source = ctx.out, report["by_source"]
     write_json(out / "mixture.json", report)
-    write_jsonl(out / "train_rejects.jsonl", read.rejects)
-    if screen is not None:
-        write_jsonl(out / "train_leaks.jsonl", read.leaks)
+    write_jsonl(out / "train_rejects.jsonl", recs.read.rejects)
+    if recs.screen is not None:
+        write_jsonl(out / "train_leaks.jsonl", recs.read.leaks)
     classes = "; ".join(
         f"{name}: " + ", ".join(sorted({f"priority {v['priority']:g}, {v['epochs']:g} epoch(s)"
                                         for v in by_source.values() if v["pretrain_qa"] == (name == "pretrain-QA")}))
         for name in ("pretrain-QA", "SFT") if any(v["pretrain_qa"] == (name == "pretrain-QA")
                                                   for v in by_source.values()))
+    tot_tokens = report["totals"]["tokens"]
     qa_share = report["by_class"].get("pretrain_qa", {}).get("tokens", 0) / tot_tokens
     mx.plot_curriculum(report["curriculum"], out / "curriculum.png",
-                       f"Token share over training: seed {args.seed}, {n_entries} entries, {tot_tokens:,} tokens\n"
-                       f"{classes}", overall_qa_share=qa_share)
-    lap("report")
-    return report
+                       f"Token share over training: seed {ctx.args.seed}, {len(order.order)} entries, "
+                       f"{tot_tokens:,} tokens\n{classes}", overall_qa_share=qa_share)
 
 
 def _require_loss_tokens(rec: dict, truncated: np.ndarray, max_len: int) -> None:
@@ -334,10 +433,7 @@ def _rel(path) -> str:
 
 
 def _tally(values) -> dict:
-    out: dict = {}
-    for v in values:
-        out[str(v)] = out.get(str(v), 0) + 1
-    return dict(sorted(out.items()))
+    return dict(sorted(Counter(str(v) for v in values).items()))
 
 
 def _group(by_source: dict, key: str, extra: dict, mean_position: bool = False) -> dict:
