@@ -1,6 +1,8 @@
 """Step 2: priority-ordered, tokenized, packed training rows (docs/reference.md, "Priority sampling", done right).
 
-Reads training records (release list, extracted dict or JSONL; several --data files are concatenated), gives every
+Reads training records (release list, extracted dict or JSONL; several --data files are concatenated) and raw
+pretraining text (--text, or --data with a *_text/.txt name: documents with the loss on every token, split into
+--max-seq-len pieces when longer; records.py and tokenize_chat.py say how), gives every
 source a priority and a number of epochs from one rule table (src/prepare/priorities.yaml, overridable), orders all
 epoch copies by seeded exponential keys Exp(1)/priority (the reference's sequential weighted sampling, without its 2^24
 cap), tokenizes them in the model's chat format with the loss on answers and the end string after each answer, and
@@ -32,10 +34,11 @@ from ..common.chat_formats import FORMAT_NAMES, ChatFormat, tokenizer_and_format
 from ..common.defaults import DEFAULT_MODEL, IGNORE_INDEX, ROOT, SAMPLE_DIR
 from ..common.errors import DataError
 from ..common.io import write_json, write_jsonl
-from ..common.languages import PAD_LANGUAGE_ID, families, family_id, language_id, languages, parse_train_source
+from ..common.languages import (PAD_LANGUAGE_ID, families, family_id, language_id, languages, parse_train_source,
+                                 train_source_kind)
 from . import mixture as mx
 from .packing import ROW_SCHEMA, ListColumn, plan_rows, write_dataset_metadata, write_rows
-from .records import ReadResult, read_records
+from .records import Input, ReadResult, data_input, read_records, text_input
 from .tokenize_chat import ChatEncoder
 
 SAMPLE = SAMPLE_DIR / "train.json"
@@ -43,6 +46,8 @@ PAPER_MAX_SEQ_LEN = 4096
 SAMPLE_MAX_SEQ_LEN = 1024  # the embedded sample's documents are < 400 tokens; short rows keep CPU training quick
 TOKENIZE_BATCH = 1000
 MAX_EXAMPLES = 20  # truncated records listed by name in mixture.json (all are counted)
+CLASS_OF_KIND = {"text": "text", "qa": "pretrain_qa", "sft": "sft"}  # mixture.json's by_class names
+CLASS_LABELS = {"text": "text", "qa": "pretrain-QA", "sft": "SFT"}  # the curriculum plot's
 
 
 def default_num_proc() -> int:
@@ -53,12 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="2.data_process_train.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, action="append", default=None,
-                   help="training records (repeatable); default: the embedded sample data/raw/sample/train.json")
+                   help="training records (repeatable); default: the embedded sample data/raw/sample/train.json. "
+                        "A file named <category>_<lang>_text.json/.jsonl/.txt, or any .txt, is read as raw text")
+    p.add_argument("--text", action="append", default=None, metavar="[SOURCE=]FILE",
+                   help="raw pretraining text (repeatable; read after --data): a JSON list of strings (the release's "
+                        "<category>_<lang>_text.json), .txt with documents separated by blank lines, or JSON Lines "
+                        "of strings or {text[, source]} objects. SOURCE (<category>_<lang>_text) defaults to the "
+                        "file name's stem. Loss on every token; documents longer than --max-seq-len are split")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder: its tokenizer and chat format")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: data/sample_<model> for the sample, else data/<data stem>_<model>)")
     p.add_argument("--max-seq-len", type=int, default=None,
-                   help=f"tokens per row; longer documents are truncated (default: {PAPER_MAX_SEQ_LEN}, the paper's; "
+                   help=f"tokens per row; longer conversations are truncated, longer text documents split "
+                        f"(default: {PAPER_MAX_SEQ_LEN}, the paper's; "
                         f"{SAMPLE_MAX_SEQ_LEN} for the embedded sample)")
     p.add_argument("--seed", type=int, default=42, help="seed of the priority order (default: %(default)s)")
     p.add_argument("--priorities", type=Path, default=None,
@@ -92,6 +104,7 @@ def _per_record(tokenized) -> dict[str, np.ndarray]:
         "full_length": tokenized.column("full_length").to_numpy().astype(np.int64),
         "loss": loss,
         "split": tokenized.column("boundary_split").to_numpy(zero_copy_only=False),
+        "piece": tokenized.column("piece").to_numpy().astype(np.int32),
     }
 
 
@@ -101,8 +114,10 @@ def _counts(keys: np.ndarray, weights, n: int) -> np.ndarray:
 
 def run(args) -> dict:
     t0 = time.time()
-    sample = args.data is None
-    data = [SAMPLE] if sample else list(args.data)
+    sample = args.data is None and args.text is None
+    inputs = [data_input(SAMPLE)] if sample else [data_input(p) for p in args.data or []] + \
+        [text_input(t) for t in args.text or []]
+    data = [i.path for i in inputs]
     if sample and not SAMPLE.is_file():
         raise FileNotFoundError(f"{SAMPLE}: the embedded sample is not there yet; run ./0.download_data.sh first "
                                 f"(it copies assets/sample/) or pass --data")
@@ -122,7 +137,7 @@ def run(args) -> dict:
     hold(out, "step 2")  # one writer per --out
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".step2-tmp-"))
     timings = {"load tokenizer": time.time() - t0}
-    ctx = Build(args, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timings)
+    ctx = Build(args, inputs, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timings)
     try:
         report = _build(ctx)
     finally:
@@ -138,7 +153,8 @@ def run(args) -> dict:
 class Build:
     """What every step of one step-2 run needs: the settings, the loaded tokenizer and format, where to write."""
     args: argparse.Namespace
-    data: list[Path]  # the input files, in --data order
+    inputs: list[Input]  # the input files: --data ones in order, then --text ones
+    data: list[Path]  # their paths
     out: Path
     tmp: Path  # scratch folder inside out, removed at the end
     max_len: int
@@ -162,6 +178,7 @@ class Records:
     screen: object  # the decontamination Screen, or None
     rules: list  # mx.Rule per source id
     parsed: list  # (category, language, is_qa) per source id
+    kinds: list  # 'text', 'qa' or 'sft' per source id
 
 
 @dataclass
@@ -169,7 +186,7 @@ class Tokens:
     """Step 2: the tokenized table and its per-record numbers."""
     dataset: object  # the datasets.Dataset the table belongs to (kept alive while the table is read)
     table: object  # its Arrow table: input_ids, label_spans, ...
-    rec: dict  # per-record arrays (_per_record)
+    rec: dict  # per-record arrays (_per_record); a text document split at max_len is one "record" per piece
     truncated: np.ndarray  # bool per record
     truncated_examples: list
 
@@ -178,7 +195,7 @@ class Tokens:
 class Order:
     """Step 3: the entries in training order."""
     order: np.ndarray  # record index of each entry, in training order
-    src_is_qa: np.ndarray
+    src_is_pretrain: np.ndarray  # text or pretrain-QA (the curriculum's first class) per source id
     src_lang_id: np.ndarray
 
 
@@ -212,12 +229,13 @@ def _read(ctx: Build) -> Records:
     if ctx.args.decontaminate_against:
         from .decontaminate import Screen, load_bench
         screen = Screen(load_bench(ctx.args.decontaminate_against), ctx.args.leak_min_chars)
-    read = read_records(ctx.data, ctx.tmp / "records.arrow", skip_errors=ctx.args.on_error == "skip", screen=screen)
+    read = read_records(ctx.inputs, ctx.tmp / "records.arrow", skip_errors=ctx.args.on_error == "skip", screen=screen)
     if read.records == 0:
         raise ValueError(f"no valid training records in {', '.join(map(str, ctx.data))}")
     rules = ctx.table.resolve(read.sources)
     ctx.lap("read + validate")
-    return Records(read, screen, rules, [parse_train_source(s) for s in read.sources])
+    return Records(read, screen, rules, [parse_train_source(s) for s in read.sources],
+                   [train_source_kind(s) for s in read.sources])
 
 
 def _tokenize(ctx: Build, recs: Records) -> Tokens:
@@ -230,6 +248,7 @@ def _tokenize(ctx: Build, recs: Records) -> Tokens:
     num_proc = ctx.args.num_proc if ctx.args.num_proc > 1 else None
     tokenized = records.with_format("arrow").map(
         ctx.encoder, batched=True, batch_size=TOKENIZE_BATCH, num_proc=num_proc,
+        remove_columns=records.column_names,  # a text document may become several rows (pieces)
         cache_file_name=str(ctx.tmp / "tokenized.arrow"), new_fingerprint="step2-tokenized", desc="tokenizing")
     ctx.lap("tokenize")
     rec = _per_record(tokenized.data.table)
@@ -255,7 +274,7 @@ def _order(ctx: Build, recs: Records, tok: Tokens) -> Order:
     """Every epoch copy is an entry; entries sorted by seeded exponential keys Exp(1)/priority."""
     source = tok.rec["source"]
     src_prio = np.array([r.priority for r in recs.rules], dtype=np.float32)
-    src_is_qa = np.array([qa for _, _, qa in recs.parsed], dtype=bool)
+    src_is_pretrain = np.array([k != "sft" for k in recs.kinds], dtype=bool)
     lang_of = family_id if ctx.args.language_ids == "family" else language_id
     src_lang_id = np.array([lang_of(lang) for _, lang, _ in recs.parsed], dtype=np.int32)
     entry_record = mx.build_entries(source, [r.epochs for r in recs.rules])
@@ -264,7 +283,7 @@ def _order(ctx: Build, recs: Records, tok: Tokens) -> Order:
     if len(order) == 0:
         raise ValueError("every source has epochs 0: nothing to train on")
     ctx.lap("order")
-    return Order(order, src_is_qa, src_lang_id)
+    return Order(order, src_is_pretrain, src_lang_id)
 
 
 def _pack(ctx: Build, tok: Tokens, order: Order) -> Rows:
@@ -293,7 +312,9 @@ def _by_source(recs: Records, tok: Tokens, order: Order) -> dict:
     pos = np.arange(n_entries, dtype=np.float64) / max(n_entries - 1, 1)
     mean_pos = _counts(entry_source, pos, n_src) / np.maximum(_counts(entry_source, None, n_src), 1)
     per_src = {
-        "records": _counts(rec["source"], None, n_src),
+        "records": _counts(rec["source"], rec["piece"] == 0, n_src),
+        "pieces": _counts(rec["source"], None, n_src),
+        "split_records": _counts(rec["source"], rec["piece"] == 1, n_src),
         "entries": _counts(rec["source"], copies, n_src),
         "tokens": _counts(rec["source"], copies * rec["length"], n_src),
         "loss_tokens": _counts(rec["source"], copies * rec["loss"], n_src),
@@ -306,7 +327,8 @@ def _by_source(recs: Records, tok: Tokens, order: Order) -> dict:
         category, lang, qa = recs.parsed[s]
         rule = recs.rules[s]
         by_source[recs.read.sources[s]] = {
-            "category": category, "language": lang, "family": family_id(lang), "pretrain_qa": qa,
+            "category": category, "language": lang, "family": family_id(lang), "kind": recs.kinds[s],
+            "pretrain_qa": qa,
             "rule": rule.pattern, "priority": rule.priority, "epochs": rule.epochs,
             **{k: int(v[s]) for k, v in per_src.items()},
             "mean_position": round(float(mean_pos[s]), 4) if per_src["entries"][s] else None,
@@ -331,6 +353,8 @@ def _totals(recs: Records, tok: Tokens, order: Order, rows: Rows, max_len: int) 
         "loss_tokens": int(rec["loss"][order.order].sum()),
         "truncated_records": int(truncated.sum()),
         "truncated_entries": int(copies[truncated].sum()),
+        "split_records": int((rec["piece"] == 1).sum()),
+        "pieces": len(rec["piece"]),
         "truncated_tokens_dropped": int(((rec["full_length"] - rec["length"]) * copies).sum()),
         "entries_without_loss": int(copies[rec["loss"] == 0].sum()),
         "boundary_splits": int(rec["split"].sum()),
@@ -347,7 +371,8 @@ def _report(ctx: Build, recs: Records, tok: Tokens, order: Order, rows: Rows) ->
     by_source = _by_source(recs, tok, order)
     return {
         "format_version": 1,
-        "inputs": [{"file": str(p), "records_read": n} for p, n in zip(ctx.data, read.read_per_file)],
+        "inputs": [{"file": str(i.path), "kind": i.kind, "records_read": n}
+                   for i, n in zip(ctx.inputs, read.read_per_file)],
         "model": _rel(args.model),
         "chat_format": ctx.fmt.to_dict(),
         "stop_token_id": ctx.fmt.stop_token(tokenizer),
@@ -373,14 +398,14 @@ def _report(ctx: Build, recs: Records, tok: Tokens, order: Order, rows: Rows) ->
         "by_language": _group(by_source, "language", {"family": family_id, "language_id": language_id}),
         "by_family": {str(k): {"name": families()[k], **v}
                       for k, v in sorted(_group(by_source, "family", {}).items())},
-        "by_class": _group({k: {**v, "class": "pretrain_qa" if v["pretrain_qa"] else "sft"}
-                            for k, v in by_source.items()}, "class", {}, mean_position=True),
+        "by_class": _group({k: {**v, "class": CLASS_OF_KIND[v["kind"]]} for k, v in by_source.items()},
+                           "class", {}, mean_position=True),
         "rejects": {"count": len(read.rejects), "file": "train_rejects.jsonl",
                     "by_field": _tally(r["field"] for r in read.rejects),
                     "by_reason": _tally(r["reason"].split(":")[0] for r in read.rejects)},
         "truncated_examples": tok.truncated_examples,
         "decontamination": _decontamination(recs.screen, read.leaks),
-        "curriculum": mx.curriculum(rows.lengths, order.src_is_qa[tok.rec["source"][order.order]]),
+        "curriculum": mx.curriculum(rows.lengths, order.src_is_pretrain[tok.rec["source"][order.order]]),
     }
 
 
@@ -391,16 +416,19 @@ def _write_report(ctx: Build, recs: Records, report: dict, order: Order, rows: R
     write_jsonl(out / "train_rejects.jsonl", recs.read.rejects)
     if recs.screen is not None:
         write_jsonl(out / "train_leaks.jsonl", recs.read.leaks)
+    kinds = [k for k in CLASS_LABELS if any(v["kind"] == k for v in by_source.values())]
     classes = "; ".join(
-        f"{name}: " + ", ".join(sorted({f"priority {v['priority']:g}, {v['epochs']:g} epoch(s)"
-                                        for v in by_source.values() if v["pretrain_qa"] == (name == "pretrain-QA")}))
-        for name in ("pretrain-QA", "SFT") if any(v["pretrain_qa"] == (name == "pretrain-QA")
-                                                  for v in by_source.values()))
+        f"{CLASS_LABELS[k]}: " + ", ".join(sorted({f"priority {v['priority']:g}, {v['epochs']:g} epoch(s)"
+                                                   for v in by_source.values() if v["kind"] == k}))
+        for k in kinds)
     tot_tokens = report["totals"]["tokens"]
-    qa_share = report["by_class"].get("pretrain_qa", {}).get("tokens", 0) / tot_tokens
+    pretrain_share = sum(report["by_class"].get(CLASS_OF_KIND[k], {}).get("tokens", 0) for k in ("text", "qa"))
+    label = "pretrain-QA (*_qa)" if "text" not in kinds else \
+        "raw text (*_text)" if "qa" not in kinds else "pretraining (*_text, *_qa)"
     mx.plot_curriculum(report["curriculum"], out / "curriculum.png",
                        f"Token share over training: seed {ctx.args.seed}, {len(order.order)} entries, "
-                       f"{tot_tokens:,} tokens\n{classes}", overall_qa_share=qa_share)
+                       f"{tot_tokens:,} tokens\n{classes}", overall_qa_share=pretrain_share / tot_tokens,
+                       label=label)
 
 
 def _require_loss_tokens(rec: dict, truncated: np.ndarray, max_len: int) -> None:
@@ -464,6 +492,9 @@ def _print_summary(report: dict, out: Path, timings: dict) -> None:
           f"packing efficiency {t['packing_efficiency']:.1%}, {t['mean_documents_per_row']} documents/row")
     print(f"  truncated: {t['truncated_records']} records ({t['truncated_entries']} entries, "
           f"{t['truncated_tokens_dropped']} tokens dropped); entries without loss tokens: {t['entries_without_loss']}")
+    if t["split_records"]:
+        print(f"  split: {t['split_records']} text documents longer than {report['max_seq_len']} tokens, cut into "
+              f"pieces ({t['pieces']} pieces in all, none dropped)")
     for name, c in report["by_class"].items():
         print(f"  {name}: {c['entries']} entries, {c['tokens']} tokens, mean position {c['mean_position']}")
     if report["priority_table"]["unused_patterns"]:
