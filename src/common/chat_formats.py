@@ -78,11 +78,12 @@ def release_layout(tokenizer) -> ChatFormat:
     registered release format nor a chat template)."""
     if not tokenizer.eos_token:
         raise ValueError("the tokenizer has no EOS token, so no answer end can be marked; pass --format")
-    bos = tokenizer.bos_token if _adds_bos(tokenizer) else ""
+    bos = tokenizer.bos_token if adds_bos(tokenizer) else ""
     return ChatFormat("release", bos or "", "User:", "\nAssistant:", tokenizer.eos_token, "\n")
 
 
-def _adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself puts its BOS before plain text (Llama-3, Gemma: yes; Qwen2, SmolLM2: no)."""
     ids = tokenizer("a").input_ids
     return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
 

@@ -92,15 +92,24 @@ def source_language(source: str, language: str | None = None) -> str:
         f"'-<language code>' suffix, and the item has no 'language' field")
 
 
-_TRAIN_KEY = re.compile(r"^(?P<category>[A-Za-z0-9]+)_(?P<lang>[a-z]{2,3})(?P<qa>_qa)?$")
+_TRAIN_KEY = re.compile(r"^(?P<category>[A-Za-z0-9]+)_(?P<lang>[a-z]{2,3})(?P<kind>_qa|_text)?$")
+SOURCE_KINDS = ("text", "qa", "sft")  # raw pretraining text, pretraining text rewritten as QA, SFT conversations
 
 
 def parse_train_source(key: str) -> tuple[str, str, bool]:
-    """Split a training source key '<category>_<lang>[_qa]' into (category, language, is_pretrain_qa).
+    """Split a training source key '<category>_<lang>[_qa|_text]' into (category, language, is_pretrain_qa).
 
-    Raises ValueError when the key does not follow that grammar or names an unknown language.
+    Raises ValueError when the key does not follow that grammar or names an unknown language. ``_text`` keys (raw
+    pretraining text, the release's ``{source}_{lang}_text.json`` files) are valid and not pretrain-QA; tell them
+    apart with ``train_source_kind``.
     """
     m = _TRAIN_KEY.match(key)
     if not m:
-        raise ValueError(f"source key {key!r} is not of the form <category>_<lang>[_qa]")
-    return m["category"], canonical(m["lang"]), m["qa"] is not None
+        raise ValueError(f"source key {key!r} is not of the form <category>_<lang>[_qa|_text]")
+    return m["category"], canonical(m["lang"]), m["kind"] == "_qa"
+
+
+def train_source_kind(key: str) -> str:
+    """'text' (``*_text``: raw documents), 'qa' (``*_qa``: pretrain-derived QA) or 'sft' (any other valid key)."""
+    parse_train_source(key)
+    return "text" if key.endswith("_text") else "qa" if key.endswith("_qa") else "sft"

@@ -23,13 +23,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ..common.defaults import DEFAULT_MODEL_NAME
 from ..common.errors import DataError, UsageError
 from ..common.io import dumps, iter_jsonl, write_json, write_jsonl, write_text
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"
-DEFAULT_INPUT = "data/sample_SmolLM2-135M-Instruct/test.jsonl"
-DEFAULT_OUT = "results/sample_SmolLM2-135M-Instruct"
+DEFAULT_MODEL = f"models/{DEFAULT_MODEL_NAME}"  # relative to the working directory, as the scripts run from the root
+DEFAULT_INPUT = f"data/sample_{DEFAULT_MODEL_NAME}/test.jsonl"
+DEFAULT_OUT = f"results/sample_{DEFAULT_MODEL_NAME}"
 PRED = "predictions.jsonl"
 PARTS = "parts"
 REQUIRED = ("id", "source", "prompt", "answer", "letters")

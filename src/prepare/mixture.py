@@ -134,7 +134,8 @@ def exponential_order(weights: np.ndarray, seed: int) -> np.ndarray:
 
 
 def curriculum(lengths: np.ndarray, is_qa: np.ndarray, bins: int = 20) -> dict:
-    """Share of pretrain-QA vs SFT tokens in each 1/bins of training (by token position), entries in order."""
+    """Share of pretraining (``is_qa``: pretrain-QA or raw text) vs SFT tokens in each 1/bins of training (by token
+    position), entries in order."""
     lengths = np.asarray(lengths, dtype=np.int64)
     total = int(lengths.sum())
     if total == 0:
@@ -148,8 +149,9 @@ def curriculum(lengths: np.ndarray, is_qa: np.ndarray, bins: int = 20) -> dict:
             "sft_token_share": [round(float(1 - x), 4) if t > 0 else 0.0 for x, t in zip(share, all_tok)]}
 
 
-def plot_curriculum(curr: dict, path: Path, title: str, overall_qa_share: float | None = None) -> None:
-    """Stacked step plot of the pretrain-QA / SFT token shares per training bin."""
+def plot_curriculum(curr: dict, path: Path, title: str, overall_qa_share: float | None = None,
+                    label: str = "pretrain-QA (*_qa)") -> None:
+    """Stacked step plot of the pretraining (``label``: pretrain-QA and/or raw text) / SFT token shares per bin."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,10 +164,10 @@ def plot_curriculum(curr: dict, path: Path, title: str, overall_qa_share: float 
     sft = np.repeat(np.array(curr["sft_token_share"], dtype=float) * 100, 2)
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
     if len(qa):
-        ax.stackplot(x, qa, sft, labels=["pretrain-QA (*_qa)", "SFT"], colors=["#4C72B0", "#DD8452"], alpha=0.85)
+        ax.stackplot(x, qa, sft, labels=[label, "SFT"], colors=["#4C72B0", "#DD8452"], alpha=0.85)
     if overall_qa_share is not None:
         ax.axhline(overall_qa_share * 100, color="black", lw=1, ls="--",
-                   label=f"pretrain-QA share overall ({overall_qa_share:.0%}): a uniform shuffle")
+                   label=f"{label.split(' (')[0]} share overall ({overall_qa_share:.0%}): a uniform shuffle")
     ax.set_xlim(0, 100)
     ax.set_ylim(0, 100)
     ax.set_xlabel("training progress (% of tokens, in stored row order)")

@@ -8,6 +8,19 @@ Accepted files:
 - the extracted dict ``{"<source>": [[q, a, q, a, ...], ...], ...}`` (docs/reference.md, "Data formats");
 - JSON Lines with one release record per line (``.jsonl``).
 
+Raw pretraining text (source keys ``<category>_<lang>_text``; every token of a document is a loss target, see
+tokenize_chat.py) comes as:
+
+- the release's text files ``{category}_{lang}_text.json``: a JSON list of strings, one document each (an element may
+  also be an object with a string ``text`` and optionally its own ``source``);
+- plain text (``.txt``), documents separated by one or more blank lines;
+- JSON Lines (``.jsonl``), one document per line: a JSON string, or an object with ``text`` (and optionally ``source``);
+- in the extracted dict, a ``*_text`` key whose list holds strings.
+
+A text file is recognised by its name (``*_text.json``/``.jsonl``/``.txt``, or any ``.txt``) or given explicitly
+(step 2's ``--text [SOURCE=]FILE``). A document's source is its own ``source`` field, else its dict key, else the
+``SOURCE=`` of the flag, else the file name's stem.
+
 Files are parsed one element at a time (``json.JSONDecoder.raw_decode`` over a sliding buffer), so a multi-gigabyte
 release file never has to fit in memory as Python objects. Valid records are appended to an Arrow stream file in
 batches; invalid ones raise a ``DataError`` naming the file, the record and the field, or (``skip``) are returned as
@@ -22,8 +35,8 @@ from typing import Iterator
 import pyarrow as pa
 
 from ..common.errors import DataError
-from ..common.io import JsonStream, iter_jsonl
-from ..common.languages import parse_train_source
+from ..common.io import JsonStream, iter_jsonl, not_utf8
+from ..common.languages import parse_train_source, train_source_kind
 
 USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant", "bot", "model", "chatgpt"}
@@ -32,8 +45,47 @@ RECORD_SCHEMA = pa.schema([
     ("file", pa.int32()),  # position of the input file in --data
     ("index", pa.string()),  # the record's place in its file: "17", or "general_fr[3]" in the dict format
     ("source_id", pa.int32()),  # index into ReadResult.sources
-    ("turns", pa.list_(pa.string())),
+    ("turns", pa.list_(pa.string())),  # a raw text document: one element, the document
+    ("is_text", pa.bool_()),  # raw pretraining text (loss on every token) rather than a conversation
 ])
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input file of step 2: training records (kind 'records') or raw text documents (kind 'text')."""
+    path: Path
+    kind: str = "records"
+    source: str | None = None  # text: the source key of documents that name none (from SOURCE= or the file name)
+
+
+def text_key_of(path: Path) -> str | None:
+    """The file's stem when it is a ``<category>_<lang>_text`` source key (the release's text file names)."""
+    stem = Path(path).stem
+    try:
+        return stem if train_source_kind(stem) == "text" else None
+    except ValueError:
+        return None
+
+
+def data_input(path) -> Input:
+    """An input given with --data: text when its name says so (``*_text.*``, or ``.txt``), else training records."""
+    path = Path(path)
+    key = text_key_of(path)
+    return Input(path, "text", key) if key or path.suffix == ".txt" else Input(path)
+
+
+def text_input(arg: str) -> Input:
+    """An input given with --text: ``FILE`` or ``SOURCE=FILE`` (SOURCE a ``<category>_<lang>_text`` key)."""
+    head, sep, tail = arg.partition("=")
+    if sep and head and not Path(arg).exists():
+        try:
+            kind = train_source_kind(head)
+        except ValueError as e:
+            raise ValueError(f"--text {arg}: {e}") from None
+        if kind != "text":
+            raise ValueError(f"--text {arg}: the source of raw text must end in _text (e.g. {head}_text)")
+        return Input(Path(tail), "text", head)
+    return Input(Path(arg), "text", text_key_of(Path(arg)))
 
 
 def iter_file(path: Path) -> Iterator[tuple[int | str, str | None, object]]:
@@ -59,12 +111,66 @@ def iter_file(path: Path) -> Iterator[tuple[int | str, str | None, object]]:
         stream.close()
 
 
+def iter_text_file(path: Path) -> Iterator[tuple[int | str, str | None, object]]:
+    """Yield (index, dict key or None, raw element) for every document of a raw-text file, streamed."""
+    if path.suffix != ".txt":
+        yield from iter_file(path)
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    lines: list[str] = []
+    n = 0
+    with path.open(encoding="utf-8-sig") as f:
+        while True:
+            try:
+                line = f.readline()
+            except UnicodeDecodeError:
+                raise not_utf8(path) from None
+            if line.strip():
+                lines.append(line)
+                continue
+            if lines:  # a blank line (or the end of the file) closes a document
+                yield n, None, "".join(lines).strip("\r\n")
+                lines.clear()
+                n += 1
+            if not line:
+                return
+
+
+def parse_document(raw, path, index, source: str | None) -> tuple[str, list[str]]:
+    """Validate one raw text document; return (source, [document]). ``source`` is the dict key or the file's."""
+    if isinstance(raw, dict):
+        if "text" not in raw:
+            raise DataError(path, index, "text", "missing (a document is a string or an object with 'text')")
+        source = raw.get("source", source)
+        if not isinstance(source, str):
+            raise DataError(path, index, "source", f"must be a string, got {type(source).__name__}")
+        raw = raw["text"]
+    if not isinstance(raw, str):
+        raise DataError(path, index, "text", f"a document must be a string, got {type(raw).__name__}")
+    if not raw.strip():
+        raise DataError(path, index, "text", "empty document")
+    if source is None:
+        raise DataError(path, index, "source", "no source key: name the file <category>_<lang>_text.<ext>, pass "
+                                               "--text <category>_<lang>_text=FILE, or give the record a 'source'")
+    try:
+        kind = train_source_kind(source)
+    except ValueError as e:
+        raise DataError(path, index, "source", str(e)) from None
+    if kind != "text":
+        raise DataError(path, index, "source", f"{source!r}: the source of a raw text document must be a "
+                                               f"<category>_<lang>_text key")
+    return source, [raw]
+
+
 def parse_record(raw, path, index, source: str | None = None) -> tuple[str, list[str]]:
     """Validate one record; return (source, turns). ``source`` is given in the dict format (``raw`` = the turns)."""
     if source is None:
         if not isinstance(raw, dict):
+            hint = (" (raw text? pass the file with --text, or name it <category>_<lang>_text.json)"
+                    if isinstance(raw, str) else "")
             raise DataError(path, index, None, f"expected an object with 'conversations' and 'source', "
-                                               f"got {type(raw).__name__}")
+                                               f"got {type(raw).__name__}{hint}")
         for name in ("conversations", "source"):
             if name not in raw:
                 raise DataError(path, index, name, "missing")
@@ -77,6 +183,9 @@ def parse_record(raw, path, index, source: str | None = None) -> tuple[str, list
         parse_train_source(source)
     except ValueError as e:
         raise DataError(path, index, "source", str(e)) from None
+    if source.endswith("_text"):
+        raise DataError(path, index, "source", f"{source!r} is a raw text source (*_text): its records are "
+                                               f"documents (strings), not conversations")
     if not isinstance(convs, list) or not convs:
         raise DataError(path, index, fname, "expected a non-empty list of turns")
     turns = []
@@ -114,10 +223,12 @@ class ReadResult:
     leaks: list[dict] = field(default_factory=list)  # records removed by --decontaminate-against (not in sources)
 
 
-def read_records(paths: list[Path], out_file: Path, skip_errors: bool = False, batch: int = 8192,
+def read_records(paths: list, out_file: Path, skip_errors: bool = False, batch: int = 8192,
                  screen=None) -> ReadResult:
-    """Stream every record of ``paths`` into an Arrow stream file with RECORD_SCHEMA. ``screen`` (a
-    ``decontaminate.Screen``) removes records that leak bench questions; they are listed in ``ReadResult.leaks``."""
+    """Stream every record of ``paths`` (paths of record files, or ``Input``s) into an Arrow stream file with
+    RECORD_SCHEMA. ``screen`` (a ``decontaminate.Screen``) removes records that leak bench questions; they are listed
+    in ``ReadResult.leaks``."""
+    inputs = [p if isinstance(p, Input) else Input(Path(p)) for p in paths]
     res = ReadResult()
     ids: dict[str, int] = {}
     cols: dict[str, list] = {name: [] for name in RECORD_SCHEMA.names}
@@ -133,9 +244,9 @@ def read_records(paths: list[Path], out_file: Path, skip_errors: bool = False, b
 
         def keep():
             found = screen.check([p[3] for p in pending]) if screen else [None] * len(pending)
-            for (f, index, source, turns), leak in zip(pending, found):
+            for (f, index, source, turns, is_text), leak in zip(pending, found):
                 if leak is not None:
-                    res.leaks.append({"file": str(paths[f]), "index": index, "source": source, **leak})
+                    res.leaks.append({"file": str(inputs[f].path), "index": index, "source": source, **leak})
                     continue
                 sid = ids.get(source)
                 if sid is None:
@@ -145,27 +256,46 @@ def read_records(paths: list[Path], out_file: Path, skip_errors: bool = False, b
                 cols["index"].append(str(index))
                 cols["source_id"].append(sid)
                 cols["turns"].append(turns)
+                cols["is_text"].append(is_text)
                 res.records += 1
             pending.clear()
             if len(cols["file"]) >= batch:
                 flush()
 
-        for f, path in enumerate(paths):
-            path = Path(path)
+        for f, inp in enumerate(inputs):
             n_read = 0
-            for index, key, raw in iter_file(path):
+            for index, source, turns, is_text, reject in _parsed(inp):
                 n_read += 1
-                try:
-                    source, turns = parse_record(raw, path, index, key)
-                except DataError as e:
+                if reject is not None:
                     if not skip_errors:
-                        raise
-                    res.rejects.append({"file": str(path), "index": index, "field": e.field, "reason": e.reason})
+                        raise reject
+                    res.rejects.append({"file": str(inp.path), "index": index, "field": reject.field,
+                                        "reason": reject.reason})
                     continue
-                pending.append((f, index, source, turns))
+                pending.append((f, index, source, turns, is_text))
                 if len(pending) >= batch:
                     keep()
             keep()
             res.read_per_file.append(n_read)
         flush()
     return res
+
+
+def _parsed(inp: Input):
+    """(index, source, turns, is_text, DataError or None) for every element of one input."""
+    path = inp.path
+    text_file = inp.kind == "text"
+    if text_file and path.suffix == ".txt" and inp.source is None:
+        raise ValueError(f"{path}: no source key for this text file: name it <category>_<lang>_text.txt or pass "
+                         f"--text <category>_<lang>_text={path}")
+    for index, key, raw in (iter_text_file(path) if text_file else iter_file(path)):
+        is_text = text_file or (key is not None and key.endswith("_text"))
+        try:
+            if is_text:
+                source, turns = parse_document(raw, path, index, key or inp.source)
+            else:
+                source, turns = parse_record(raw, path, index, key)
+        except DataError as e:
+            yield index, None, None, is_text, e
+            continue
+        yield index, source, turns, is_text, None

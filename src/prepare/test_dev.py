@@ -22,15 +22,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..common.chat_formats import FORMAT_NAMES, tokenizer_and_format
+from ..common.defaults import DEFAULT_MODEL, ROOT, SAMPLE_DIR
 from ..common.errors import UsageError
 from ..common.io import write_json, write_jsonl
 from ..common.languages import family_id
 from .bench_items import BenchItem, load_bench
 from .prompts import PAPER_MAX_CHARS, STYLES, PromptBuilder, candidate_shots
-
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLE = ROOT / "data" / "raw" / "sample"
-DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
 
 
 def _token_counts(tokenizer, texts: list[str], desc: str, batch: int = 2048) -> list[int]:
@@ -140,7 +137,8 @@ def check_flags(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="1.data_process_test_dev.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", type=Path, default=SAMPLE / "bench_test.json", help="test items (default: the sample)")
+    p.add_argument("--bench", type=Path, default=SAMPLE_DIR / "bench_test.json",
+                   help="test items (default: the sample)")
     p.add_argument("--dev", type=Path, default=None,
                    help="dev items: the shot pool and dev.jsonl (default: the sample's dev file when --bench is the "
                         "sample; without one, dev.jsonl is a seeded 10%% sample of test, as in the reference)")
@@ -161,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="malformed items: stop with an error (default) or write them to rejects.jsonl and go on")
     args = p.parse_args(argv)
     check_flags(args)
-    if args.dev is None and args.bench == SAMPLE / "bench_test.json":
-        args.dev = SAMPLE / "bench_dev.json"
-    stem = "sample" if args.bench == SAMPLE / "bench_test.json" else args.bench.stem
+    if args.dev is None and args.bench == SAMPLE_DIR / "bench_test.json":
+        args.dev = SAMPLE_DIR / "bench_dev.json"
+    stem = "sample" if args.bench == SAMPLE_DIR / "bench_test.json" else args.bench.stem
     out = args.out or ROOT / "data" / f"{stem}_{Path(args.model).name}"
     t0 = time.time()
 

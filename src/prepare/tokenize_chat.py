@@ -12,13 +12,19 @@ no token boundary exists there; the document is then tokenized in pieces cut at 
 what the model sees at inference (the prompt ends at the assistant string, the answer is generated after it). Either
 way, decoding the target tokens of a turn gives exactly ``answer + end``; the reference instead masked a fixed number
 of tokens of a separate ``"\\nAssistant:"`` encoding, which shifts when BPE merges at the boundary.
+
+Raw pretraining text (``*_text`` sources) has no chat format: a document is ``[BOS] + text + EOS`` with the loss on
+every token but the BOS (``text_framing``: BOS only where the tokenizer itself puts one before plain text, as
+Llama-3 and Gemma do and Qwen2 and SmolLM2 do not; EOS = the tokenizer's EOS, so the model learns where documents
+end). A document longer than max_len is cut into consecutive pieces of max_len tokens (the last one shorter), each
+a document of its own with the loss on all its tokens, rather than truncated: nothing of the text is lost.
 """
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 
-from ..common.chat_formats import ChatFormat
+from ..common.chat_formats import ChatFormat, adds_bos
 
 TOKENIZED_SCHEMA = pa.schema([
     ("file", pa.int32()),
@@ -28,7 +34,15 @@ TOKENIZED_SCHEMA = pa.schema([
     ("label_spans", pa.list_(pa.int32())),  # flat [start, end) token pairs, one per answer, after truncation
     ("full_length", pa.int32()),  # tokens before truncation
     ("boundary_split", pa.bool_()),  # tokenized in pieces because BPE merged across a span boundary
+    ("piece", pa.int32()),  # raw text cut at max_len: the piece's number in its document (else 0)
 ])
+
+
+def text_framing(tokenizer) -> tuple[int | None, int]:
+    """(BOS id or None, EOS id) around a raw text document: BOS only where the tokenizer adds one to plain text."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token: raw text documents need one to mark their end")
+    return (tokenizer.bos_token_id if adds_bos(tokenizer) else None), tokenizer.eos_token_id
 
 
 def render_with_spans(fmt: ChatFormat, turns: list[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -52,6 +66,10 @@ class ChatEncoder:
             raise ValueError("step 2 needs a fast (Rust) tokenizer: loss spans come from its character offsets")
         self.backend = tokenizer.backend_tokenizer
         self.fmt, self.max_len = fmt, max_len
+        try:
+            self.framing = text_framing(tokenizer)
+        except ValueError as e:  # only an error if a text document comes
+            self.framing = e
 
     def _encode(self, texts: list[str]):
         return self.backend.encode_batch(texts, add_special_tokens=False)
@@ -93,19 +111,54 @@ class ChatEncoder:
         spans[:, 1] = np.minimum(spans[:, 1], self.max_len)
         return ids[:self.max_len], spans
 
+    def encode_text(self, texts: list[str]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """For each raw document: its pieces of at most max_len tokens, as (ids int32, token spans int32 [1, 2])."""
+        if isinstance(self.framing, Exception):
+            raise self.framing
+        bos, eos = self.framing
+        out = []
+        for enc in self._encode(texts):
+            ids = np.asarray(([bos] if bos is not None else []) + enc.ids + [eos], dtype=np.int32)
+            pieces = []
+            for a in range(0, len(ids), self.max_len):
+                piece = ids[a:a + self.max_len]
+                start = 1 if a == 0 and bos is not None else 0  # the BOS is not a target
+                pieces.append((piece, np.asarray([[start, len(piece)]], dtype=np.int32)))
+            out.append(pieces)
+        return out
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        encoded = self.encode(batch.column("turns").to_pylist())
-        ids_list, span_list, full, split = [], [], [], []
-        for ids, spans, n, cut in encoded:
+        turns = batch.column("turns").to_pylist()
+        names = batch.column_names  # a table without is_text holds conversations only
+        is_text = batch.column("is_text").to_pylist() if "is_text" in names else [False] * batch.num_rows
+        chat = iter(self.encode([t for t, x in zip(turns, is_text) if not x]))
+        text = iter(self.encode_text([t[0] for t, x in zip(turns, is_text) if x]))
+        rows, ids_list, span_list, full, split, piece = [], [], [], [], [], []
+        for r, x in enumerate(is_text):
+            if x:  # one output row per piece
+                for k, (ids, spans) in enumerate(next(text)):
+                    rows.append(r)
+                    ids_list.append(ids)
+                    span_list.append(spans.reshape(-1))
+                    full.append(len(ids))
+                    split.append(False)
+                    piece.append(k)
+                continue
+            ids, spans, n, cut = next(chat)
             ids, spans = self.truncate(ids, spans)
+            rows.append(r)
             ids_list.append(ids)
             span_list.append(spans.reshape(-1))
             full.append(n)
             split.append(cut)
+            piece.append(0)
+        take = pa.array(rows, pa.int32())
         return pa.table({
-            "file": batch.column("file"), "index": batch.column("index"), "source_id": batch.column("source_id"),
+            "file": batch.column("file").take(take), "index": batch.column("index").take(take),
+            "source_id": batch.column("source_id").take(take),
             "input_ids": _list_array(ids_list), "label_spans": _list_array(span_list),
             "full_length": pa.array(full, pa.int32()), "boundary_split": pa.array(split, pa.bool_()),
+            "piece": pa.array(piece, pa.int32()),
         }, schema=TOKENIZED_SCHEMA)
 
 

@@ -1,6 +1,8 @@
 """Step 2: priority-ordered, tokenized, packed training rows (docs/reference.md, "Priority sampling", done right).
 
-Reads training records (release list, extracted dict or JSONL; several --data files are concatenated), gives every
+Reads training records (release list, extracted dict or JSONL; several --data files are concatenated) and raw
+pretraining text (--text, or --data with a *_text/.txt name: documents with the loss on every token, split into
+--max-seq-len pieces when longer; records.py and tokenize_chat.py say how), gives every
 source a priority and a number of epochs from one rule table (src/prepare/priorities.yaml, overridable), orders all
 epoch copies by seeded exponential keys Exp(1)/priority (the reference's sequential weighted sampling, without its 2^24
 cap), tokenizes them in the model's chat format with the loss on answers and the end string after each answer, and
@@ -22,26 +24,30 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..common.chat_formats import FORMAT_NAMES, tokenizer_and_format
+from ..common.chat_formats import FORMAT_NAMES, ChatFormat, tokenizer_and_format
+from ..common.defaults import DEFAULT_MODEL, IGNORE_INDEX, ROOT, SAMPLE_DIR
 from ..common.errors import DataError
 from ..common.io import write_json, write_jsonl
-from ..common.languages import PAD_LANGUAGE_ID, families, family_id, language_id, languages, parse_train_source
+from ..common.languages import (PAD_LANGUAGE_ID, families, family_id, language_id, languages, parse_train_source,
+                                 train_source_kind)
 from . import mixture as mx
-from .packing import IGNORE_INDEX, ROW_SCHEMA, ListColumn, plan_rows, write_dataset_metadata, write_rows
-from .records import read_records
+from .packing import ROW_SCHEMA, ListColumn, plan_rows, write_dataset_metadata, write_rows
+from .records import Input, ReadResult, data_input, read_records, text_input
 from .tokenize_chat import ChatEncoder
 
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLE = ROOT / "data" / "raw" / "sample" / "train.json"
-DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
+SAMPLE = SAMPLE_DIR / "train.json"
 PAPER_MAX_SEQ_LEN = 4096
 SAMPLE_MAX_SEQ_LEN = 1024  # the embedded sample's documents are < 400 tokens; short rows keep CPU training quick
 TOKENIZE_BATCH = 1000
 MAX_EXAMPLES = 20  # truncated records listed by name in mixture.json (all are counted)
+CLASS_OF_KIND = {"text": "text", "qa": "pretrain_qa", "sft": "sft"}  # mixture.json's by_class names
+CLASS_LABELS = {"text": "text", "qa": "pretrain-QA", "sft": "SFT"}  # the curriculum plot's
 
 
 def default_num_proc() -> int:
@@ -52,12 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="2.data_process_train.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, action="append", default=None,
-                   help="training records (repeatable); default: the embedded sample data/raw/sample/train.json")
+                   help="training records (repeatable); default: the embedded sample data/raw/sample/train.json. "
+                        "A file named <category>_<lang>_text.json/.jsonl/.txt, or any .txt, is read as raw text")
+    p.add_argument("--text", action="append", default=None, metavar="[SOURCE=]FILE",
+                   help="raw pretraining text (repeatable; read after --data): a JSON list of strings (the release's "
+                        "<category>_<lang>_text.json), .txt with documents separated by blank lines, or JSON Lines "
+                        "of strings or {text[, source]} objects. SOURCE (<category>_<lang>_text) defaults to the "
+                        "file name's stem. Loss on every token; documents longer than --max-seq-len are split")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder: its tokenizer and chat format")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: data/sample_<model> for the sample, else data/<data stem>_<model>)")
     p.add_argument("--max-seq-len", type=int, default=None,
-                   help=f"tokens per row; longer documents are truncated (default: {PAPER_MAX_SEQ_LEN}, the paper's; "
+                   help=f"tokens per row; longer conversations are truncated, longer text documents split "
+                        f"(default: {PAPER_MAX_SEQ_LEN}, the paper's; "
                         f"{SAMPLE_MAX_SEQ_LEN} for the embedded sample)")
     p.add_argument("--seed", type=int, default=42, help="seed of the priority order (default: %(default)s)")
     p.add_argument("--priorities", type=Path, default=None,
@@ -91,6 +104,7 @@ def _per_record(tokenized) -> dict[str, np.ndarray]:
         "full_length": tokenized.column("full_length").to_numpy().astype(np.int64),
         "loss": loss,
         "split": tokenized.column("boundary_split").to_numpy(zero_copy_only=False),
+        "piece": tokenized.column("piece").to_numpy().astype(np.int32),
     }
 
 
@@ -100,8 +114,10 @@ def _counts(keys: np.ndarray, weights, n: int) -> np.ndarray:
 
 def run(args) -> dict:
     t0 = time.time()
-    sample = args.data is None
-    data = [SAMPLE] if sample else list(args.data)
+    sample = args.data is None and args.text is None
+    inputs = [data_input(SAMPLE)] if sample else [data_input(p) for p in args.data or []] + \
+        [text_input(t) for t in args.text or []]
+    data = [i.path for i in inputs]
     if sample and not SAMPLE.is_file():
         raise FileNotFoundError(f"{SAMPLE}: the embedded sample is not there yet; run ./0.download_data.sh first "
                                 f"(it copies assets/sample/) or pass --data")
@@ -121,8 +137,9 @@ def run(args) -> dict:
     hold(out, "step 2")  # one writer per --out
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".step2-tmp-"))
     timings = {"load tokenizer": time.time() - t0}
+    ctx = Build(args, inputs, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timings)
     try:
-        report = _build(args, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timings)
+        report = _build(ctx)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         release(out)
@@ -132,88 +149,172 @@ def run(args) -> dict:
     return report | {"_timings": timings}
 
 
-def _build(args, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timings: dict) -> dict:
+@dataclass
+class Build:
+    """What every step of one step-2 run needs: the settings, the loaded tokenizer and format, where to write."""
+    args: argparse.Namespace
+    inputs: list[Input]  # the input files: --data ones in order, then --text ones
+    data: list[Path]  # their paths
+    out: Path
+    tmp: Path  # scratch folder inside out, removed at the end
+    max_len: int
+    table: mx.PriorityTable
+    tokenizer: object
+    fmt: ChatFormat
+    encoder: ChatEncoder
+    timings: dict  # step name -> seconds, filled by lap()
+    clock: float = field(default_factory=time.time)
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.timings[name] = now - self.clock
+        self.clock = now
+
+
+@dataclass
+class Records:
+    """Step 1 of the build: the validated records (in tmp/records.arrow) and their sources' rules."""
+    read: ReadResult
+    screen: object  # the decontamination Screen, or None
+    rules: list  # mx.Rule per source id
+    parsed: list  # (category, language, is_qa) per source id
+    kinds: list  # 'text', 'qa' or 'sft' per source id
+
+
+@dataclass
+class Tokens:
+    """Step 2: the tokenized table and its per-record numbers."""
+    dataset: object  # the datasets.Dataset the table belongs to (kept alive while the table is read)
+    table: object  # its Arrow table: input_ids, label_spans, ...
+    rec: dict  # per-record arrays (_per_record); a text document split at max_len is one "record" per piece
+    truncated: np.ndarray  # bool per record
+    truncated_examples: list
+
+
+@dataclass
+class Order:
+    """Step 3: the entries in training order."""
+    order: np.ndarray  # record index of each entry, in training order
+    src_is_pretrain: np.ndarray  # text or pretrain-QA (the curriculum's first class) per source id
+    src_lang_id: np.ndarray
+
+
+@dataclass
+class Rows:
+    """Step 4: how the entries were packed into rows."""
+    lengths: np.ndarray  # tokens of each entry, in order
+    bounds: np.ndarray  # row r holds entries bounds[r]:bounds[r + 1]
+    digest: str
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.bounds) - 1
+
+
+def _build(ctx: Build) -> dict:
+    recs = _read(ctx)
+    tok = _tokenize(ctx, recs)
+    order = _order(ctx, recs, tok)
+    rows = _pack(ctx, tok, order)
+    del tok.dataset, tok.table
+    report = _report(ctx, recs, tok, order, rows)
+    _write_report(ctx, recs, report, order, rows)
+    ctx.lap("report")
+    return report
+
+
+def _read(ctx: Build) -> Records:
+    """Read and validate every input, streamed into an Arrow file (leaks screened out when asked)."""
+    screen = None
+    if ctx.args.decontaminate_against:
+        from .decontaminate import Screen, load_bench
+        screen = Screen(load_bench(ctx.args.decontaminate_against), ctx.args.leak_min_chars)
+    read = read_records(ctx.inputs, ctx.tmp / "records.arrow", skip_errors=ctx.args.on_error == "skip", screen=screen)
+    if read.records == 0:
+        raise ValueError(f"no valid training records in {', '.join(map(str, ctx.data))}")
+    rules = ctx.table.resolve(read.sources)
+    ctx.lap("read + validate")
+    return Records(read, screen, rules, [parse_train_source(s) for s in read.sources],
+                   [train_source_kind(s) for s in read.sources])
+
+
+def _tokenize(ctx: Build, recs: Records) -> Tokens:
+    """Tokenize in parallel into Arrow cache files (map keeps the record order whatever num_proc)."""
     import datasets
     from datasets.table import MemoryMappedTable
 
-    clock = [time.time()]
-
-    def lap(name):
-        now = time.time()
-        timings[name] = now - clock[0]
-        clock[0] = now
-
-    # 1. read and validate, streamed into an Arrow file
-    screen = None
-    if args.decontaminate_against:
-        from .decontaminate import Screen, load_bench
-        screen = Screen(load_bench(args.decontaminate_against), args.leak_min_chars)
-    read = read_records(data, tmp / "records.arrow", skip_errors=args.on_error == "skip", screen=screen)
-    if read.records == 0:
-        raise ValueError(f"no valid training records in {', '.join(map(str, data))}")
-    rules = table.resolve(read.sources)
-    lap("read + validate")
-    n_src = len(read.sources)
-    parsed = [parse_train_source(s) for s in read.sources]
-
-    # 2. tokenize (parallel, into Arrow cache files; map keeps the record order whatever num_proc)
-    records = datasets.Dataset(MemoryMappedTable.from_file(str(tmp / "records.arrow")), fingerprint="step2-records")
+    records = datasets.Dataset(MemoryMappedTable.from_file(str(ctx.tmp / "records.arrow")),
+                               fingerprint="step2-records")
+    num_proc = ctx.args.num_proc if ctx.args.num_proc > 1 else None
     tokenized = records.with_format("arrow").map(
-        encoder, batched=True, batch_size=TOKENIZE_BATCH, num_proc=args.num_proc if args.num_proc > 1 else None,
-        cache_file_name=str(tmp / "tokenized.arrow"), new_fingerprint="step2-tokenized", desc="tokenizing")
-    tok_table = tokenized.data.table
-    lap("tokenize")
-    rec = _per_record(tok_table)
+        ctx.encoder, batched=True, batch_size=TOKENIZE_BATCH, num_proc=num_proc,
+        remove_columns=records.column_names,  # a text document may become several rows (pieces)
+        cache_file_name=str(ctx.tmp / "tokenized.arrow"), new_fingerprint="step2-tokenized", desc="tokenizing")
+    ctx.lap("tokenize")
+    rec = _per_record(tokenized.data.table)
     truncated = rec["full_length"] > rec["length"]
+    _require_loss_tokens(rec, truncated, ctx.max_len)
+    return Tokens(tokenized, tokenized.data.table, rec, truncated,
+                  _truncated_examples(ctx, recs, tokenized, rec, truncated))
+
+
+def _truncated_examples(ctx: Build, recs: Records, tokenized, rec: dict, truncated: np.ndarray) -> list[dict]:
+    """The first MAX_EXAMPLES truncated records by name (a few row lookups, no table copy)."""
     meta = tokenized.with_format(None).select_columns(["file", "index", "source_id", "full_length"])
-    truncated_examples = []
-    for i in np.flatnonzero(truncated)[:MAX_EXAMPLES].tolist():  # a few row lookups, no table copy
+    examples = []
+    for i in np.flatnonzero(truncated)[:MAX_EXAMPLES].tolist():
         r = meta[i]
-        truncated_examples.append({"file": str(data[r["file"]]), "index": r["index"],
-                                   "source": read.sources[r["source_id"]], "tokens": r["full_length"],
-                                   "kept": int(rec["length"][i])})
-    del meta
+        examples.append({"file": str(ctx.data[r["file"]]), "index": r["index"],
+                         "source": recs.read.sources[r["source_id"]], "tokens": r["full_length"],
+                         "kept": int(rec["length"][i])})
+    return examples
 
-    _require_loss_tokens(rec, truncated, max_len)
 
-    # 3. entries and their priority order
-    src_prio = np.array([r.priority for r in rules], dtype=np.float32)
-    src_epochs = [r.epochs for r in rules]
-    src_is_qa = np.array([qa for _, _, qa in parsed], dtype=bool)
-    lang_of = family_id if args.language_ids == "family" else language_id
-    src_lang_id = np.array([lang_of(lang) for _, lang, _ in parsed], dtype=np.int32)
-    entry_record = mx.build_entries(rec["source"], src_epochs)
-    perm = mx.exponential_order(src_prio[rec["source"][entry_record]], args.seed)
-    order = entry_record[perm]  # record index of each entry, in training order
-    del perm, entry_record
-    n_entries = len(order)
-    if n_entries == 0:
+def _order(ctx: Build, recs: Records, tok: Tokens) -> Order:
+    """Every epoch copy is an entry; entries sorted by seeded exponential keys Exp(1)/priority."""
+    source = tok.rec["source"]
+    src_prio = np.array([r.priority for r in recs.rules], dtype=np.float32)
+    src_is_pretrain = np.array([k != "sft" for k in recs.kinds], dtype=bool)
+    lang_of = family_id if ctx.args.language_ids == "family" else language_id
+    src_lang_id = np.array([lang_of(lang) for _, lang, _ in recs.parsed], dtype=np.int32)
+    entry_record = mx.build_entries(source, [r.epochs for r in recs.rules])
+    perm = mx.exponential_order(src_prio[source[entry_record]], ctx.args.seed)
+    order = entry_record[perm]
+    if len(order) == 0:
         raise ValueError("every source has epochs 0: nothing to train on")
-    lap("order")
+    ctx.lap("order")
+    return Order(order, src_is_pretrain, src_lang_id)
 
-    # 4. pack and write
-    lengths = rec["length"][order]
-    bounds = plan_rows(lengths, max_len)
+
+def _pack(ctx: Build, tok: Tokens, order: Order) -> Rows:
+    """Pack the entries next-fit in order and write the rows as out/train (renamed into place when complete)."""
+    lengths = tok.rec["length"][order.order]
+    bounds = plan_rows(lengths, ctx.max_len)
     hasher = hashlib.sha256()
-    partial = out / ".train.partial"
+    partial = ctx.out / ".train.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    shards = write_rows(tok_table, order, bounds, src_lang_id[rec["source"]], partial, hasher=hasher)
+    shards = write_rows(tok.table, order.order, bounds, order.src_lang_id[tok.rec["source"]], partial,
+                        hasher=hasher)
     digest = hasher.hexdigest()
-    n_rows = len(bounds) - 1
     write_dataset_metadata(partial, shards, fingerprint=digest[:32])
-    del tokenized, records, tok_table
-    shutil.rmtree(out / "train", ignore_errors=True)
-    partial.rename(out / "train")
-    lap("pack + write rows")
+    shutil.rmtree(ctx.out / "train", ignore_errors=True)
+    partial.rename(ctx.out / "train")
+    ctx.lap("pack + write rows")
+    return Rows(lengths, bounds, digest)
 
-    # 5. the report
-    entry_source = rec["source"][order]
-    copies = np.bincount(order, minlength=len(rec["length"]))  # entries per record
+
+def _by_source(recs: Records, tok: Tokens, order: Order) -> dict:
+    """Per-source counts of records, entries, tokens, loss tokens and truncations, and their mean position."""
+    rec, truncated, n_src = tok.rec, tok.truncated, len(recs.read.sources)
+    entry_source = rec["source"][order.order]
+    copies = np.bincount(order.order, minlength=len(rec["length"]))  # entries per record
+    n_entries = len(order.order)
     pos = np.arange(n_entries, dtype=np.float64) / max(n_entries - 1, 1)
     mean_pos = _counts(entry_source, pos, n_src) / np.maximum(_counts(entry_source, None, n_src), 1)
-    del pos
     per_src = {
-        "records": _counts(rec["source"], None, n_src),
+        "records": _counts(rec["source"], rec["piece"] == 0, n_src),
+        "pieces": _counts(rec["source"], None, n_src),
+        "split_records": _counts(rec["source"], rec["piece"] == 1, n_src),
         "entries": _counts(rec["source"], copies, n_src),
         "tokens": _counts(rec["source"], copies * rec["length"], n_src),
         "loss_tokens": _counts(rec["source"], copies * rec["loss"], n_src),
@@ -222,86 +323,112 @@ def _build(args, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timing
         "entries_without_loss": _counts(rec["source"], copies * (rec["loss"] == 0), n_src),
     }
     by_source = {}
-    for s in sorted(range(n_src), key=lambda i: read.sources[i]):
-        category, lang, qa = parsed[s]
-        by_source[read.sources[s]] = {
-            "category": category, "language": lang, "family": family_id(lang), "pretrain_qa": qa,
-            "rule": rules[s].pattern, "priority": rules[s].priority, "epochs": rules[s].epochs,
+    for s in sorted(range(n_src), key=lambda i: recs.read.sources[i]):
+        category, lang, qa = recs.parsed[s]
+        rule = recs.rules[s]
+        by_source[recs.read.sources[s]] = {
+            "category": category, "language": lang, "family": family_id(lang), "kind": recs.kinds[s],
+            "pretrain_qa": qa,
+            "rule": rule.pattern, "priority": rule.priority, "epochs": rule.epochs,
             **{k: int(v[s]) for k, v in per_src.items()},
             "mean_position": round(float(mean_pos[s]), 4) if per_src["entries"][s] else None,
         }
-    tot_tokens = int(lengths.sum())
-    row_tokens = np.add.reduceat(lengths, bounds[:-1])
-    report = {
+    return by_source
+
+
+def _totals(recs: Records, tok: Tokens, order: Order, rows: Rows, max_len: int) -> dict:
+    read, rec, truncated = recs.read, tok.rec, tok.truncated
+    copies = np.bincount(order.order, minlength=len(rec["length"]))
+    n_entries, n_rows = len(order.order), rows.n_rows
+    tot_tokens = int(rows.lengths.sum())
+    row_tokens = np.add.reduceat(rows.lengths, rows.bounds[:-1])
+    return {
+        "records_read": sum(read.read_per_file),
+        "records": read.records,
+        "rejected": len(read.rejects),
+        "leaked": len(read.leaks),
+        "entries": n_entries,
+        "rows": n_rows,
+        "tokens": tot_tokens,
+        "loss_tokens": int(rec["loss"][order.order].sum()),
+        "truncated_records": int(truncated.sum()),
+        "truncated_entries": int(copies[truncated].sum()),
+        "split_records": int((rec["piece"] == 1).sum()),
+        "pieces": len(rec["piece"]),
+        "truncated_tokens_dropped": int(((rec["full_length"] - rec["length"]) * copies).sum()),
+        "entries_without_loss": int(copies[rec["loss"] == 0].sum()),
+        "boundary_splits": int(rec["split"].sum()),
+        "packing_efficiency": round(tot_tokens / (n_rows * max_len), 4),
+        "mean_row_tokens": round(tot_tokens / n_rows, 1),
+        "max_row_tokens": int(row_tokens.max()),
+        "mean_documents_per_row": round(n_entries / n_rows, 2),
+    }
+
+
+def _report(ctx: Build, recs: Records, tok: Tokens, order: Order, rows: Rows) -> dict:
+    """mixture.json: what went in, how it was ordered and packed, and what was left out."""
+    args, read, tokenizer = ctx.args, recs.read, ctx.tokenizer
+    by_source = _by_source(recs, tok, order)
+    return {
         "format_version": 1,
-        "inputs": [{"file": str(p), "records_read": n} for p, n in zip(data, read.read_per_file)],
+        "inputs": [{"file": str(i.path), "kind": i.kind, "records_read": n}
+                   for i, n in zip(ctx.inputs, read.read_per_file)],
         "model": _rel(args.model),
-        "chat_format": fmt.to_dict(),
-        "stop_token_id": fmt.stop_token(tokenizer),
+        "chat_format": ctx.fmt.to_dict(),
+        "stop_token_id": ctx.fmt.stop_token(tokenizer),
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        "max_seq_len": max_len,
+        "max_seq_len": ctx.max_len,
         "seed": args.seed,
         "language_ids": args.language_ids,
         "num_language_ids": len(families()) if args.language_ids == "family" else len(languages()),
         "pad_language_id": PAD_LANGUAGE_ID,
         "ignore_index": IGNORE_INDEX,
         "columns": ROW_SCHEMA.names,
-        "rows_sha256": digest,
+        "rows_sha256": rows.digest,
         "order": "every epoch copy is an entry; entries sorted by Exp(1)/priority (float64 keys, numpy PCG64 seeded "
                  "by seed, stable argsort); packed next-fit in that order; rows stored in training order, unpadded, "
                  "position_ids restart per document",
         "priority_table": {"default": str(mx.DEFAULT_PRIORITIES.relative_to(ROOT)),
                            "override": str(args.priorities) if args.priorities else None,
                            "rules": [{k: v for k, v in r.items() if k != "origin"} | {"from": _rel(r["origin"])}
-                                     for r in table.to_list()],
-                           "unused_patterns": table.unused(read.sources)},
-        "totals": {
-            "records_read": sum(read.read_per_file),
-            "records": read.records,
-            "rejected": len(read.rejects),
-            "leaked": len(read.leaks),
-            "entries": n_entries,
-            "rows": n_rows,
-            "tokens": tot_tokens,
-            "loss_tokens": int(rec["loss"][order].sum()),
-            "truncated_records": int(truncated.sum()),
-            "truncated_entries": int(copies[truncated].sum()),
-            "truncated_tokens_dropped": int(((rec["full_length"] - rec["length"]) * copies).sum()),
-            "entries_without_loss": int(copies[rec["loss"] == 0].sum()),
-            "boundary_splits": int(rec["split"].sum()),
-            "packing_efficiency": round(tot_tokens / (n_rows * max_len), 4),
-            "mean_row_tokens": round(tot_tokens / n_rows, 1),
-            "max_row_tokens": int(row_tokens.max()),
-            "mean_documents_per_row": round(n_entries / n_rows, 2),
-        },
+                                     for r in ctx.table.to_list()],
+                           "unused_patterns": ctx.table.unused(read.sources)},
+        "totals": _totals(recs, tok, order, rows, ctx.max_len),
         "by_source": by_source,
         "by_language": _group(by_source, "language", {"family": family_id, "language_id": language_id}),
         "by_family": {str(k): {"name": families()[k], **v}
                       for k, v in sorted(_group(by_source, "family", {}).items())},
-        "by_class": _group({k: {**v, "class": "pretrain_qa" if v["pretrain_qa"] else "sft"}
-                            for k, v in by_source.items()}, "class", {}, mean_position=True),
+        "by_class": _group({k: {**v, "class": CLASS_OF_KIND[v["kind"]]} for k, v in by_source.items()},
+                           "class", {}, mean_position=True),
         "rejects": {"count": len(read.rejects), "file": "train_rejects.jsonl",
                     "by_field": _tally(r["field"] for r in read.rejects),
                     "by_reason": _tally(r["reason"].split(":")[0] for r in read.rejects)},
-        "truncated_examples": truncated_examples,
-        "decontamination": _decontamination(screen, read.leaks),
-        "curriculum": mx.curriculum(lengths, src_is_qa[entry_source]),
+        "truncated_examples": tok.truncated_examples,
+        "decontamination": _decontamination(recs.screen, read.leaks),
+        "curriculum": mx.curriculum(rows.lengths, order.src_is_pretrain[tok.rec["source"][order.order]]),
     }
+
+
+def _write_report(ctx: Build, recs: Records, report: dict, order: Order, rows: Rows) -> None:
+    """mixture.json, train_rejects.jsonl, train_leaks.jsonl (with a screen) and curriculum.png."""
+    out, by_source = ctx.out, report["by_source"]
     write_json(out / "mixture.json", report)
-    write_jsonl(out / "train_rejects.jsonl", read.rejects)
-    if screen is not None:
-        write_jsonl(out / "train_leaks.jsonl", read.leaks)
+    write_jsonl(out / "train_rejects.jsonl", recs.read.rejects)
+    if recs.screen is not None:
+        write_jsonl(out / "train_leaks.jsonl", recs.read.leaks)
+    kinds = [k for k in CLASS_LABELS if any(v["kind"] == k for v in by_source.values())]
     classes = "; ".join(
-        f"{name}: " + ", ".join(sorted({f"priority {v['priority']:g}, {v['epochs']:g} epoch(s)"
-                                        for v in by_source.values() if v["pretrain_qa"] == (name == "pretrain-QA")}))
-        for name in ("pretrain-QA", "SFT") if any(v["pretrain_qa"] == (name == "pretrain-QA")
-                                                  for v in by_source.values()))
-    qa_share = report["by_class"].get("pretrain_qa", {}).get("tokens", 0) / tot_tokens
+        f"{CLASS_LABELS[k]}: " + ", ".join(sorted({f"priority {v['priority']:g}, {v['epochs']:g} epoch(s)"
+                                                   for v in by_source.values() if v["kind"] == k}))
+        for k in kinds)
+    tot_tokens = report["totals"]["tokens"]
+    pretrain_share = sum(report["by_class"].get(CLASS_OF_KIND[k], {}).get("tokens", 0) for k in ("text", "qa"))
+    label = "pretrain-QA (*_qa)" if "text" not in kinds else \
+        "raw text (*_text)" if "qa" not in kinds else "pretraining (*_text, *_qa)"
     mx.plot_curriculum(report["curriculum"], out / "curriculum.png",
-                       f"Token share over training: seed {args.seed}, {n_entries} entries, {tot_tokens:,} tokens\n"
-                       f"{classes}", overall_qa_share=qa_share)
-    lap("report")
-    return report
+                       f"Token share over training: seed {ctx.args.seed}, {len(order.order)} entries, "
+                       f"{tot_tokens:,} tokens\n{classes}", overall_qa_share=pretrain_share / tot_tokens,
+                       label=label)
 
 
 def _require_loss_tokens(rec: dict, truncated: np.ndarray, max_len: int) -> None:
@@ -334,10 +461,7 @@ def _rel(path) -> str:
 
 
 def _tally(values) -> dict:
-    out: dict = {}
-    for v in values:
-        out[str(v)] = out.get(str(v), 0) + 1
-    return dict(sorted(out.items()))
+    return dict(sorted(Counter(str(v) for v in values).items()))
 
 
 def _group(by_source: dict, key: str, extra: dict, mean_position: bool = False) -> dict:
@@ -368,6 +492,9 @@ def _print_summary(report: dict, out: Path, timings: dict) -> None:
           f"packing efficiency {t['packing_efficiency']:.1%}, {t['mean_documents_per_row']} documents/row")
     print(f"  truncated: {t['truncated_records']} records ({t['truncated_entries']} entries, "
           f"{t['truncated_tokens_dropped']} tokens dropped); entries without loss tokens: {t['entries_without_loss']}")
+    if t["split_records"]:
+        print(f"  split: {t['split_records']} text documents longer than {report['max_seq_len']} tokens, cut into "
+              f"pieces ({t['pieces']} pieces in all, none dropped)")
     for name, c in report["by_class"].items():
         print(f"  {name}: {c['entries']} entries, {c['tokens']} tokens, mean position {c['mean_position']}")
     if report["priority_table"]["unused_patterns"]:
