@@ -134,7 +134,7 @@ def check_flags(args) -> None:
         raise UsageError("--dev-fraction", f"must be between 0 and 1, got {args.dev_fraction}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="1.data_process_test_dev.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", type=Path, default=SAMPLE_DIR / "bench_test.json",
@@ -157,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dev-fraction", type=float, default=0.1, help="dev share of test when no --dev is given")
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="malformed items: stop with an error (default) or write them to rejects.jsonl and go on")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     check_flags(args)
     if args.dev is None and args.bench == SAMPLE_DIR / "bench_test.json":
         args.dev = SAMPLE_DIR / "bench_dev.json"
@@ -167,57 +171,66 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer, fmt = tokenizer_and_format(args.model, args.format)
     builder = PromptBuilder(fmt, args.prompt_style)
-    skip = args.on_error == "skip"
-
-    test, rejects = load_bench(args.bench, skip)
-    if args.dev:
-        dev, dev_rejects = load_bench(args.dev, skip)
-        rejects += dev_rejects
-        pool = _by_source(dev)
-        missing = sorted(set(_by_source(test)) - set(pool))
-        for source in missing:  # a source with no dev items draws its shots from its own test items
-            pool[source] = _by_source(test)[source]
-    else:
-        dev, missing = _dev_sample(test, args.dev_fraction, args.seed), []
-        pool = _by_source(test)
-
+    test, dev, pool, missing, rejects = load_items(args)
     fixed = args.shot_mode == "fixed"
     test_rec, test_rep, test_long = build_split(test, pool, builder, tokenizer, args.shots, args.seed, fixed,
                                                 args.max_tokens, "test")
     dev_pool = _by_source(dev) if args.dev else pool
     dev_rec, dev_rep, dev_long = build_split(dev, dev_pool, builder, tokenizer, args.shots, args.seed, fixed,
                                              args.max_tokens, "dev")
+    malformed = len(rejects)
     rejects += [{"file": str(args.bench), **r} for r in test_long] + \
                [{"file": str(args.dev or args.bench), **r} for r in dev_long]
-
     if test and not test_rec:
         raise UsageError("--max-tokens", f"no test item fits in {args.max_tokens} tokens, even with zero shots")
+
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "test.jsonl", test_rec)
     write_jsonl(out / "dev.jsonl", dev_rec)
     write_jsonl(out / "rejects.jsonl", rejects)
     report = {
         "bench": str(args.bench), "dev_file": str(args.dev) if args.dev else None, "model": str(args.model),
-        "format": fmt.to_dict(), "prompt_style": args.prompt_style, "shots": args.shots, "shot_mode": args.shot_mode, "seed": args.seed,
-        "max_tokens": args.max_tokens,
+        "format": fmt.to_dict(), "prompt_style": args.prompt_style, "shots": args.shots, "shot_mode": args.shot_mode,
+        "seed": args.seed, "max_tokens": args.max_tokens,
         "shot_pool": "dev items of the same source" if args.dev else "other test items of the same source",
         "sources_without_dev_items": missing,
         "dev_is_subset_of_test": not args.dev,
-        "rejected_malformed": len(rejects) - len(test_long) - len(dev_long),
+        "rejected_malformed": malformed,
         "test": test_rep, "dev": dev_rep,
     }
     write_json(out / "report.json", report)
-    print(f"[step 1] format={fmt.name} prompts={args.prompt_style} shots={args.shots} ({args.shot_mode}) seed={args.seed} -> {out}")
-    for split, rep in (("test", test_rep), ("dev", dev_rep)):
+    print_summary(args, fmt, out, report, bool(rejects), time.time() - t0)
+    return 0
+
+
+def load_items(args) -> tuple[list, list, dict, list[str], list[dict]]:
+    """Test items, dev items, the shot pool per source, the sources whose shots come from their own test items
+    (no dev items), and the malformed items rejected (``--on-error skip``)."""
+    skip = args.on_error == "skip"
+    test, rejects = load_bench(args.bench, skip)
+    if not args.dev:
+        return test, _dev_sample(test, args.dev_fraction, args.seed), _by_source(test), [], rejects
+    dev, dev_rejects = load_bench(args.dev, skip)
+    pool = _by_source(dev)
+    missing = sorted(set(_by_source(test)) - set(pool))
+    for source in missing:  # a source with no dev items draws its shots from its own test items
+        pool[source] = _by_source(test)[source]
+    return test, dev, pool, missing, rejects + dev_rejects
+
+
+def print_summary(args, fmt, out: Path, report: dict, any_rejects: bool, seconds: float) -> None:
+    print(f"[step 1] format={fmt.name} prompts={args.prompt_style} shots={args.shots} ({args.shot_mode}) "
+          f"seed={args.seed} -> {out}")
+    for split in ("test", "dev"):
+        rep = report[split]
         print(f"  {split}: read {rep['read']}, wrote {rep['written']}, over budget {rep['over_budget']}, "
               f"fewer than {args.shots} shots {rep['fewer_than_k_shots']}, languages {len(rep['by_language'])}, "
               f"longest prompt {rep['max_prompt_tokens']} tokens")
     print(f"  malformed items rejected: {report['rejected_malformed']}"
-          + (f" (see {out / 'rejects.jsonl'})" if rejects else ""))
+          + (f" (see {out / 'rejects.jsonl'})" if any_rejects else ""))
     if not args.dev:
         print("  note: no --dev given, so dev.jsonl is a sample of test (checkpoint selection on it leaks test)")
-    print(f"  done in {time.time() - t0:.1f}s")
-    return 0
+    print(f"  done in {seconds:.1f}s")
 
 
 if __name__ == "__main__":
