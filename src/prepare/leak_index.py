@@ -36,6 +36,7 @@ SEP = "\x00"
 _BASE = 0x9E3779B97F4A7C15  # odd, so it has an inverse modulo 2^64
 _INV = pow(_BASE, -1, 1 << 64)
 _M64 = (1 << 64) - 1
+_MIX = np.uint64(0xD6E8FEB86659FD93)  # odd: spreads a hash's low bits into its top bits
 
 
 def normalise(text: str, fold_case: bool = False) -> str:
@@ -109,10 +110,17 @@ class HashSet:
         order = np.argsort(hashes, kind="stable")
         self.hashes = hashes[order]
         self.payload = None if payload is None else payload[order]
-        bits = int(min(30, max(10, np.ceil(np.log2(max(len(hashes), 1) * 16)))))
+        # at least 2^22 slots (4 MB): a small set (the short questions' anchors) then lets almost no miss through
+        bits = int(min(30, max(22, np.ceil(np.log2(max(len(hashes), 1) * 16)))))
         self.shift = np.uint64(64 - bits)
         self.table = np.zeros(1 << bits, bool)
-        self.table[self.hashes >> self.shift] = True
+        self.table[self._slot(self.hashes)] = True
+
+    def _slot(self, hashes: np.ndarray) -> np.ndarray:
+        # The top bits of a short window's polynomial hash hardly depend on its first characters (c0 + c1*B: c0 only
+        # reaches the low bits), so all 2-character windows ending in the same character would share a slot; one
+        # multiplication by an odd constant carries the low bits up (Fibonacci hashing).
+        return (hashes * _MIX) >> self.shift
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -122,7 +130,7 @@ class HashSet:
 
     def find(self, hashes: np.ndarray) -> np.ndarray:
         """Indices (into ``hashes``) of the queries present in the set."""
-        maybe = np.flatnonzero(self.table[hashes >> self.shift])
+        maybe = np.flatnonzero(self.table[self._slot(hashes)])
         if not len(maybe):
             return maybe
         q = hashes[maybe]
