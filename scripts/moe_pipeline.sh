@@ -20,7 +20,7 @@ bash 3.single_node_train.sh --model models/SmolLM2-135M-MoE --expect moe --train
   --save-every 0 --max-ckpts 1 --eval-every 0 --dev-limit 7 --dev-batch-size 7 --dev-max-new-tokens 8 --overwrite
 CKPT="$(python -c "from src.train.checkpoint import latest_checkpoint; print(latest_checkpoint('ckpts/${EXP}_moe'))")"
 bash 4.eval.sh --model "$CKPT" --input "data/$EXP/test.jsonl" --out "results/${EXP}_moe" --limit-per-source 2
-python util/routing_analysis.py --model "$CKPT" --input "data/$EXP/test.jsonl" --out "results/${EXP}_moe/routing" --limit 4
+python -m util.routing_analysis --model "$CKPT" --input "data/$EXP/test.jsonl" --out "results/${EXP}_moe/routing" --limit 4
 
 # Stock export: scored with the chat format step 4 resolved for our folder (a stock qwen2_moe type alone would
 # select the Qwen2 format), then compared letter by letter.
@@ -28,5 +28,5 @@ python -m src.models.moe_export --model "$CKPT" --out models/SmolLM2-135M-MoE-st
 FORMAT="$(python -c "import json; print(json.load(open('results/${EXP}_moe/run.json'))['settings']['resolved_format'])")"
 bash 4.eval.sh --model models/SmolLM2-135M-MoE-stock --input "data/$EXP/test.jsonl" --out "results/${EXP}_moe_stock" \
   --limit-per-source 2 --format "$FORMAT" --overwrite
-python util/compare_predictions.py "results/${EXP}_moe/predictions.jsonl" \
+python -m util.compare_predictions "results/${EXP}_moe/predictions.jsonl" \
   "results/${EXP}_moe_stock/predictions.jsonl"

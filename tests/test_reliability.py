@@ -221,8 +221,7 @@ def test_a_model_folder_with_only_pickled_weights_is_refused(tiny_model_dir, tmp
 
 
 def test_averaging_reads_only_safetensors_and_drops_trainer_state(tiny_model_dir, tmp_path):
-    sys.path.insert(0, str(ROOT / "util"))
-    from average_checkpoints import save_average
+    from util.average_checkpoints import save_average
 
     ckpts = []
     for step in (1, 2):

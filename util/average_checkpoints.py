@@ -1,6 +1,6 @@
 """Average the weights of several checkpoints of the same architecture (model soup / checkpoint averaging).
 
-    python util/average_checkpoints.py --ckpt ckpts/run/checkpoint-200 --ckpt ckpts/run/checkpoint-300 \
+    python -m util.average_checkpoints --ckpt ckpts/run/checkpoint-200 --ckpt ckpts/run/checkpoint-300 \
         --out models/run-avg [--weights 0.3 0.7]
 
 The result is the element-wise (optionally weighted) mean, computed in float32 and stored in the first checkpoint's
@@ -91,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the repository's src/
     from src.common import cli
 
     sys.exit(cli.run(main))

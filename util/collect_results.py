@@ -1,6 +1,6 @@
 """Results across runs: several step 4 result folders -> one table (markdown and CSV) and a bar chart (PNG).
 
-    python util/collect_results.py results/run_a results/run_b [--names A B] [--out results/summary]
+    python -m util.collect_results results/run_a results/run_b [--names A B] [--out results/summary]
 
 Each folder holds a ``score.json`` written by step 4. The table has one row per run and the paper's columns: the major
 average, the minor average, the 12 major languages in the paper's order (ar, de, en, es, fr, hi, it, ja, ko, pt, ru,

@@ -1,7 +1,7 @@
 """Do two step 4 runs extract the same letters? Used by scripts/moe_pipeline.sh to check that the stock export of a
 Post-MoE checkpoint scores exactly like the project's own folder.
 
-    python util/compare_predictions.py results/a/predictions.jsonl results/b/predictions.jsonl
+    python -m util.compare_predictions results/a/predictions.jsonl results/b/predictions.jsonl
 
 Compares the extracted letter of every item id (both files must hold the same ids); prints how many items were
 read, how many letters match and the first differing ids; exits 1 on any difference.
@@ -9,15 +9,10 @@ read, how many letters match and the first differing ids; exits 1 on any differe
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from src.common.errors import DataError  # noqa: E402
-from src.common.io import iter_jsonl  # noqa: E402
+from src.common.errors import DataError
+from src.common.io import iter_jsonl
 
 SHOWN = 5  # differing ids listed in the report
 

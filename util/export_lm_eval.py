@@ -1,6 +1,6 @@
 """Step 1 prompts -> an lm-evaluation-harness task folder, so the harness scores any model on our exact prompts.
 
-    python util/export_lm_eval.py --input data/<exp>/test.jsonl --out DIR [--overwrite]
+    python -m util.export_lm_eval --input data/<exp>/test.jsonl --out DIR [--overwrite]
     lm_eval --include_path DIR --tasks xmedbench --model hf --model_args pretrained=MODEL --num_fewshot 0
 
 Writes one task per language, ``xmedbench_<lang>`` (``DIR/xmedbench_<lang>.yaml`` and its local data file
@@ -18,12 +18,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from src.common.errors import DataError  # noqa: E402
-from src.common.io import iter_jsonl, write_jsonl  # noqa: E402
+from src.common.errors import DataError
+from src.common.io import iter_jsonl, write_jsonl
 
 GROUP = "xmedbench"
 REQUIRED = ("id", "source", "language", "prompt", "answer", "letters")

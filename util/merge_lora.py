@@ -1,6 +1,6 @@
 """Merge a LoRA adapter folder (step 3 with --lora-r) into its base and write a full checkpoint.
 
-    python util/merge_lora.py --adapter ckpts/run/checkpoint-200 --out models/run-merged [--dtype float32]
+    python -m util.merge_lora --adapter ckpts/run/checkpoint-200 --out models/run-merged [--dtype float32]
 
 The base comes from the adapter's adapter_config.json. A dense base gives an ordinary Hugging Face folder
 (``AutoModelForCausalLM.from_pretrained`` loads it); a Post-MoE base gives a Post-MoE checkpoint (the project's loader,
@@ -17,7 +17,7 @@ import torch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python util/merge_lora.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m util.merge_lora", description=__doc__.split("\n")[0])
     p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--out", required=True, help="folder for the merged checkpoint (must not exist or be empty)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
