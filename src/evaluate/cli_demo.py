@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from ..common.defaults import DEFAULT_MODEL_NAME
 from .chat_core import CLEAR, NOTICE, QUIT, Sampling, fit_history, open_chat, stream_tokens  # noqa: F401
 
 BANNER = "Medical chat with {model}. " + NOTICE + "\nType 'clear' to forget the conversation, 'quit' to leave."
@@ -38,7 +39,7 @@ def reply(chat, history, message: str, sampling: Sampling, out=sys.stdout) -> st
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m src.evaluate.cli_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="checkpoint folder or hub id")
+    p.add_argument("--model", default=f"models/{DEFAULT_MODEL_NAME}", help="checkpoint folder or hub id")
     p.add_argument("--api-base", default=None, help="chat with an OpenAI-compatible server instead (serve.sh)")
     p.add_argument("--api-model", default=None, help="model name on the server (default: the one it serves)")
     p.add_argument("--proxy-tuned", help="small tuned model: decode --model with logits base + (tuned - raw)")

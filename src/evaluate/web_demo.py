@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..common.defaults import DEFAULT_MODEL_NAME
 from .chat_core import EXAMPLES, NOTICE, Sampling, open_chat
 
 TITLE = "Medical chat"
@@ -65,7 +66,7 @@ def build_page(chat, sampling: Sampling):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m src.evaluate.web_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="models/SmolLM2-135M-Instruct",
+    p.add_argument("--model", default=f"models/{DEFAULT_MODEL_NAME}",
                    help="checkpoint folder or hub id (with --api-base: the tokenizer that counts the budget)")
     p.add_argument("--api-base", default=None, help="chat with an OpenAI-compatible server (serve.sh)")
     p.add_argument("--api-model", default=None)

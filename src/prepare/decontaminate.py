@@ -20,13 +20,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..common.defaults import ROOT, SAMPLE_DIR
 from ..common.errors import DataError
 from ..common.io import dumps, iter_json_array, write_json, write_jsonl
 from .leak_index import MIN_CHARS, BenchIndex, normalise
 from .records import iter_file, parse_record
 
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_DIR = ROOT / "data" / "raw" / "sample"
 DEFAULT_OUT = ROOT / "data" / "decontaminated" / "sample"
 BATCH_CHARS = 2_000_000  # characters screened per numpy pass: large enough to amortise, small enough for memory
 QUESTION_START = 80  # characters of the bench question quoted in leaks.jsonl

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import httpx
 
+from ..common.defaults import DEFAULT_MODEL_NAME, ROOT
+
 ENGINES = ("auto", "vllm", "transformers")
-ROOT_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "serve.sh"
+ROOT_SCRIPT = ROOT / "scripts" / "serve.sh"
 
 
 def has_gpu() -> bool:
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(prog="scripts/serve.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="checkpoint folder or hub id")
+    p.add_argument("--model", default=f"models/{DEFAULT_MODEL_NAME}", help="checkpoint folder or hub id")
     p.add_argument("--engine", choices=ENGINES, default="auto")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
