@@ -143,7 +143,7 @@ def tokenizer_and_format(model, name: str | None = None):
     Used by the stages that only need text layout and token counts (steps 1 and 2), not the weights."""
     from transformers import AutoTokenizer
 
-    from ..models.loading import check_model_source, load_config
+    from src.models.loading import check_model_source, load_config
 
     check_model_source(model, weights=False)
     try:

@@ -21,7 +21,7 @@ import sys
 import time
 import traceback
 
-from .errors import DataError, UsageError
+from src.common.errors import DataError, UsageError
 
 DEBUG_ENV = "APOLLO_DEBUG"
 EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130

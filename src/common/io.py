@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import DataError
+from src.common.errors import DataError
 
 
 def not_utf8(path) -> DataError:

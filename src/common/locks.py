@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from .errors import UsageError
+from src.common.errors import UsageError
 
 LOCK_NAME = ".lock"
 _held: dict[str, int] = {}  # folder -> descriptor of the lock this process holds (kept open until exit)

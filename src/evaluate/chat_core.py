@@ -61,8 +61,12 @@ def stream_tokens(model, input_ids: torch.Tensor, *, max_new_tokens: int, stop_i
 
     Works with anything called like a causal LM (a transformers model, ``ProxyTuned``). The sampling pieces are
     transformers' own logits processors."""
-    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                              TopPLogitsWarper)
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     processors = LogitsProcessorList()
     if repetition_penalty != 1.0:
@@ -163,15 +167,15 @@ def open_chat(model: str, api_base: str | None = None, api_model: str | None = N
     (``model`` then names the tokenizer/chat format used for the context budget)."""
     from transformers import AutoConfig
 
-    from ..common.chat_formats import resolve_format
-    from ..models.loading import load_model, load_tokenizer
+    from src.common.chat_formats import resolve_format
+    from src.models.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model)
     config = AutoConfig.from_pretrained(model)
     fmt = resolve_format(tokenizer, config, fmt_name)
     context = max_context or min(getattr(config, "max_position_embeddings", 4096) or 4096, 8192)
     if api_base:
-        from ..common.openai_client import SERVER_DEFAULT, ApiError, OpenAIClient
+        from src.common.openai_client import SERVER_DEFAULT, ApiError, OpenAIClient
 
         client = OpenAIClient(api_base, api_model)
         if client.model is None:
@@ -183,7 +187,7 @@ def open_chat(model: str, api_base: str | None = None, api_model: str | None = N
                           max_new_tokens)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if proxy_tuned:
-        from ..models.proxy_tuning import load_proxy_tuned
+        from src.models.proxy_tuning import load_proxy_tuned
 
         net, tokenizer = load_proxy_tuned(model, proxy_tuned, proxy_raw, device=device)
     else:

@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-from ..common.defaults import DEFAULT_MODEL_NAME
-from .chat_core import CLEAR, NOTICE, QUIT, Sampling, fit_history, open_chat, stream_tokens  # noqa: F401
+from src.common.defaults import DEFAULT_MODEL_NAME
+from src.evaluate.chat_core import CLEAR, NOTICE, QUIT, Sampling, fit_history, open_chat, stream_tokens  # noqa: F401
 
 BANNER = "Medical chat with {model}. " + NOTICE + "\nType 'clear' to forget the conversation, 'quit' to leave."
 

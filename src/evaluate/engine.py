@@ -70,10 +70,20 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from .attention import prefix_attention
-from .extract import extract, line_complete
-from .kvcache import (SlotCache, cache_length, cache_merge, cache_repeat, cache_select, cache_trim, cache_truncate,
-                      left_pad, mergeable, supports_slot_cache)
+from src.evaluate.attention import prefix_attention
+from src.evaluate.extract import extract, line_complete
+from src.evaluate.kvcache import (
+    SlotCache,
+    cache_length,
+    cache_merge,
+    cache_repeat,
+    cache_select,
+    cache_trim,
+    cache_truncate,
+    left_pad,
+    mergeable,
+    supports_slot_cache,
+)
 
 MIN_PREFIX_TOKENS = 16  # a shared prefix shorter than this is not worth a separate forward
 
@@ -182,7 +192,7 @@ def stop_token_ids(tokenizer, fmt=None, model=None) -> list[int]:
 def resolve_fmt(tokenizer, model, fmt):
     if fmt is not None and not isinstance(fmt, str):
         return fmt
-    from ..common.chat_formats import resolve_format
+    from src.common.chat_formats import resolve_format
 
     return resolve_format(tokenizer, getattr(model, "config", None), fmt)
 

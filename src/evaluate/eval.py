@@ -23,9 +23,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ..common.defaults import DEFAULT_MODEL_NAME
-from ..common.errors import DataError, UsageError
-from ..common.io import dumps, iter_jsonl, write_json, write_jsonl, write_text
+from src.common.defaults import DEFAULT_MODEL_NAME
+from src.common.errors import DataError, UsageError
+from src.common.io import dumps, iter_jsonl, write_json, write_jsonl, write_text
 
 DEFAULT_MODEL = f"models/{DEFAULT_MODEL_NAME}"  # relative to the working directory, as the scripts run from the root
 DEFAULT_INPUT = f"data/sample_{DEFAULT_MODEL_NAME}/test.jsonl"
@@ -97,7 +97,7 @@ def shard(records: list[dict], world: int, rank: int) -> list[dict]:
 def _dtype(name: str, device):
     import torch
 
-    from ..models.loading import default_dtype
+    from src.models.loading import default_dtype
 
     if name == "auto":
         return default_dtype(device)
@@ -227,7 +227,7 @@ def run_settings(args, dtype) -> dict:
 def prepare_out(out: Path, settings: dict, overwrite: bool, state) -> None:
     """Take --out (one run at a time: OUT/.lock), refuse predictions made with other settings (or start afresh with
     --overwrite)."""
-    from ..common.locks import hold_for_launch
+    from src.common.locks import hold_for_launch
 
     hold_for_launch(out, "step 4", main_process=state.is_main_process, world_size=state.num_processes)
     if state.is_main_process:
@@ -248,7 +248,7 @@ def read_all_predictions(out: Path) -> list[dict]:
 
 def item_fingerprints(records: list[dict], settings: dict, model_path, args) -> dict:
     """id -> the fingerprint its prediction must carry to be reused (prompt, letters, weights, settings)."""
-    from .fingerprint import item_fingerprint, run_fingerprint
+    from src.evaluate.fingerprint import item_fingerprint, run_fingerprint
 
     run_fp = run_fingerprint(settings, {"model": model_path, "proxy_tuned": args.proxy_tuned,
                                         "proxy_raw": args.proxy_raw})
@@ -267,10 +267,10 @@ def done_ids(out: Path, fps: dict, main_proc: bool) -> set:
 
 
 def load_scoring_model(args, model_path: str, dtype, device):
-    from ..models.loading import load_model
+    from src.models.loading import load_model
 
     if args.proxy_tuned:
-        from ..models.proxy_tuning import load_proxy_tuned
+        from src.models.proxy_tuning import load_proxy_tuned
 
         model, _ = load_proxy_tuned(model_path, args.proxy_tuned, args.proxy_raw, torch_dtype=dtype, device=device)
         return model
@@ -280,9 +280,9 @@ def load_scoring_model(args, model_path: str, dtype, device):
 def predict_mine(args, mine: list[dict], tokenizer, out: Path, state, counts: dict, batch_size: int, dtype,
                  stats: dict, fps: dict) -> str:
     """Predict this process's pending records, appending each prediction as it is made. Returns the format name."""
-    from ..common.chat_formats import resolve_format
-    from .engine import predict, stop_token_ids
-    from .hf_engine import predict_hf
+    from src.common.chat_formats import resolve_format
+    from src.evaluate.engine import predict, stop_token_ids
+    from src.evaluate.hf_engine import predict_hf
 
     model = load_scoring_model(args, args.model, dtype, state.device)
     fmt = resolve_format(tokenizer, getattr(model, "config", None), args.format)
@@ -345,7 +345,7 @@ def merge_predictions(out: Path, records: list[dict], fps: dict) -> list[dict]:
 
 def write_scores(out: Path, args, selected: list[dict]) -> str:
     """score.json and score.md; returns the table."""
-    from .scoring import format_table, score
+    from src.evaluate.scoring import format_table, score
 
     result = score(selected, args.exclude_source)
     write_json(out / "score.json", result)
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import PartialState
 
-    from ..models.loading import load_tokenizer
+    from src.models.loading import load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     stats: dict = {}
     fmt_name = None
     if mine and args.backend == "openai":  # generation on a server; same records, predictions and files
-        from .openai_backend import predict_through_server
+        from src.evaluate.openai_backend import predict_through_server
 
         if world > 1:
             raise SystemExit("[step 4] --backend openai runs in one process (use --concurrency for parallel requests)")

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .engine import generation_prediction, resolve_fmt, stop_token_ids
+from src.evaluate.engine import generation_prediction, resolve_fmt, stop_token_ids
 
 
 def predict_hf(model, tokenizer, records, *, fmt=None, batch_size: int = 8, max_new_tokens: int = 128,

@@ -32,9 +32,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..common.io import dumps
-from ..common.openai_client import SERVER_DEFAULT, ApiError, OpenAIClient, run_concurrently
-from .extract import extract
+from src.common.io import dumps
+from src.common.openai_client import SERVER_DEFAULT, ApiError, OpenAIClient, run_concurrently
+from src.evaluate.extract import extract
 
 _COMPLETE = re.compile(r"[^\n]\n")  # the end of the first non-empty line (extract.line_complete)
 
@@ -163,7 +163,7 @@ def _stop_ids(model_path: str, tokenizer, fmt) -> list[int]:
 
     from transformers import GenerationConfig
 
-    from .engine import stop_token_ids
+    from src.evaluate.engine import stop_token_ids
 
     try:
         gen = GenerationConfig.from_pretrained(model_path)
@@ -189,7 +189,7 @@ def open_server(api_base: str, api_model: str | None, model_path: str, tokenizer
     """(client, target, chat format) for scoring ``model_path``'s prompts through the server at ``api_base``."""
     from transformers import AutoConfig
 
-    from ..common.chat_formats import resolve_format
+    from src.common.chat_formats import resolve_format
 
     config = AutoConfig.from_pretrained(model_path) if Path(model_path).is_dir() else None
     fmt = resolve_format(tokenizer, config, fmt_name)
@@ -221,7 +221,7 @@ def predict_through_server(args, tokenizer, records: list[dict], target_file: Pa
     name. Settings come from step 4's flags (model, format, mode, max/min new tokens, api model, concurrency)."""
     from tqdm import tqdm
 
-    from .eval import _repair_tail
+    from src.evaluate.eval import _repair_tail
 
     client, target, fmt = open_server(args.api_base, args.api_model, args.model, tokenizer, args.format,
                                       args.max_new_tokens, args.min_new_tokens, args.api_timeout)

@@ -30,7 +30,7 @@ import math
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
-from ..common.languages import is_major, major_languages, score_method, source_language
+from src.common.languages import is_major, major_languages, score_method, source_language
 
 Z = 1.959963984540054  # two-sided 95%
 

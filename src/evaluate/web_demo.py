@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..common.defaults import DEFAULT_MODEL_NAME
-from .chat_core import EXAMPLES, NOTICE, Sampling, open_chat
+from src.common.defaults import DEFAULT_MODEL_NAME
+from src.evaluate.chat_core import EXAMPLES, NOTICE, Sampling, open_chat
 
 TITLE = "Medical chat"
 

@@ -45,7 +45,7 @@ def load_adapter(path, torch_dtype: torch.dtype | None = None, merge: bool = Tru
         raise FileNotFoundError(f"{path}: no {ADAPTER_WEIGHTS} beside {ADAPTER_CONFIG}")
     from peft import PeftModel
 
-    from .loading import load_model
+    from src.models.loading import load_model
 
     base = load_model(adapter_base(path), torch_dtype=torch_dtype)
     model = PeftModel.from_pretrained(base, str(path), is_trainable=False)

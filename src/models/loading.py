@@ -18,7 +18,7 @@ def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
 def _moe_config_kwargs(name_or_path) -> dict:
     """{"config": base config} for one of our MoE folders: transformers cannot read their config.json (by design,
     see src.models.moe.MOE_MODEL_TYPE) and would otherwise warn while looking for the tokenizer class."""
-    from . import moe
+    from src.models import moe
 
     if Path(str(name_or_path)).is_dir() and moe.is_moe_checkpoint(name_or_path):
         return {"config": moe.base_config(name_or_path)}
@@ -88,7 +88,7 @@ def load_tokenizer(name_or_path, padding_side: str = "left"):
     """The model's tokenizer with a pad token (EOS when it has none) and the requested padding side."""
     from transformers import AutoTokenizer
 
-    from . import adapter
+    from src.models import adapter
 
     check_model_source(name_or_path, weights=False)
     if adapter.is_adapter_dir(name_or_path) and not adapter.has_tokenizer(name_or_path):
@@ -104,7 +104,7 @@ def load_model(name_or_path, torch_dtype: torch.dtype | str | None = None, devic
     """Load a causal LM for inference or training, in the dtype ``resolve_dtype`` gives; MoE checkpoints of ours are
     detected from their config, LoRA adapter folders from their adapter_config.json (loaded on their base and merged,
     see adapter.py)."""
-    from . import adapter, moe
+    from src.models import adapter, moe
 
     check_model_source(name_or_path, weights=True)
     dtype = resolve_dtype(torch_dtype, name_or_path, device)
@@ -131,7 +131,7 @@ def resolve_dtype(requested: torch.dtype | str | None, name_or_path, device=None
 
 def checkpoint_dtype(name_or_path) -> torch.dtype:
     """The dtype a checkpoint's config.json names (an adapter folder: its base's), float32 when it names none."""
-    from . import adapter
+    from src.models import adapter
 
     if adapter.is_adapter_dir(name_or_path):
         name_or_path = adapter.adapter_base(name_or_path)

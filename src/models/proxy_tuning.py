@@ -78,7 +78,7 @@ class ProxyTuned(torch.nn.Module):
 
 def load_proxy_tuned(base_path, tuned_path, raw_path, torch_dtype=None, device=None):
     """Load the three models and their tokenizers; returns (ProxyTuned, the base tokenizer)."""
-    from .loading import load_model, load_tokenizer
+    from src.models.loading import load_model, load_tokenizer
 
     paths = {"base": base_path, "tuned": tuned_path, "raw": raw_path}
     tokenizers = {name: load_tokenizer(p) for name, p in paths.items()}

@@ -11,9 +11,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..common.errors import DataError
-from ..common.io import read_json
-from ..common.languages import source_language
+from src.common.errors import DataError
+from src.common.io import read_json
+from src.common.languages import source_language
 
 LETTERS = "ABCDEFGH"  # up to 8 options, as the extractor supports
 _OPTION_LINE = re.compile(r"^\s*[（(]([A-Za-z])[)）]\s?(.*)$")

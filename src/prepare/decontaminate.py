@@ -20,11 +20,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..common.defaults import ROOT, SAMPLE_DIR
-from ..common.errors import DataError
-from ..common.io import dumps, iter_json_array, write_json, write_jsonl
-from .leak_index import MIN_CHARS, BenchIndex, normalise
-from .records import iter_file, parse_record
+from src.common.defaults import ROOT, SAMPLE_DIR
+from src.common.errors import DataError
+from src.common.io import dumps, iter_json_array, write_json, write_jsonl
+from src.prepare.leak_index import MIN_CHARS, BenchIndex, normalise
+from src.prepare.records import iter_file, parse_record
 
 DEFAULT_OUT = ROOT / "data" / "decontaminated" / "sample"
 BATCH_CHARS = 2_000_000  # characters screened per numpy pass: large enough to amortise, small enough for memory

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..common.defaults import IGNORE_INDEX
+from src.common.defaults import IGNORE_INDEX
 
 ROW_SCHEMA = pa.schema([
     ("input_ids", pa.list_(pa.int32())),

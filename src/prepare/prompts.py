@@ -23,9 +23,9 @@ import random
 from functools import lru_cache
 from pathlib import Path
 
-from ..common.chat_formats import ChatFormat
-from ..common.languages import is_major
-from .bench_items import BenchItem
+from src.common.chat_formats import ChatFormat
+from src.common.languages import is_major
+from src.prepare.bench_items import BenchItem
 
 _WORDING = Path(__file__).with_name("wording.json")
 STYLES = ("fixed", "paper")

@@ -34,9 +34,9 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from ..common.errors import DataError
-from ..common.io import JsonStream, iter_jsonl, not_utf8
-from ..common.languages import parse_train_source, train_source_kind
+from src.common.errors import DataError
+from src.common.io import JsonStream, iter_jsonl, not_utf8
+from src.common.languages import parse_train_source, train_source_kind
 
 USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant", "bot", "model", "chatgpt"}

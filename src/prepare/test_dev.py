@@ -21,13 +21,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..common.chat_formats import FORMAT_NAMES, tokenizer_and_format
-from ..common.defaults import DEFAULT_MODEL, ROOT, SAMPLE_DIR
-from ..common.errors import UsageError
-from ..common.io import write_json, write_jsonl
-from ..common.languages import family_id
-from .bench_items import BenchItem, load_bench
-from .prompts import PAPER_MAX_CHARS, STYLES, PromptBuilder, candidate_shots
+from src.common.chat_formats import FORMAT_NAMES, tokenizer_and_format
+from src.common.defaults import DEFAULT_MODEL, ROOT, SAMPLE_DIR
+from src.common.errors import UsageError
+from src.common.io import write_json, write_jsonl
+from src.common.languages import family_id
+from src.prepare.bench_items import BenchItem, load_bench
+from src.prepare.prompts import PAPER_MAX_CHARS, STYLES, PromptBuilder, candidate_shots
 
 
 def _token_counts(tokenizer, texts: list[str], desc: str, batch: int = 2048) -> list[int]:

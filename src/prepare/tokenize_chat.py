@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ..common.chat_formats import ChatFormat, adds_bos
+from src.common.chat_formats import ChatFormat, adds_bos
 
 TOKENIZED_SCHEMA = pa.schema([
     ("file", pa.int32()),

@@ -30,16 +30,23 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common.chat_formats import FORMAT_NAMES, ChatFormat, tokenizer_and_format
-from ..common.defaults import DEFAULT_MODEL, IGNORE_INDEX, ROOT, SAMPLE_DIR
-from ..common.errors import DataError
-from ..common.io import write_json, write_jsonl
-from ..common.languages import (PAD_LANGUAGE_ID, families, family_id, language_id, languages, parse_train_source,
-                                 train_source_kind)
-from . import mixture as mx
-from .packing import ROW_SCHEMA, ListColumn, plan_rows, write_dataset_metadata, write_rows
-from .records import Input, ReadResult, data_input, read_records, text_input
-from .tokenize_chat import ChatEncoder
+from src.common.chat_formats import FORMAT_NAMES, ChatFormat, tokenizer_and_format
+from src.common.defaults import DEFAULT_MODEL, IGNORE_INDEX, ROOT, SAMPLE_DIR
+from src.common.errors import DataError
+from src.common.io import write_json, write_jsonl
+from src.common.languages import (
+    PAD_LANGUAGE_ID,
+    families,
+    family_id,
+    language_id,
+    languages,
+    parse_train_source,
+    train_source_kind,
+)
+from src.prepare import mixture as mx
+from src.prepare.packing import ROW_SCHEMA, ListColumn, plan_rows, write_dataset_metadata, write_rows
+from src.prepare.records import Input, ReadResult, data_input, read_records, text_input
+from src.prepare.tokenize_chat import ChatEncoder
 
 SAMPLE = SAMPLE_DIR / "train.json"
 PAPER_MAX_SEQ_LEN = 4096
@@ -132,7 +139,7 @@ def run(args) -> dict:
     tokenizer, fmt = tokenizer_and_format(args.model, args.format)
     encoder = ChatEncoder(tokenizer, fmt, max_len)
 
-    from ..common.locks import hold, release
+    from src.common.locks import hold, release
 
     hold(out, "step 2")  # one writer per --out
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".step2-tmp-"))
@@ -227,7 +234,7 @@ def _read(ctx: Build) -> Records:
     """Read and validate every input, streamed into an Arrow file (leaks screened out when asked)."""
     screen = None
     if ctx.args.decontaminate_against:
-        from .decontaminate import Screen, load_bench
+        from src.prepare.decontaminate import Screen, load_bench
         screen = Screen(load_bench(ctx.args.decontaminate_against), ctx.args.leak_min_chars)
     read = read_records(ctx.inputs, ctx.tmp / "records.arrow", skip_errors=ctx.args.on_error == "skip", screen=screen)
     if read.records == 0:
@@ -508,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(args)
     except (DataError, ValueError, FileNotFoundError) as e:
-        from ..common import cli
+        from src.common import cli
 
         return cli.report(e)
     return 0 if report else 1

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from ..common.defaults import DEFAULT_MODEL_NAME, ROOT
+from src.common.defaults import DEFAULT_MODEL_NAME, ROOT
 
 ENGINES = ("auto", "vllm", "transformers")
 ROOT_SCRIPT = ROOT / "scripts" / "serve.sh"
@@ -53,7 +53,7 @@ def stock_checkpoint(model: str) -> str:
     config = path / "config.json"
     if not config.is_file():
         return model  # a hub id or a folder the engine will judge itself
-    from ..models import moe
+    from src.models import moe
 
     if not moe.is_moe_checkpoint(path):
         return model
@@ -66,7 +66,7 @@ def stock_checkpoint(model: str) -> str:
     if (out / "config.json").is_file() and (out / "config.json").stat().st_mtime >= config.stat().st_mtime:
         print(f"[serve] using the stock export {out}", flush=True)
         return str(out)
-    from ..models.loading import load_model, load_tokenizer
+    from src.models.loading import load_model, load_tokenizer
 
     print(f"[serve] exporting the Post-MoE checkpoint to Qwen2MoeForCausalLM -> {out}", flush=True)
     moe.export_qwen2_moe(load_model(path, torch_dtype="auto"), out, load_tokenizer(path))

@@ -28,7 +28,7 @@ import shutil
 import time
 from pathlib import Path
 
-from . import lora
+from src.train import lora
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-" + PREFIX

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .runtime import moe_module, no_zero3_init
+from src.train.runtime import moe_module, no_zero3_init
 
 
 def load_dev(path, limit: int | None) -> list[dict]:
@@ -79,8 +79,7 @@ def materialize_copy(accelerator, plugin, model, tokenizer, tmp_dir: Path, *, is
     import deepspeed
 
     from src.models.loading import load_model
-
-    from . import lora
+    from src.train import lora
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         if writer:

@@ -19,6 +19,7 @@ import sys
 
 from src.common import cli
 
+
 def main(argv: list[str] | None = None) -> int:
     # accelerate and torch elastic are imported here: `--help` of the other steps must not pay for them.
     from accelerate.commands.launch import launch_command, launch_command_parser

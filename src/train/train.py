@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 
-from .runtime import DENSE_LR, MOE_LR
+from src.train.runtime import DENSE_LR, MOE_LR
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak FLOP/s (TFLOP/s) for MFU (default: known GPUs' bf16 dense peak)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from . import lora
+    from src.train import lora
 
     lora.add_args(p)
     args = p.parse_args(argv)
@@ -107,7 +107,7 @@ def single_process_env() -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     single_process_env()
-    from .trainer import Trainer
+    from src.train.trainer import Trainer
 
     Trainer(args).fit()
     return 0

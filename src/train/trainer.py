@@ -21,13 +21,21 @@ from pathlib import Path
 import torch
 
 from src.common.defaults import IGNORE_INDEX
-
-from . import checkpoint as ckpt
-from . import lora
-from .dev_eval import evaluate_dev, format_dev, load_dev, materialize_copy
-from .runtime import (DENSE_LR, MOE_LR, choose_attn_impl, deepspeed_config, flop_params, is_moe_path, moe_module,
-                      no_zero3_init, peak_flops)
-from .steps import forward_loss, grad_norm, routing_metrics
+from src.train import checkpoint as ckpt
+from src.train import lora
+from src.train.dev_eval import evaluate_dev, format_dev, load_dev, materialize_copy
+from src.train.runtime import (
+    DENSE_LR,
+    MOE_LR,
+    choose_attn_impl,
+    deepspeed_config,
+    flop_params,
+    is_moe_path,
+    moe_module,
+    no_zero3_init,
+    peak_flops,
+)
+from src.train.steps import forward_loss, grad_norm, routing_metrics
 
 
 @dataclass
@@ -178,7 +186,7 @@ class Trainer:
                      f"{lora.describe(self.param_counts)}")
 
     def _build_data(self) -> None:
-        from .data import BatchPlan, Collator, load_rows
+        from src.train.data import BatchPlan, Collator, load_rows
 
         args = self.args
         self.rows = load_rows(args.train)
@@ -198,7 +206,7 @@ class Trainer:
                  f"{'bf16' if self.on_gpu else 'fp32'} on {self.device}")
 
     def _build_optimizer(self) -> None:
-        from .optim import build_optimizer, build_scheduler, no_decay_names
+        from src.train.optim import build_optimizer, build_scheduler, no_decay_names
 
         args = self.args
         optimizer = build_optimizer(self.model, self.lr, args.weight_decay, args.adam_betas, args.adam_eps,
@@ -226,7 +234,7 @@ class Trainer:
         if diff:
             raise SystemExit(f"--resume {self.resume_from}: the run's settings differ from the checkpoint's, an exact "
                              "resume is impossible: " + ", ".join(f"{k} was {a}, now {b}" for k, (a, b) in diff.items()))
-        from .weights_only import load_training_state
+        from src.train.weights_only import load_training_state
 
         # accelerate/DeepSpeed would unpickle these files: they are read with torch.load(weights_only=True) instead
         load_training_state(self.accelerator, self.resume_from / ckpt.STATE_DIR, self.accelerator.process_index,
