@@ -76,7 +76,7 @@ def clean_reply(text: str, template: str) -> str:
     text = (text or "").strip()
     tag = _last_tag(template)
     if tag:
-        text = re.sub(rf"^\**\s*<?\s*{re.escape(tag)}\s*>?\s*\**\s*[:：]\s*", "", text, flags=re.IGNORECASE)
+        text = re.sub(rf"^\**\s*<?\s*{re.escape(tag)}\s*>?\s*\**\s*[:：]\s*\**\s*", "", text, flags=re.IGNORECASE)
         text = re.sub(rf"</\s*{re.escape(tag)}\s*>\s*$", "", text, flags=re.IGNORECASE).strip()
     if len(text) > 2 and (text[0], text[-1]) in {('"', '"'), ("“", "”"), ("«", "»"), ("「", "」")}:
         text = text[1:-1].strip()
