@@ -78,6 +78,20 @@ def test_token_sizes(smollm2_tokenizer):
     assert all(measure(b) <= 64 for b in blocks) and _ok_ends(blocks, ".")
 
 
+def test_a_run_in_tokens(texts, tiny_model_dir, smollm2_tokenizer, tmp_path, capsys):
+    out = tmp_path / "tok"
+    assert _run(*_gen_args(tiny_model_dir, out, texts / "medicalGuideline_en_text.json"), "--block-unit", "tokens",
+                "--block-size", 12) == 0
+    rows = [json.loads(x) for x in (out / "blocks.jsonl").read_text().splitlines()]
+    measure = token_measure(smollm2_tokenizer)
+    assert len(rows) >= 4 and all(measure(r["block"]) <= 12 for r in rows)
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["block_unit"] == "tokens" and report["settings"]["block_sizes"] == {"en": 12}
+    assert _run("--api-base", "http://127.0.0.1:9/v1", "--out", tmp_path / "x", "--input", texts,
+                "--block-unit", "tokens") == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: --tokenizer:")
+
+
 # ------------------------------------------------------------------------------------------------ prompts
 def test_prompts_exist_for_the_12_major_languages_and_name_them():
     table = rewrite.prompt_table()["languages"]
@@ -363,4 +377,4 @@ def test_http_backend_against_transformers_serve(server, texts, tiny_model_dir, 
     assert secret not in printed.out + printed.err
     assert _run("--api-base", f"http://127.0.0.1:{_free_port()}/v1", "--api-model", "m", "--out", tmp_path / "x",
                 "--input", texts / "medicalBook_zh_text.txt", "--retries", 0, "--timeout", 5) == 2
-    assert capsys.readouterr().err.startswith("error: --api-base:")
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: --api-base:")

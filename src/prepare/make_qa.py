@@ -122,6 +122,15 @@ def read_blocks(args, measure) -> tuple[list[Block], list[dict], dict[str, int]]
 
 
 # ------------------------------------------------------------------------------------------------ backends
+def _model_name(model_path) -> str:
+    """A model folder inside the repository by its path from the repository root (so block keys and the report do
+    not change when the checkout moves); anything else as given."""
+    try:
+        return str(Path(model_path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(model_path)
+
+
 class HFBackend:
     """In-process generation with transformers' ``generate``: one prompt at a time, sampling seeded per request from
     the block's key, so a block's text does not depend on which blocks ran before it or beside it."""
@@ -140,7 +149,7 @@ class HFBackend:
         self.model = load_model(model_path, device=dev).eval()
         self.fmt = resolve_fmt(self.tokenizer, self.model, None)
         self.stops = stop_token_ids(self.tokenizer, self.fmt, self.model)
-        self.identity = {"backend": "model", "model": str(model_path)}
+        self.identity = {"backend": "model", "model": _model_name(model_path)}
 
     def chat(self, prompt: str, *, max_tokens: int, temperature: float, top_p: float, seed: int) -> dict:
         torch = self.torch
@@ -228,7 +237,7 @@ def generate_block(backend, block: Block, key: str, s: Settings) -> dict:
         return out["text"]
 
     row = {"key": key, "where": block.where, "language": block.language, "category": block.category,
-           "mode": s.mode}
+           "mode": s.mode, "block": block.text}
     w = rewrite.wording(block.language)
     if s.mode == "qa":
         q = rewrite.clean_reply(ask(rewrite.question_prompt(block.language, block.text), s.max_question_tokens,
