@@ -209,9 +209,11 @@ def inprocess(texts, tiny_model_dir, tmp_path_factory):
 def test_in_process_run_is_seeded_and_independent_of_order(inprocess, texts, tiny_model_dir, tmp_path):
     report = json.loads((inprocess / "report.json").read_text())
     done = [json.loads(x) for x in (inprocess / "blocks.jsonl").read_text().splitlines()]
-    assert report["blocks"] == {"read": len(done), "generated_now": len(done), "resumed": 0} and len(done) >= 4
+    # the zh text repeats one sentence: two of its blocks are the same text, generated once (and then a duplicate)
+    assert report["blocks"] == {"read": len(done) + 2, "generated_now": len(done), "resumed": 0, "repeated": 2}
+    assert len(done) >= 4 and len({d["key"] for d in done}) == len(done)
     assert report["tokens"]["prompt"] > 0 and report["tokens"]["completion"] > 0
-    assert report["pairs_written"] + report["rejected_total"] == len(done)
+    assert report["pairs_written"] + report["rejected_total"] == len(done) + 2
     again = tmp_path / "b"
     assert _run(*_gen_args(tiny_model_dir, again, texts), "--text-field", "body", "--language", "ar") == 0
     for name in ("blocks.jsonl", "records.json", "rejects.jsonl", "report.json"):
@@ -239,12 +241,15 @@ def test_resume_does_no_new_generation_and_refuses_to_overwrite(inprocess, texts
     assert _run(*args, "--resume") == 0
     report = json.loads((out / "report.json").read_text())
     assert report["blocks"]["generated_now"] == 0 and report["blocks"]["resumed"] == len(lines)
+    assert report["blocks"]["repeated"] == report["blocks"]["read"] - len(lines)
     assert report["tokens_this_run"] == {"prompt": 0, "completion": 0}
     assert (out / "records.json").read_text() == records
     (out / "blocks.jsonl").write_text("".join(lines[:-1]) + lines[-1][:20])  # a crash cut the last line
     assert _run(*args, "--resume") == 0
     report = json.loads((out / "report.json").read_text())
     assert report["blocks"]["generated_now"] == 1 and (out / "blocks.jsonl").read_text() == "".join(lines)
+    (out / "blocks.jsonl").write_text(lines[0][:20] + "\n" + "".join(lines[1:]))  # damage that no crash leaves
+    assert _run(*args, "--resume") == 2 and "only the last line may be cut short" in capsys.readouterr().err
     assert _run(*args, "--overwrite") == 0
     assert json.loads((out / "report.json").read_text())["blocks"]["generated_now"] == len(lines)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import sys
 import time
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from ..common.defaults import DEFAULT_MODEL, ROOT
 from ..common.errors import DataError, UsageError
-from ..common.io import JsonArrayWriter, dumps, iter_json_array, iter_jsonl, not_utf8, write_json, write_jsonl
+from ..common.io import JsonArrayWriter, dumps, iter_json_array, iter_jsonl, not_utf8, write_json
 from ..common.languages import canonical, is_major
 from . import rewrite
 from .blocks import UNITS, Block, block_size, cut_document, token_measure
@@ -105,20 +106,27 @@ def documents(path: Path, text_field: str):
         yield str(i), text
 
 
-def read_blocks(args, measure) -> tuple[list[Block], list[dict], dict[str, int]]:
-    blocks, inputs, sizes = [], [], {}
-    for path in input_files(args.input):
-        lang, cat = file_language_category(path, args.language, args.category)
-        size = sizes.setdefault(lang, block_size(lang, args.block_size))
-        n_docs = n_blocks = 0
+def iter_blocks(args, measure, inputs: list[dict] | None = None, sizes: dict | None = None):
+    """Every block of the inputs, in input order, streamed (files are read document by document). ``inputs`` and
+    ``sizes`` (when given) are filled with the documents and blocks per file and the block size per language."""
+    files = input_files(args.input)
+    resolved = [(p, *file_language_category(p, args.language, args.category)) for p in files]  # errors first
+    n = 0
+    for path, lang, cat in resolved:
+        size = block_size(lang, args.block_size)
+        if sizes is not None:
+            sizes.setdefault(lang, size)
+        entry = {"file": str(path), "language": lang, "category": cat, "documents": 0, "blocks": 0}
+        if inputs is not None:
+            inputs.append(entry)
         for doc, text in documents(path, args.text_field):
-            n_docs += 1
+            entry["documents"] += 1
             for i, b in enumerate(cut_document(text, size, measure, merge=not args.no_merge)):
-                blocks.append(Block(b, lang, cat, str(path), doc, i))
-                n_blocks += 1
-        inputs.append({"file": str(path), "language": lang, "category": cat, "documents": n_docs,
-                       "blocks": n_blocks})
-    return blocks, inputs, sizes
+                if args.limit and n >= args.limit:
+                    return
+                entry["blocks"] += 1
+                n += 1
+                yield Block(b, lang, cat, str(path), doc, i)
 
 
 # ------------------------------------------------------------------------------------------------ backends
@@ -406,25 +414,57 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
                               f"continue it, --overwrite to replace it, or another --out")
 
 
-def load_done(path: Path) -> dict[str, dict]:
-    """The finished blocks of an earlier run, by key. A line cut short by a crash (the last one) is dropped and the
-    file rewritten without it, so appending goes on from a clean line."""
-    if not path.is_file():
-        return {}
-    done, good, cut = {}, [], False
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            cut = True
-            continue
-        done[row["key"]] = row
-        good.append(row)
-    if cut:
-        write_jsonl(path, good)
-    return done
+def _row_key(line: bytes) -> str | None:
+    """The key of a complete blocks.jsonl line, None for a line cut short (or otherwise unreadable)."""
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("key") if isinstance(row, dict) and isinstance(row.get("key"), str) else None
+
+
+class DoneFile:
+    """``blocks.jsonl``: the finished blocks, appended one line each as they finish, indexed by key -> byte offset
+    (only the index is kept in memory; rows are read back one at a time). A last line cut short by a crash is cut off
+    on opening, so its block is generated again and appending goes on from a clean line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offsets: dict[str, int] = {}
+        self.f = path.open("a+b")
+        self.f.seek(0)
+        offset = 0
+        for line in iter(self.f.readline, b""):
+            key = _row_key(line)
+            if key is None:
+                if self.f.readline():  # more lines follow: not what a crash leaves
+                    raise DataError(path, f"at byte {offset}", None, "not a finished block's line (only the last "
+                                                                      "line may be cut short); use --overwrite")
+                self.f.truncate(offset)
+                break
+            self.offsets[key] = offset
+            offset += len(line)
+        self.f.seek(0, os.SEEK_END)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.offsets
+
+    def append(self, row: dict) -> None:
+        self.f.seek(0, os.SEEK_END)
+        self.offsets[row["key"]] = self.f.tell()
+        self.f.write((dumps(row) + "\n").encode("utf-8"))
+        self.f.flush()
+
+    def get(self, key: str) -> dict:
+        self.f.seek(self.offsets[key])
+        row = json.loads(self.f.readline())
+        self.f.seek(0, os.SEEK_END)
+        return row
+
+    def close(self) -> None:
+        self.f.close()
 
 
 def run(args) -> dict:
@@ -446,95 +486,111 @@ def run(args) -> dict:
         from ..models.loading import load_tokenizer
 
         measure = token_measure(load_tokenizer(name))
-    blocks, inputs, sizes = read_blocks(args, measure)
-    if args.limit:
-        blocks = blocks[:args.limit]
-    if not blocks:
-        raise DataError(args.input[0], "(all)", None, "no text: the inputs hold no non-empty paragraph")
+    next(iter_blocks(args, measure), None)  # bad inputs (names, formats) fail here, before a model is loaded
 
     from ..common.locks import hold, release
 
     out.mkdir(parents=True, exist_ok=True)
     hold(out, "make_qa")
+    t_gen = 0.0
     try:
         _prepare_out(out, args.resume, args.overwrite)
-        t_load = time.time()
-        if args.api_base:
-            backend = APIBackend(args.api_base, args.api_model, args.timeout, args.retries)
-        else:
-            from ..models.loading import check_model_source
-
-            check_model_source(args.model, weights=True)
-            backend = HFBackend(args.model, args.device)
-        t_load = time.time() - t_load
+        done, backend = DoneFile(out / DONE), None
         try:
-            keys = [block_key(b, settings, backend.identity) for b in blocks]
-            done = load_done(out / DONE)
-            todo = [(b, k) for b, k in zip(blocks, keys) if k not in done]
-            resumed = len(blocks) - len(todo)
-            now = {"prompt_tokens": 0, "completion_tokens": 0}
-            t_gen = time.time()
-            with (out / DONE).open("a", encoding="utf-8", newline="\n") as f, \
-                    tqdm(total=len(todo), desc=f"make_qa ({args.mode})", unit="block",
-                         disable=True if args.no_progress else None, dynamic_ncols=True) as bar:
-                def finished(row: dict) -> None:
-                    f.write(dumps(row) + "\n")
-                    f.flush()
-                    done[row["key"]] = row
-                    for k in now:
-                        now[k] += row["usage"][k]
-                    bar.update(1)
+            t_load = time.time()
+            if args.api_base:
+                backend = APIBackend(args.api_base, args.api_model, args.timeout, args.retries)
+            else:
+                from ..models.loading import check_model_source
 
+                check_model_source(args.model, weights=True)
+                backend = HFBackend(args.model, args.device)
+            t_load = time.time() - t_load
+            counts = {"read": 0, "resumed": 0, "generated": 0, "repeated": 0}
+            now = {"prompt_tokens": 0, "completion_tokens": 0}
+            keys: set[str] = set()
+
+            def todo():
+                for b in iter_blocks(args, measure):
+                    k = block_key(b, settings, backend.identity)
+                    counts["read"] += 1
+                    if k in keys:  # the same text as an earlier block: generated once (then a duplicate)
+                        counts["repeated"] += 1
+                        bar.update(1)
+                        continue
+                    keys.add(k)
+                    if k in done:
+                        counts["resumed"] += 1
+                        bar.update(1)
+                    else:
+                        yield b, k
+
+            def finished(row: dict) -> None:
+                done.append(row)
+                counts["generated"] += 1
+                for k in now:
+                    now[k] += row["usage"][k]
+                bar.update(1)
+
+            t_gen = time.time()
+            with tqdm(desc=f"make_qa ({args.mode})", unit="block", disable=True if args.no_progress else None,
+                      dynamic_ncols=True) as bar:
                 if backend.kind == "api":
                     from ..common.openai_client import run_concurrently
 
                     for _, row in run_concurrently(lambda bk: generate_block(backend, bk[0], bk[1], settings),
-                                                   todo, args.concurrency):
+                                                   todo(), args.concurrency):
                         finished(row)
                 else:
-                    for b, k in todo:
+                    for b, k in todo():
                         finished(generate_block(backend, b, k, settings))
             t_gen = time.time() - t_gen
+            if not counts["read"]:
+                raise DataError(args.input[0], "(all)", None, "no text: the inputs hold no non-empty paragraph")
+            report = _assemble(args, out, measure, done, checks, settings, backend.identity, counts, now, sample)
         finally:
-            backend.close()
-        report = _assemble(args, out, blocks, keys, done, checks, settings, backend.identity, inputs, sizes,
-                           len(todo), resumed, now, sample)
+            done.close()
+            if backend is not None:
+                backend.close()
     finally:
         release(out)
     _print_summary(report, out, {"load": t_load, "generate": t_gen, "total": time.time() - t0})
     return report
 
 
-def _assemble(args, out, blocks, keys, done, checks, settings, identity, inputs, sizes, generated, resumed, now,
-              sample) -> dict:
+def _assemble(args, out, measure, done: DoneFile, checks, settings, identity, counts, now, sample) -> dict:
+    """Judge every block's generations in input order and write records.json, rejects.jsonl and report.json."""
     rejected = {r: 0 for r in rewrite.REASONS}
     by_source: dict[str, dict] = {}
-    rejects, seen = [], set()
+    seen: set = set()
+    inputs: list[dict] = []
+    sizes: dict[str, int] = {}
     total = {"prompt_tokens": 0, "completion_tokens": 0}
     writer = JsonArrayWriter(out / RECORDS)
+    rejects = JsonLinesWriter(out / REJECTS)
     try:
-        for b, k in zip(blocks, keys):
-            row = done[k]
+        for b in iter_blocks(args, measure, inputs, sizes):
+            k = block_key(b, settings, identity)
+            row = done.get(k)
             for t in total:
                 total[t] += row["usage"][t]
             turns, reason, detail = judge(row, b, checks, seen)
-            rec_source = record_source(b, settings.mode)
-            s = by_source.setdefault(rec_source, {"blocks": 0, "written": 0, "rejected": 0})
+            s = by_source.setdefault(record_source(b, settings.mode), {"blocks": 0, "written": 0, "rejected": 0})
             s["blocks"] += 1
             if reason:
                 rejected[reason] += 1
                 s["rejected"] += 1
                 gen = {n: row[n] for n in ("question", "answer", "reply") if n in row}
-                rejects.append({"where": b.where, "key": k, "reason": reason, "detail": detail, **gen})
+                rejects.write({"where": b.where, "key": k, "reason": reason, "detail": detail, **gen})
                 continue
             writer.write(release_record(turns, b, settings.mode))
             s["written"] += 1
     except BaseException:
         writer.abort()
+        rejects.abort()
         raise
     writer.close()
-    write_jsonl(out / REJECTS, rejects)
-    written = writer.count
+    rejects.close()
     report = {
         "format_version": 1,
         "mode": settings.mode,
@@ -545,8 +601,9 @@ def _assemble(args, out, blocks, keys, done, checks, settings, identity, inputs,
             "copy_share": checks.copy_share, "embedded_sample": sample, "limit": args.limit,
         },
         "inputs": inputs,
-        "blocks": {"read": len(blocks), "generated_now": generated, "resumed": resumed},
-        ("pairs_written" if settings.mode == "qa" else "dialogues_written"): written,
+        "blocks": {"read": counts["read"], "generated_now": counts["generated"], "resumed": counts["resumed"],
+                   "repeated": counts["repeated"]},
+        ("pairs_written" if settings.mode == "qa" else "dialogues_written"): writer.count,
         "rejected": rejected,
         "rejected_total": sum(rejected.values()),
         "by_source": dict(sorted(by_source.items())),
@@ -558,14 +615,34 @@ def _assemble(args, out, blocks, keys, done, checks, settings, identity, inputs,
     return report
 
 
+class JsonLinesWriter:
+    """JSON Lines written beside the target and renamed into place on close (a crash leaves no half file)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp")
+        self.f = self.tmp.open("w", encoding="utf-8", newline="\n")
+
+    def write(self, row: dict) -> None:
+        self.f.write(dumps(row) + "\n")
+
+    def close(self) -> None:
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def _print_summary(report: dict, out: Path, t: dict) -> None:
     s, b = report["settings"], report["blocks"]
     who = s.get("model") or f"{s.get('api_model')} at {s.get('api_base')}"
     written = report.get("pairs_written", report.get("dialogues_written"))
     what = "QA pairs" if report["mode"] == "qa" else "dialogues"
     print(f"[make_qa] {b['read']} blocks from {len(report['inputs'])} file(s), mode {report['mode']}, {who} -> {out}")
-    print(f"  generated {b['generated_now']} blocks now, {b['resumed']} resumed; wrote {written} {what} to "
-          f"{out / RECORDS}")
+    print(f"  generated {b['generated_now']} blocks now, {b['resumed']} resumed, {b['repeated']} repeating an "
+          f"earlier block's text; wrote {written} {what} to {out / RECORDS}")
     reasons = {k: v for k, v in report["rejected"].items() if v}
     print(f"  rejected {report['rejected_total']}" + (f" ({', '.join(f'{k} {v}' for k, v in reasons.items())}; "
                                                       f"see {REJECTS})" if reasons else ""))
