@@ -144,8 +144,8 @@ def test_dialogues_parse_in_tag_and_label_forms():
     assert rewrite.parse_dialogue(ru, "ru")[0] == [("patient", "У меня болит голова."), ("doctor", "Как давно?")]
     # a doctor turn first and a patient left without an answer (cut at the token limit) are dropped; repeats joined
     cut = "Doctor: Hello.\nPatient: My knee hurts.\nPatient: Mostly at night.\nDoctor: Since when?\nPatient: Since"
-    assert rewrite.parse_dialogue(cut, "en")[0] == [("patient", "My knee hurts.\n\nMostly at night."),
-                                                    ("doctor", "Since when?")]
+    assert rewrite.dialogue_turns(cut, "en") == ([("patient", "My knee hurts.\n\nMostly at night."),
+                                                  ("doctor", "Since when?")], 2, None)
 
 
 def test_malformed_dialogues_are_rejected_with_a_reason():

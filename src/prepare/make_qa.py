@@ -133,8 +133,8 @@ def iter_blocks(args, measure, inputs: list[dict] | None = None, sizes: dict | N
 def _model_name(model_path) -> str:
     """A model folder inside the repository by its path from the repository root (so block keys and the report do
     not change when the checkout moves); anything else as given."""
-    try:
-        return str(Path(model_path).resolve().relative_to(ROOT))
+    try:  # abspath, not resolve: models/ may hold symlinks to folders elsewhere
+        return str(Path(os.path.abspath(model_path)).relative_to(ROOT))
     except ValueError:
         return str(model_path)
 
@@ -228,7 +228,8 @@ def block_key(block: Block, settings: Settings, identity: dict) -> str:
 
 
 def _seed(key: str, step: str) -> int:
-    return int(hashlib.sha256(f"{key}:{step}".encode()).hexdigest()[:15], 16)
+    """The sampling seed of one request: from the block's key and the step, 31 bits (what every server accepts)."""
+    return int(hashlib.sha256(f"{key}:{step}".encode()).hexdigest(), 16) % 2**31
 
 
 def generate_block(backend, block: Block, key: str, s: Settings) -> dict:
@@ -280,9 +281,10 @@ def judge(row: dict, block: Block, checks: Checks, seen: set) -> tuple[list[str]
         reply = row.get("reply") or ""
         if not reply.strip():
             return None, "empty", "no reply"
-        parsed, problem = rewrite.parse_dialogue(reply, block.language)
+        parsed, dropped, problem = rewrite.dialogue_turns(reply, block.language)
         if problem:
             return None, "unparsed_dialogue", problem
+        row["_dropped_turns"] = dropped  # read back by _assemble for the report (row is a copy read from disk)
         turns = [t for _, t in parsed]
         first, answers = turns[0], turns[1::2]
     if len(first.strip()) < checks.min_question_chars:
@@ -566,6 +568,7 @@ def _assemble(args, out, measure, done: DoneFile, checks, settings, identity, co
     inputs: list[dict] = []
     sizes: dict[str, int] = {}
     total = {"prompt_tokens": 0, "completion_tokens": 0}
+    dropped_turns = 0  # dialogues: a doctor turn before the first patient turn, an unanswered last patient turn
     writer = JsonArrayWriter(out / RECORDS)
     rejects = JsonLinesWriter(out / REJECTS)
     try:
@@ -585,6 +588,7 @@ def _assemble(args, out, measure, done: DoneFile, checks, settings, identity, co
                 continue
             writer.write(release_record(turns, b, settings.mode))
             s["written"] += 1
+            dropped_turns += row.get("_dropped_turns", 0)
     except BaseException:
         writer.abort()
         rejects.abort()
@@ -607,6 +611,7 @@ def _assemble(args, out, measure, done: DoneFile, checks, settings, identity, co
         "rejected": rejected,
         "rejected_total": sum(rejected.values()),
         "by_source": dict(sorted(by_source.items())),
+        **({"dialogue_turns_dropped": dropped_turns} if settings.mode == "dialogue" else {}),
         "tokens": {"prompt": total["prompt_tokens"], "completion": total["completion_tokens"]},
         "tokens_this_run": {"prompt": now["prompt_tokens"], "completion": now["completion_tokens"]},
         "files": {"records": RECORDS, "rejects": REJECTS, "done": DONE},

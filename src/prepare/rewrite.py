@@ -90,14 +90,14 @@ def speaker_labels(language: str) -> dict[str, list[str]]:
     return {role: list(dict.fromkeys(own[role] + en[role])) for role in ("patient", "doctor")}
 
 
-def parse_dialogue(text: str, language: str) -> tuple[list[tuple[str, str]], str | None]:
-    """Alternating (role, text) turns of a dialogue reply, starting with the patient and ending with the doctor, and
-    None; or ([], reason) when no such turns can be read.
+def dialogue_turns(text: str, language: str) -> tuple[list[tuple[str, str]], int, str | None]:
+    """Alternating (role, text) turns of a dialogue reply, starting with the patient and ending with the doctor, the
+    number of turns dropped, and None; or ([], dropped, reason) when no such turns can be read.
 
     Both the prompt's tag form (``<Patient>...</Patient> <Doctor>...</Doctor>``) and line labels (``Patient: ...``,
     ``**Doctor:** ...``, ``患者：...``) are read, in the block's language and in English. Text before the first label
     is dropped (an introduction), consecutive turns of one speaker are joined, a doctor turn before the first patient
-    turn and a patient turn left without an answer at the end are dropped (a reply cut at the token limit)."""
+    turn and a patient turn left without an answer at the end (a reply cut at the token limit) are dropped (counted)."""
     labels = speaker_labels(language)
     role_of = {lab.casefold(): role for role, labs in labels.items() for lab in labs}
     alt = "|".join(re.escape(lab) for lab in sorted(role_of, key=len, reverse=True))
@@ -106,7 +106,7 @@ def parse_dialogue(text: str, language: str) -> tuple[list[tuple[str, str]], str
     closing = re.compile(rf"<\s*/\s*(?:{alt})\s*>", re.IGNORECASE)
     marks = list(opening.finditer(text or ""))
     if not marks:
-        return [], "no patient/doctor labels found"
+        return [], 0, "no patient/doctor labels found"
     turns: list[tuple[str, str]] = []
     for m, nxt in zip(marks, marks[1:] + [None]):
         role = role_of[(m["tag"] or m["line"]).casefold()]
@@ -117,13 +117,20 @@ def parse_dialogue(text: str, language: str) -> tuple[list[tuple[str, str]], str
             turns[-1] = (role, turns[-1][1] + "\n\n" + body)
         else:
             turns.append((role, body))
+    n = len(turns)
     while turns and turns[0][0] != "patient":
         turns.pop(0)
     if turns and turns[-1][0] == "patient":
         turns.pop()
     if not turns:
-        return [], "no patient question followed by a doctor answer"
-    return turns, None
+        return [], n, "no patient question followed by a doctor answer"
+    return turns, n - len(turns), None
+
+
+def parse_dialogue(text: str, language: str) -> tuple[list[tuple[str, str]], str | None]:
+    """``dialogue_turns`` without the count: (turns, None) or ([], reason)."""
+    turns, _, problem = dialogue_turns(text, language)
+    return turns, problem
 
 
 # ------------------------------------------------------------------------------------------------ checks
