@@ -92,6 +92,23 @@ def test_a_run_in_tokens(texts, tiny_model_dir, smollm2_tokenizer, tmp_path, cap
     assert capsys.readouterr().err.splitlines()[-1].startswith("error: --tokenizer:")
 
 
+def test_the_shipped_sample_text_is_in_the_release_format():
+    from argparse import Namespace
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "assets" / "sample" / "text"
+    args = Namespace(input=[sample], language=None, category=None, text_field="text", block_size=None,
+                     no_merge=False, limit=None)
+    inputs = []
+    blocks = list(make_qa.iter_blocks(args, len, inputs))
+    assert {i["language"] for i in inputs} >= {"en", "zh", "ar", "es", "fr"}
+    for path in sample.iterdir():  # a JSON list of strings per <category>_<lang>_text.json file
+        docs = json.loads(path.read_text(encoding="utf-8"))
+        assert re.fullmatch(r"medical[A-Z][a-z]+_[a-z]{2}_text\.json", path.name) and all(isinstance(d, str) for d in docs)
+    assert all(len(b.text) <= block_size(b.language) for b in blocks)
+    assert sum(b.language == "ar" for b in blocks) >= 2  # the 128-character Arabic blocks are exercised
+
+
 # ------------------------------------------------------------------------------------------------ prompts
 def test_prompts_exist_for_the_12_major_languages_and_name_them():
     table = rewrite.prompt_table()["languages"]
