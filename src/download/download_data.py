@@ -21,7 +21,9 @@ from src.common.defaults import DEFAULT_MODEL_NAME, ROOT
 from src.download.embedded import convert_gguf
 
 ASSET_SAMPLE_DIR = ROOT / "assets" / "sample"  # shipped in the repo; step 0 copies it to data/raw/sample
-SAMPLE_FILES = ("bench_test.json", "bench_dev.json", "train.json")
+# the sample's bench and training records, and the medical text of the QA rewriting stage (scripts/make_qa.sh)
+SAMPLE_FILES = ("bench_test.json", "bench_dev.json", "train.json",
+                *sorted(f"text/{p.name}" for p in (ASSET_SAMPLE_DIR / "text").glob("*_text.json")))
 HUB_DATASET = "FreedomIntelligence/ApolloMoEDataset"
 HUB_BENCH = "FreedomIntelligence/ApolloMoEBench"
 
@@ -54,6 +56,7 @@ def install_sample(data_dir: Path, models_dir: Path) -> dict:
     copied = []
     for name in SAMPLE_FILES:
         src, dst = ASSET_SAMPLE_DIR / name, out / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
         if not dst.exists() or dst.read_bytes() != src.read_bytes():
             shutil.copyfile(src, dst)
             copied.append(name)
