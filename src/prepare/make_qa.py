@@ -470,8 +470,6 @@ class DoneFile:
 
 
 def run(args) -> dict:
-    from tqdm import tqdm
-
     t0 = time.time()
     _check_args(args)
     sample = _defaults(args)
@@ -479,73 +477,22 @@ def run(args) -> dict:
     settings = Settings(args.mode, args.temperature, args.top_p, args.seed, args.max_question_tokens,
                         args.max_new_tokens)
     checks = Checks(args.min_question_chars, args.min_answer_chars, args.min_script_share, args.copy_share)
-
-    measure = len
-    if args.block_unit == "tokens":
-        name = args.tokenizer or args.model
-        if not name:
-            raise UsageError("--tokenizer", "--block-unit tokens with --api-base needs --tokenizer (a model folder)")
-        from src.models.loading import load_tokenizer
-
-        measure = token_measure(load_tokenizer(name))
+    measure = _measure(args)
     next(iter_blocks(args, measure), None)  # bad inputs (names, formats) fail here, before a model is loaded
 
     from src.common.locks import hold, release
 
     out.mkdir(parents=True, exist_ok=True)
     hold(out, "make_qa")
-    t_gen = 0.0
     try:
         _prepare_out(out, args.resume, args.overwrite)
         done, backend = DoneFile(out / DONE), None
         try:
             t_load = time.time()
-            if args.api_base:
-                backend = APIBackend(args.api_base, args.api_model, args.timeout, args.retries)
-            else:
-                from src.models.loading import check_model_source
-
-                check_model_source(args.model, weights=True)
-                backend = HFBackend(args.model, args.device)
+            backend = _open_backend(args)
             t_load = time.time() - t_load
-            counts = {"read": 0, "resumed": 0, "generated": 0, "repeated": 0}
-            now = {"prompt_tokens": 0, "completion_tokens": 0}
-            keys: set[str] = set()
-
-            def todo():
-                for b in iter_blocks(args, measure):
-                    k = block_key(b, settings, backend.identity)
-                    counts["read"] += 1
-                    if k in keys:  # the same text as an earlier block: generated once (then a duplicate)
-                        counts["repeated"] += 1
-                        bar.update(1)
-                        continue
-                    keys.add(k)
-                    if k in done:
-                        counts["resumed"] += 1
-                        bar.update(1)
-                    else:
-                        yield b, k
-
-            def finished(row: dict) -> None:
-                done.append(row)
-                counts["generated"] += 1
-                for k in now:
-                    now[k] += row["usage"][k]
-                bar.update(1)
-
             t_gen = time.time()
-            with tqdm(desc=f"make_qa ({args.mode})", unit="block", disable=True if args.no_progress else None,
-                      dynamic_ncols=True) as bar:
-                if backend.kind == "api":
-                    from src.common.openai_client import run_concurrently
-
-                    for _, row in run_concurrently(lambda bk: generate_block(backend, bk[0], bk[1], settings),
-                                                   todo(), args.concurrency):
-                        finished(row)
-                else:
-                    for b, k in todo():
-                        finished(generate_block(backend, b, k, settings))
+            counts, now = _generate_all(args, backend, done, settings, measure)
             t_gen = time.time() - t_gen
             if not counts["read"]:
                 raise DataError(args.input[0], "(all)", None, "no text: the inputs hold no non-empty paragraph")
@@ -558,6 +505,73 @@ def run(args) -> dict:
         release(out)
     _print_summary(report, out, {"load": t_load, "generate": t_gen, "total": time.time() - t0})
     return report
+
+
+def _measure(args):
+    """How a block's size is counted: characters (the paper's unit), or tokens of --tokenizer / --model."""
+    if args.block_unit != "tokens":
+        return len
+    name = args.tokenizer or args.model
+    if not name:
+        raise UsageError("--tokenizer", "--block-unit tokens with --api-base needs --tokenizer (a model folder)")
+    from src.models.loading import load_tokenizer
+
+    return token_measure(load_tokenizer(name))
+
+
+def _open_backend(args):
+    if args.api_base:
+        return APIBackend(args.api_base, args.api_model, args.timeout, args.retries)
+    from src.models.loading import check_model_source
+
+    check_model_source(args.model, weights=True)
+    return HFBackend(args.model, args.device)
+
+
+def _generate_all(args, backend, done: DoneFile, settings, measure) -> tuple[dict, dict]:
+    """Generate every block not already in the done file (a block whose text repeats an earlier one is generated
+    once); returns the block counts and the tokens used now."""
+    from tqdm import tqdm
+
+    counts = {"read": 0, "resumed": 0, "generated": 0, "repeated": 0}
+    now = {"prompt_tokens": 0, "completion_tokens": 0}
+    keys: set[str] = set()
+    bar = tqdm(desc=f"make_qa ({args.mode})", unit="block", disable=True if args.no_progress else None,
+               dynamic_ncols=True)
+
+    def todo():
+        for b in iter_blocks(args, measure):
+            k = block_key(b, settings, backend.identity)
+            counts["read"] += 1
+            if k in keys:  # the same text as an earlier block: generated once (then judged a duplicate)
+                counts["repeated"] += 1
+            elif k in done:
+                keys.add(k)
+                counts["resumed"] += 1
+            else:
+                keys.add(k)
+                yield b, k
+                continue
+            bar.update(1)
+
+    def finished(row: dict) -> None:
+        done.append(row)
+        counts["generated"] += 1
+        for k in now:
+            now[k] += row["usage"][k]
+        bar.update(1)
+
+    with bar:
+        if backend.kind == "api":
+            from src.common.openai_client import run_concurrently
+
+            for _, row in run_concurrently(lambda bk: generate_block(backend, bk[0], bk[1], settings), todo(),
+                                           args.concurrency):
+                finished(row)
+        else:
+            for b, k in todo():
+                finished(generate_block(backend, b, k, settings))
+    return counts, now
 
 
 def _assemble(args, out, measure, done: DoneFile, checks, settings, identity, counts, now, sample) -> dict:
