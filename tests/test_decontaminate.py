@@ -161,6 +161,32 @@ def test_script_outputs(tmp_path, bench_texts):
         assert (out / name).read_bytes() == (tmp_path / "out2" / name).read_bytes(), name
 
 
+def test_raw_text_inputs_are_screened_and_written_back_in_their_format(tmp_path, bench_texts):
+    """--data medicalBook_en_text.json (a JSON list of strings) and --text SOURCE=notes.txt (blank-line separated):
+    leaked documents removed, kept ones written in the input's format, which step 2 reads back."""
+    from src.prepare.records import data_input, iter_text_file, text_input
+
+    bench = write(tmp_path / "bench.json", [{"question": q, "source": f"src{i}"} for i, q in enumerate(bench_texts)])
+    q0 = normalise(bench_texts[0])
+    docs = ["A clean paragraph about the kidney.", "Leaked:\n" + q0[:80], "Another clean one,\nover two lines."]
+    as_list = write(tmp_path / "medicalBook_en_text.json", docs)
+    txt = tmp_path / "notes.txt"
+    txt.write_text("\n\n".join(["First note.", "It says Osteoclasts are bone cells.", "Last note,\nlong."]) + "\n",
+                   encoding="utf-8")
+    out = tmp_path / "out"
+    assert dc.main(["--bench", str(bench), "--data", str(as_list), "--text", f"medicalWeb_en_text={txt}",
+                    "--out", str(out)]) == 0
+    assert json.loads((out / as_list.name).read_text(encoding="utf-8")) == [docs[0], docs[2]]
+    assert [raw for _, _, raw in iter_text_file(out / "notes.txt")] == ["First note.", "Last note,\nlong."]
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["by_source"]["medicalBook_en_text"]["removed"] == 1
+    assert report["by_source"]["medicalWeb_en_text"] == {"read": 3, "kept": 2, "removed": 1,
+                                                         "removed_share": round(1 / 3, 6)}
+    res = read_records([data_input(out / as_list.name), text_input(f"medicalWeb_en_text={out / 'notes.txt'}")],
+                       tmp_path / "r.arrow")
+    assert res.records == 4 and not res.rejects
+
+
 def test_bad_bench_item_is_one_clean_error(tmp_path, capsys):
     bench = write(tmp_path / "bench.json", [{"question": "ok", "source": "s"}, {"source": "s"}])
     data = write(tmp_path / "train.json", [record("a", "b")])

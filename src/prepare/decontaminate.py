@@ -24,7 +24,8 @@ from src.common.defaults import ROOT, SAMPLE_DIR
 from src.common.errors import DataError
 from src.common.io import dumps, iter_json_array, write_json, write_jsonl
 from src.prepare.leak_index import MIN_CHARS, BenchIndex, normalise
-from src.prepare.records import iter_file, parse_record
+from src.prepare.records import (Input, data_input, iter_file, iter_text_file, parse_document, parse_record,
+                                 text_input)
 
 DEFAULT_OUT = ROOT / "data" / "decontaminated" / "sample"
 BATCH_CHARS = 2_000_000  # characters screened per numpy pass: large enough to amortise, small enough for memory
@@ -101,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bench items (a JSON list; repeatable); default: the sample's bench_test.json and "
                         "bench_dev.json in data/raw/sample/")
     p.add_argument("--data", type=Path, action="append", default=None,
-                   help="training records (repeatable); default: data/raw/sample/train.json")
+                   help="training records (repeatable); default: data/raw/sample/train.json. As in step 2, a file "
+                        "named <category>_<lang>_text.json/.jsonl/.txt, or any .txt, is raw text")
+    p.add_argument("--text", action="append", default=None, metavar="[SOURCE=]FILE",
+                   help="raw pretraining text (repeatable), as step 2's --text: a JSON list of strings, JSON Lines "
+                        "or .txt documents separated by blank lines; kept documents are written in the same format")
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default: {DEFAULT_OUT.relative_to(ROOT)})")
     p.add_argument("--min-chars", type=int, default=MIN_CHARS,
                    help="shared consecutive characters that make a leak (default: %(default)s, the paper's)")
@@ -140,15 +145,17 @@ class Counts:
 class RecordWriter:
     """Writes kept records in their input file's format: JSON list, dict of lists, or JSON Lines (atomic rename)."""
 
-    def __init__(self, path: Path, jsonl: bool):
-        self.path, self.jsonl = path, jsonl
+    def __init__(self, path: Path, jsonl: bool, txt: bool = False):
+        self.path, self.jsonl, self.txt = path, jsonl, txt
         self.tmp = path.with_name(f".{path.name}.tmp")
         self.f = self.tmp.open("w", encoding="utf-8", newline="\n")
         self.key: str | None = None
         self.count = self.in_key = 0
 
     def write(self, key: str | None, raw) -> None:
-        if self.jsonl:
+        if self.txt:  # plain text: documents separated by a blank line, as they were read
+            self.f.write(("\n\n" if self.count else "") + raw)
+        elif self.jsonl:
             self.f.write(dumps(raw) + "\n")
         elif key is None:
             self.f.write(("[\n" if not self.count else ",\n") + dumps(raw))
@@ -161,7 +168,9 @@ class RecordWriter:
         self.count += 1
 
     def close(self, dict_format: bool) -> None:
-        if self.jsonl:
+        if self.txt:
+            self.f.write("\n" if self.count else "")
+        elif self.jsonl:
             pass
         elif self.key is not None:
             self.f.write("\n]\n}\n")
@@ -183,11 +192,16 @@ def _is_dict_file(path: Path) -> bool:
     return head.startswith("{")
 
 
-def _batches(path: Path):
-    """(index, key, raw, source, turns) of every record of a file, grouped into batches of about BATCH_CHARS."""
+def _batches(inp: Input):
+    """(index, key, raw, source, turns) of every record (or text document: one turn) of a file, grouped into
+    batches of about BATCH_CHARS."""
+    path, text = inp.path, inp.kind == "text"
     batch, chars = [], 0
-    for index, key, raw in iter_file(path):
-        source, turns = parse_record(raw, path, index, key)
+    for index, key, raw in (iter_text_file(path) if text else iter_file(path)):
+        if text:
+            source, turns = parse_document(raw, path, index, key or inp.source)
+        else:
+            source, turns = parse_record(raw, path, index, key)
         batch.append((index, key, raw, source, turns))
         chars += sum(len(t) for t in turns)
         if chars >= BATCH_CHARS:
@@ -197,11 +211,12 @@ def _batches(path: Path):
         yield batch
 
 
-def screen_file(path: Path, out_path: Path, screen: Screen, pool, leaks: list, bar, in_flight: int = 0) -> Counts:
+def screen_file(inp: Input, out_path: Path, screen: Screen, pool, leaks: list, bar, in_flight: int = 0) -> Counts:
     """Screen one file into ``out_path``; batches go to the pool (at most a few in flight) and come back in order."""
     counts = Counts()
-    dict_format = path.suffix != ".jsonl" and _is_dict_file(path)
-    writer = RecordWriter(out_path, jsonl=path.suffix == ".jsonl")
+    path = inp.path
+    dict_format = path.suffix not in (".jsonl", ".txt") and _is_dict_file(path)
+    writer = RecordWriter(out_path, jsonl=path.suffix == ".jsonl", txt=path.suffix == ".txt")
     pending: deque = deque()
 
     def drain(limit: int) -> None:
@@ -216,7 +231,7 @@ def screen_file(path: Path, out_path: Path, screen: Screen, pool, leaks: list, b
             bar.update(len(batch))
 
     try:
-        for batch in _batches(path):
+        for batch in _batches(inp):
             turns = [b[4] for b in batch]
             pending.append((batch, pool.apply_async(_work, (turns,)) if pool else screen.check(turns)))
             drain(in_flight)  # bounded: a few batches in memory whatever the file size
@@ -229,16 +244,17 @@ def screen_file(path: Path, out_path: Path, screen: Screen, pool, leaks: list, b
 
 
 def _defaults(args) -> None:
-    sample = args.data is None
+    sample = args.data is None and not args.text
     if sample or args.bench is None:
         if not (SAMPLE_DIR / "train.json").is_file():
             raise FileNotFoundError(f"{SAMPLE_DIR}: the embedded sample is not there yet; run ./0.download_data.sh "
                                     f"first or pass --bench and --data")
     if args.bench is None:
         args.bench = [SAMPLE_DIR / "bench_test.json", SAMPLE_DIR / "bench_dev.json"]
-    if sample:
+    if sample and not args.text:
         args.data = [SAMPLE_DIR / "train.json"]
     args.out = args.out or DEFAULT_OUT
+    args.inputs = [data_input(p) for p in args.data or []] + [text_input(t) for t in args.text or []]
 
 
 def run(args) -> dict:
@@ -249,16 +265,16 @@ def run(args) -> dict:
     _defaults(args)
     if args.num_proc < 1:
         raise ValueError("--num-proc must be at least 1")
-    names = [Path(p).name for p in args.data]
+    names = [inp.path.name for inp in args.inputs]
     if len(set(names)) < len(names) or {"leaks.jsonl", "report.json"} & set(names):
-        raise ValueError(f"--data file names must be distinct and not leaks.jsonl/report.json: {names}")
+        raise ValueError(f"--data/--text file names must be distinct and not leaks.jsonl/report.json: {names}")
     out = Path(args.out)
     if not args.overwrite and any((out / n).exists() for n in names + ["report.json", "leaks.jsonl"]):
         raise FileExistsError(f"{out} already holds the outputs of a run; pass --overwrite or another --out")
     out.mkdir(parents=True, exist_ok=True)
-    for p in args.data:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"{p}: file not found")
+    for inp in args.inputs:
+        if not inp.path.is_file():
+            raise FileNotFoundError(f"{inp.path}: file not found")
 
     bench = load_bench(args.bench, args.fold_case)
     screen = _WORKER = Screen(bench, args.min_chars, args.fold_case, args.min_question_chars)
@@ -269,9 +285,9 @@ def run(args) -> dict:
     pool = mp.get_context("fork").Pool(args.num_proc) if args.num_proc > 1 else None
     try:
         with tqdm(desc="screening", unit="record", disable=None) as bar:
-            for p in args.data:
-                per_file.append((Path(p), screen_file(Path(p), out / Path(p).name, screen, pool, leaks, bar,
-                                                          2 * args.num_proc if pool else 0)))
+            for inp in args.inputs:
+                per_file.append((inp.path, screen_file(inp, out / inp.path.name, screen, pool, leaks, bar,
+                                                       2 * args.num_proc if pool else 0)))
     finally:
         if pool:
             pool.close()
