@@ -138,6 +138,18 @@ def test_prompts_exist_for_the_12_major_languages_and_name_them():
     assert "formulated in Swahili" in sw and not rewrite.wording("sw")["own"]
 
 
+def test_a_reply_that_repeats_the_instruction_is_caught_but_quoting_the_text_is_not():
+    """SmolLM2 sometimes answers with its own prompt: that is a rejection (echoed_prompt), in every language's
+    wording; the block's or question's words inside the reply are not the instruction and do not count."""
+    en_answer = rewrite.answer_prompt("en", "Why measure blood pressure?", "Blood pressure is measured twice.")
+    assert rewrite.echoed_instruction(en_answer[:160], "en", "answer")
+    zh_question = rewrite.question_prompt("zh", "高血压需要长期管理。")
+    assert rewrite.echoed_instruction("好的。" + zh_question[:60], "zh", "question")
+    block = "Blood pressure should be measured on at least two separate visits before hypertension is diagnosed."
+    assert rewrite.echoed_instruction("As the guidance says: " + block, "en", "answer") is None
+    assert rewrite.echoed_instruction("Patients should measure it at home, twice a day.", "en", "dialogue") is None
+
+
 def test_echoed_tags_and_quotes_are_cleaned():
     q_en, q_zh = rewrite.wording("en")["question"], rewrite.wording("zh")["question"]
     assert rewrite.clean_reply('<question>: "What lowers blood pressure?"', q_en) == "What lowers blood pressure?"
@@ -309,8 +321,8 @@ def test_rejections_are_counted_and_the_output_goes_through_step2(texts, tiny_mo
     assert _run(*args, "--input", dup / "medicalWeb_zh_text.json", "--resume") == 0
     report = json.loads((out / "report.json").read_text())
     assert report["blocks"]["generated_now"] == 0
-    assert report["rejected"] == {"empty": 1, "too_short": 1, "unparsed_dialogue": 0, "not_in_language": 1,
-                                  "copied_question": 1, "duplicate": 1}
+    assert report["rejected"] == {"empty": 1, "too_short": 1, "unparsed_dialogue": 0, "echoed_prompt": 0,
+                                  "not_in_language": 1, "copied_question": 1, "duplicate": 1}
     assert report["pairs_written"] == 2
     assert report["by_source"]["medicalBook_zh_qa"] == {"blocks": 3, "written": 1, "rejected": 2}
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]

@@ -292,6 +292,11 @@ def judge(row: dict, block: Block, checks: Checks, seen: set) -> tuple[list[str]
     short = min(len(x.strip()) for x in answers)
     if short < checks.min_answer_chars:
         return None, "too_short", f"answer of {short} characters (< {checks.min_answer_chars})"
+    for name, text, prompt in (("question", first, "question" if row["mode"] == "qa" else "dialogue"),
+                               ("answer", "\n".join(answers), "answer" if row["mode"] == "qa" else "dialogue")):
+        echo = rewrite.echoed_instruction(text, block.language, prompt)
+        if echo:
+            return None, "echoed_prompt", f"the {name} repeats the prompt ({echo!r})"
     for name, text in (("question", first), ("answer", "\n".join(answers))):
         problem = rewrite.language_problem(text, block.text, block.language, checks.min_script_share)
         if problem:

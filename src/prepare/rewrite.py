@@ -21,7 +21,8 @@ _PLACEHOLDER = re.compile(r"\{(text|question|reference|language)\}")
 MODES = ("qa", "dialogue")
 
 # rejection reasons, in the order they are checked (report.json lists every one, zero or not)
-REASONS = ("empty", "too_short", "unparsed_dialogue", "not_in_language", "copied_question", "duplicate")
+REASONS = ("empty", "unparsed_dialogue", "too_short", "echoed_prompt", "not_in_language", "copied_question",
+           "duplicate")
 
 
 @lru_cache(maxsize=1)
@@ -183,6 +184,25 @@ def language_problem(reply: str, block: str, language: str, min_share: float = 0
 
 def normalise(text: str) -> str:
     return " ".join(text.split()).casefold()
+
+
+ECHO_CHARS = 24  # a reply holding this many characters of the instruction's own wording repeats the prompt
+
+
+def echoed_instruction(reply: str, language: str, prompt: str) -> str | None:
+    """A piece of the instruction wording of ``prompt`` ("question", "answer" or "dialogue") that the reply repeats
+    (small models often echo their prompt instead of answering it), or None. Only the fixed wording counts, never
+    the block or question put into it, so an answer that quotes the text is not caught here."""
+    reply_n = normalise(reply)
+    for piece in _PLACEHOLDER.split(render(wording(language)[prompt], language=language_name(language))):
+        for line in piece.splitlines():
+            line = normalise(line)
+            if len(line) < ECHO_CHARS or line in ("text", "question", "reference", "language"):
+                continue
+            for i in range(0, len(line) - ECHO_CHARS + 1, ECHO_CHARS // 2):
+                if line[i:i + ECHO_CHARS] in reply_n:
+                    return line[i:i + ECHO_CHARS]
+    return None
 
 
 def copied_from(question: str, block: str, share: float = 0.6, min_run: int = 12) -> bool:
