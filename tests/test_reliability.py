@@ -392,3 +392,34 @@ def test_the_lock_dies_with_its_process(tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode == -9 and (out / locks.LOCK_NAME).is_file()
     assert locks.hold(out, "next run") == out / locks.LOCK_NAME  # kill -9 leaves no stale lock
+
+
+def test_steps_1_and_2_rerun_with_the_same_settings_and_refuse_others_without_overwrite(tiny_model_dir, tmp_path,
+                                                                                      capsys):
+    """A rerun into the same --out rewrites the same files; other settings (which would replace results made
+    differently) need --overwrite, and the refusal names what changed."""
+    from src.prepare import test_dev, train_data
+
+    one = ["--model", str(tiny_model_dir), "--bench", str(SAMPLE / "bench_test.json"), "--dev",
+           str(SAMPLE / "bench_dev.json"), "--out", str(tmp_path / "s1")]
+    assert test_dev.main(one) == 0
+    first = (tmp_path / "s1" / "test.jsonl").read_bytes()
+    assert test_dev.main(one) == 0 and (tmp_path / "s1" / "test.jsonl").read_bytes() == first
+    with pytest.raises(UsageError, match=r"--out: .* step 1 outputs made with other settings \(shots: 3 -> 0\)"):
+        test_dev.main([*one, "--shots", "0"])
+    assert (tmp_path / "s1" / "test.jsonl").read_bytes() == first  # untouched
+    assert test_dev.main([*one, "--shots", "0", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "s1" / "report.json").read_text())["settings"]["shots"] == 0
+
+    two = ["--model", str(tiny_model_dir), "--data", str(SAMPLE / "train.json"), "--out", str(tmp_path / "s2"),
+           "--num-proc", "1"]
+    assert train_data.main(two) == 0
+    digest = json.loads((tmp_path / "s2" / "mixture.json").read_text())["rows_sha256"]
+    assert train_data.main(two) == 0
+    capsys.readouterr()
+    assert train_data.main([*two, "--seed", "7"]) == 2
+    assert "step 2 outputs made with other settings (seed: 42 -> 7); pass --overwrite" in capsys.readouterr().err
+    assert json.loads((tmp_path / "s2" / "mixture.json").read_text())["rows_sha256"] == digest
+    assert not (tmp_path / "s2" / ".lock").exists()  # the refusal releases the lock
+    assert train_data.main([*two, "--seed", "7", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "s2" / "mixture.json").read_text())["rows_sha256"] != digest

@@ -25,6 +25,7 @@ from src.common.chat_formats import FORMAT_NAMES, tokenizer_and_format
 from src.common.defaults import DEFAULT_MODEL, ROOT, SAMPLE_DIR
 from src.common.errors import UsageError
 from src.common.io import write_json, write_jsonl
+from src.common.rerun import check_rerun, normalised
 from src.common.languages import family_id
 from src.prepare.bench_items import BenchItem, load_bench
 from src.prepare.prompts import PAPER_MAX_CHARS, STYLES, PromptBuilder, candidate_shots
@@ -157,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev-fraction", type=float, default=0.1, help="dev share of test when no --dev is given")
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                    help="malformed items: stop with an error (default) or write them to rejects.jsonl and go on")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run in --out made with other settings (a rerun with the "
+                        "same settings needs no flag: it writes the same files)")
     return p
 
 
@@ -167,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         args.dev = SAMPLE_DIR / "bench_dev.json"
     stem = "sample" if args.bench == SAMPLE_DIR / "bench_test.json" else args.bench.stem
     out = args.out or ROOT / "data" / f"{stem}_{Path(args.model).name}"
+    settings = _settings(args)
+    check_rerun(out, "report.json", settings, args.overwrite, "step 1")
     t0 = time.time()
 
     tokenizer, fmt = tokenizer_and_format(args.model, args.format)
@@ -189,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl(out / "dev.jsonl", dev_rec)
     write_jsonl(out / "rejects.jsonl", rejects)
     report = {
+        "settings": normalised(settings),
         "bench": str(args.bench), "dev_file": str(args.dev) if args.dev else None, "model": str(args.model),
         "format": fmt.to_dict(), "prompt_style": args.prompt_style, "shots": args.shots, "shot_mode": args.shot_mode,
         "seed": args.seed, "max_tokens": args.max_tokens,
@@ -201,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out / "report.json", report)
     print_summary(args, fmt, out, report, bool(rejects), time.time() - t0)
     return 0
+
+
+def _settings(args) -> dict:
+    """What decides step 1's outputs besides the items themselves (a rerun with other settings needs --overwrite)."""
+    keys = ("bench", "dev", "model", "format", "prompt_style", "shots", "shot_mode", "seed", "max_tokens",
+            "dev_fraction", "on_error")
+    return {k: getattr(args, k) for k in keys}
 
 
 def load_items(args) -> tuple[list, list, dict, list[str], list[dict]]:

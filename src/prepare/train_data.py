@@ -32,8 +32,9 @@ import numpy as np
 
 from src.common.chat_formats import FORMAT_NAMES, ChatFormat, tokenizer_and_format
 from src.common.defaults import DEFAULT_MODEL, IGNORE_INDEX, ROOT, SAMPLE_DIR
-from src.common.errors import DataError
+from src.common.errors import DataError, UsageError
 from src.common.io import write_json, write_jsonl
+from src.common.rerun import check_rerun, normalised
 from src.common.languages import (
     PAD_LANGUAGE_ID,
     families,
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "mixture.json and listed in train_leaks.jsonl (the rule of scripts/decontaminate.sh)")
     p.add_argument("--leak-min-chars", type=int, default=64,
                    help="with --decontaminate-against: shared characters that make a leak (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run in --out made with other settings (a rerun with the "
+                        "same settings needs no flag: it writes the same files)")
     return p
 
 
@@ -142,6 +146,11 @@ def run(args) -> dict:
     from src.common.locks import hold, release
 
     hold(out, "step 2")  # one writer per --out
+    try:
+        check_rerun(out, "mixture.json", _settings(args, inputs, max_len), args.overwrite, "step 2")
+    except UsageError:
+        release(out)
+        raise
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".step2-tmp-"))
     timings = {"load tokenizer": time.time() - t0}
     ctx = Build(args, inputs, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timings)
@@ -372,12 +381,22 @@ def _totals(recs: Records, tok: Tokens, order: Order, rows: Rows, max_len: int) 
     }
 
 
+def _settings(args, inputs, max_len: int) -> dict:
+    """What decides step 2's outputs besides the inputs' contents (a rerun with other settings needs --overwrite)."""
+    return {"inputs": [[str(i.path), i.kind, i.source] for i in inputs], "model": str(args.model),
+            "format": args.format, "max_seq_len": max_len, "seed": args.seed,
+            "priorities": str(args.priorities) if args.priorities else None, "language_ids": args.language_ids,
+            "on_error": args.on_error, "decontaminate_against": [str(p) for p in args.decontaminate_against or []],
+            "leak_min_chars": args.leak_min_chars}
+
+
 def _report(ctx: Build, recs: Records, tok: Tokens, order: Order, rows: Rows) -> dict:
     """mixture.json: what went in, how it was ordered and packed, and what was left out."""
     args, read, tokenizer = ctx.args, recs.read, ctx.tokenizer
     by_source = _by_source(recs, tok, order)
     return {
         "format_version": 1,
+        "settings": normalised(_settings(args, ctx.inputs, ctx.max_len)),
         "inputs": [{"file": str(i.path), "kind": i.kind, "records_read": n}
                    for i, n in zip(ctx.inputs, read.read_per_file)],
         "model": _rel(args.model),
