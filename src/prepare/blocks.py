@@ -13,7 +13,8 @@ blocks of at most that size, at the strongest boundary available:
 
 The size depends on the language, as the Apollo paper chose it by knowledge density: 2048 for en, es, fr, hi; 256 for
 zh; 128 for ar. Languages the paper does not name get ``DEFAULT_BLOCK_SIZE`` (2048, the alphabetic scripts' value),
-except ja, written largely with the same characters as zh (256). Sizes are in characters by default; with
+except where the language's entry in ``rewrite_prompts.json`` says otherwise (ja, written largely with the same
+characters as zh: 256). Sizes are in characters by default; with
 ``unit="tokens"`` the same numbers count a tokenizer's tokens.
 """
 from __future__ import annotations
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 PAPER_BLOCK_SIZES = {"en": 2048, "es": 2048, "fr": 2048, "hi": 2048, "zh": 256, "ar": 128}
-OTHER_BLOCK_SIZES = {"ja": 256}  # our choice for a language the paper does not name
 DEFAULT_BLOCK_SIZE = 2048
 UNITS = ("chars", "tokens")
 
@@ -42,7 +42,11 @@ def block_size(language: str, override: int | None = None) -> int:
         if override < 1:
             raise ValueError(f"--block-size must be at least 1, got {override}")
         return override
-    return PAPER_BLOCK_SIZES.get(language) or OTHER_BLOCK_SIZES.get(language) or DEFAULT_BLOCK_SIZE
+    # a language the paper does not name: its entry in the rewriting prompts (ja: 256), else the default
+    from src.prepare.rewrite import prompt_table
+
+    entry = prompt_table()["languages"].get(language, {})
+    return PAPER_BLOCK_SIZES.get(language) or entry.get("block_size") or DEFAULT_BLOCK_SIZE
 
 
 def paragraphs(text: str) -> list[str]:
