@@ -16,6 +16,33 @@ SHARED = ROOT.parent / "shared" / "data" / "xmedbench"
 SAMPLE = ROOT / "assets" / "sample"
 
 
+def free_port() -> int:
+    """A free local TCP port (for a server or a rendezvous the test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(model_dir: Path, log_dir: Path, timeout: float = 240):
+    """Yield a real `transformers serve` (scripts/serve.sh) of ``model_dir`` on a free local port, one thread (two
+    wait for each other on a shared CPU); stopped, and checked stopped, when the fixture using it ends."""
+    from src.serving.launch import ROOT_SCRIPT, ServerProcess
+
+    port = free_port()
+    log = Path(log_dir) / "serve.log"
+    proc = ServerProcess(["bash", str(ROOT_SCRIPT), "--model", str(model_dir), "--port", str(port), "--engine",
+                          "transformers"], "127.0.0.1", port, log=log, env={"OMP_NUM_THREADS": "1"})
+    try:
+        proc.start(timeout=timeout)
+    except RuntimeError as e:
+        pytest.fail(f"{e}:\n{log.read_text()[-2000:]}")
+    yield proc
+    proc.stop()
+    assert proc.proc.poll() is not None
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real XMedBench slice beside the checkout (absent on a user's machine: the test is skipped)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 STEPS = 4
 
@@ -44,14 +44,6 @@ def _run_until(cmd, line_start: str, **env) -> subprocess.Popen:
             return proc
     proc.wait(timeout=60)
     raise AssertionError(f"{cmd[2]} ended ({proc.returncode}) before printing {line_start!r}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kill9(proc: subprocess.Popen) -> None:
@@ -173,7 +165,7 @@ def test_two_processes_end_like_one_a_mistake_is_one_line_and_ctrl_c_is_130(tiny
     """3.single_node_train.sh with 2 processes (src/train/launch.py): the ranks' error line once, exit code 2, no
     launcher traceback; Ctrl-C to the process group: one "interrupted" line, exit code 130."""
     script = ["bash", str(ROOT / "3.single_node_train.sh")]
-    env = _env(NUM_PROCESSES=2, MAIN_PORT=_free_port())
+    env = _env(NUM_PROCESSES=2, MAIN_PORT=free_port())
     bad = subprocess.run([*script, *_train_cmd(tiny_model_dir, tmp_path / "missing", tmp_path / "a")[3:]], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2, bad.stderr[-3000:]
@@ -183,8 +175,9 @@ def test_two_processes_end_like_one_a_mistake_is_one_line_and_ctrl_c_is_130(tiny
     assert "Traceback" not in bad.stderr and "ChildFailedError" not in bad.stderr
 
     cmd = [*script, *_train_cmd(tiny_model_dir, rows, tmp_path / "b", "--max-steps", 100000, "--save-every", 0)[3:]]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "MAIN_PORT": str(_free_port())}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "MAIN_PORT": str(free_port())}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "b" / "train_log.jsonl").exists():  # a first step done: both ranks are training

@@ -3,10 +3,10 @@ resumable), the rejection reasons, a real `transformers serve` through the HTTP 
 output unchanged."""
 import json
 import re
-import socket
 
 import pytest
 
+from conftest import free_port, serve
 from src.common.languages import major_languages
 from src.prepare import make_qa, rewrite
 from src.prepare.blocks import block_size, cut_document, split_unit, token_measure
@@ -364,27 +364,9 @@ def test_dialogue_mode_rejects_replies_that_do_not_parse(texts, tiny_model_dir, 
 
 
 # ------------------------------------------------------------------------------------------------ HTTP backend
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    from src.serving.launch import ROOT_SCRIPT, ServerProcess
-
-    port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    proc = ServerProcess(["bash", str(ROOT_SCRIPT), "--model", str(tiny_model_dir), "--port", str(port),
-                          "--engine", "transformers"], "127.0.0.1", port, log=log, env={"OMP_NUM_THREADS": "1"})
-    try:
-        proc.start(timeout=180)
-    except RuntimeError as e:
-        pytest.fail(f"{e}:\n{log.read_text()[-2000:]}")
-    yield proc
-    proc.stop()
-    assert proc.proc.poll() is not None
+    yield from serve(tiny_model_dir, tmp_path_factory.mktemp("serve"), timeout=180)
 
 
 def test_http_backend_against_transformers_serve(server, texts, tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -409,6 +391,6 @@ def test_http_backend_against_transformers_serve(server, texts, tiny_model_dir, 
     for f in out.iterdir():
         assert secret not in f.read_text()
     assert secret not in printed.out + printed.err
-    assert _run("--api-base", f"http://127.0.0.1:{_free_port()}/v1", "--api-model", "m", "--out", tmp_path / "x",
+    assert _run("--api-base", f"http://127.0.0.1:{free_port()}/v1", "--api-model", "m", "--out", tmp_path / "x",
                 "--input", texts / "medicalBook_zh_text.txt", "--retries", 0, "--timeout", 5) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith("error: --api-base:")

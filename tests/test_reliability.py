@@ -16,6 +16,12 @@ from conftest import ROOT, SAMPLE, make_tiny_llama
 from src.common.errors import DataError, UsageError
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A child of a shell's background job starts with SIGINT ignored (so Python installs no KeyboardInterrupt
+    handler); a command typed in a terminal has the default. Tests of Ctrl-C give their child the latter."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _env(**extra) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -333,7 +339,8 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_model_dir, tiny_recs, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "src.evaluate.eval", "--model", str(tiny_model_dir), "--input",
                              str(inp), "--out", str(tmp_path / "r"), "--max-new-tokens", "64", "--batch-size", "1",
                              "--min-new-tokens", "64"],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
     for line in proc.stdout:  # wait until it is predicting
         if line.startswith("[step 4]"):
             break

@@ -2,38 +2,21 @@
 in-process letters on real XMedBench items (greedy, same prompts), resumes, and refuses what the server cannot do.
 One server process (SmolLM2) is shared by the module and killed in teardown."""
 import json
-import socket
 import sys
 
 import pytest
 
+from conftest import free_port, serve
 from src.evaluate import eval as step4
 from src.evaluate.openai_backend import cut_first_line, needs_full_decode
-from src.serving.launch import ROOT_SCRIPT, ServerProcess
+from src.serving.launch import ROOT_SCRIPT
 
 N_ITEMS = 12
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(smollm2_dir, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    proc = ServerProcess(["bash", str(ROOT_SCRIPT), "--model", str(smollm2_dir), "--port", str(port),
-                          "--engine", "transformers"], "127.0.0.1", port, log=log,
-                         env={"OMP_NUM_THREADS": "1"})  # one thread: two wait for each other on a shared CPU
-    try:
-        proc.start(timeout=240)
-    except RuntimeError as e:
-        pytest.fail(f"{e}:\n{log.read_text()[-2000:]}")
-    yield proc
-    proc.stop()
-    assert proc.proc.poll() is not None
+    yield from serve(smollm2_dir, tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +124,6 @@ def test_cli_chat_through_the_server(server, smollm2_dir):
     import os
     import subprocess
 
-    from src.serving.launch import ROOT_SCRIPT
 
     root = ROOT_SCRIPT.parents[1]
     r = subprocess.run([sys.executable, "-m", "src.evaluate.cli_demo", "--api-base", server.base_url, "--model",

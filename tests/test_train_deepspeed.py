@@ -5,21 +5,16 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra) -> dict:
@@ -37,7 +32,7 @@ def _common(model, rows, out, *more) -> list[str]:
 
 def single_node(args, *, nproc=2, check=True, **env) -> subprocess.CompletedProcess:
     proc = subprocess.run(["bash", "3.single_node_train.sh", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=_env(NUM_PROCESSES=nproc, MAIN_PORT=_free_port(), **env))
+                          timeout=600, env=_env(NUM_PROCESSES=nproc, MAIN_PORT=free_port(), **env))
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -45,7 +40,7 @@ def single_node(args, *, nproc=2, check=True, **env) -> subprocess.CompletedProc
 
 def two_machines(script, args) -> list[subprocess.CompletedProcess]:
     """The multi-node script as 2 "machines" of 1 process each on this host (gloo)."""
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(["bash", script, "--machine-rank", str(r), "--main-ip", "127.0.0.1", "--main-port",
                                str(port), "--nodes", "2", "--gpus-per-node", "1", *map(str, args)], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
