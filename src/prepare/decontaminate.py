@@ -24,8 +24,7 @@ from src.common.defaults import ROOT, SAMPLE_DIR
 from src.common.errors import DataError
 from src.common.io import dumps, iter_json_array, write_json, write_jsonl
 from src.prepare.leak_index import MIN_CHARS, BenchIndex, normalise
-from src.prepare.records import (Input, data_input, iter_file, iter_text_file, parse_document, parse_record,
-                                 text_input)
+from src.prepare.records import Input, data_input, parsed_elements, text_input
 
 DEFAULT_OUT = ROOT / "data" / "decontaminated" / "sample"
 BATCH_CHARS = 2_000_000  # characters screened per numpy pass: large enough to amortise, small enough for memory
@@ -195,13 +194,10 @@ def _is_dict_file(path: Path) -> bool:
 def _batches(inp: Input):
     """(index, key, raw, source, turns) of every record (or text document: one turn) of a file, grouped into
     batches of about BATCH_CHARS."""
-    path, text = inp.path, inp.kind == "text"
     batch, chars = [], 0
-    for index, key, raw in (iter_text_file(path) if text else iter_file(path)):
-        if text:
-            source, turns = parse_document(raw, path, index, key or inp.source)
-        else:
-            source, turns = parse_record(raw, path, index, key)
+    for index, key, raw, source, turns, _, error in parsed_elements(inp):
+        if error is not None:  # a malformed record is an error here (nothing is dropped silently)
+            raise error
         batch.append((index, key, raw, source, turns))
         chars += sum(len(t) for t in turns)
         if chars >= BATCH_CHARS:

@@ -264,7 +264,7 @@ def read_records(paths: list, out_file: Path, skip_errors: bool = False, batch: 
 
         for f, inp in enumerate(inputs):
             n_read = 0
-            for index, source, turns, is_text, reject in _parsed(inp):
+            for index, _, _, source, turns, is_text, reject in parsed_elements(inp):
                 n_read += 1
                 if reject is not None:
                     if not skip_errors:
@@ -281,8 +281,10 @@ def read_records(paths: list, out_file: Path, skip_errors: bool = False, batch: 
     return res
 
 
-def _parsed(inp: Input):
-    """(index, source, turns, is_text, DataError or None) for every element of one input."""
+def parsed_elements(inp: Input):
+    """(index, dict key or None, raw element, source, turns, is_text, DataError or None) for every element of one
+    input, streamed: a training record, or a raw text document (one turn) of a text file or of a ``*_text`` key.
+    Step 2 and scripts/decontaminate.sh read their inputs through this."""
     path = inp.path
     text_file = inp.kind == "text"
     if text_file and path.suffix == ".txt" and inp.source is None:
@@ -296,6 +298,6 @@ def _parsed(inp: Input):
             else:
                 source, turns = parse_record(raw, path, index, key)
         except DataError as e:
-            yield index, None, None, is_text, e
+            yield index, key, raw, None, None, is_text, e
             continue
-        yield index, source, turns, is_text, None
+        yield index, key, raw, source, turns, is_text, None
