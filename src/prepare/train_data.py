@@ -32,7 +32,7 @@ import numpy as np
 
 from src.common.chat_formats import FORMAT_NAMES, ChatFormat, tokenizer_and_format
 from src.common.defaults import DEFAULT_MODEL, IGNORE_INDEX, ROOT, SAMPLE_DIR
-from src.common.errors import DataError, UsageError
+from src.common.errors import DataError
 from src.common.io import write_json, write_jsonl
 from src.common.rerun import check_rerun, normalised
 from src.common.languages import (
@@ -128,7 +128,6 @@ def run(args) -> dict:
     sample = args.data is None and args.text is None
     inputs = [data_input(SAMPLE)] if sample else [data_input(p) for p in args.data or []] + \
         [text_input(t) for t in args.text or []]
-    data = [i.path for i in inputs]
     if sample and not SAMPLE.is_file():
         raise FileNotFoundError(f"{SAMPLE}: the embedded sample is not there yet; run ./0.download_data.sh first "
                                 f"(it copies assets/sample/) or pass --data")
@@ -137,7 +136,7 @@ def run(args) -> dict:
         raise ValueError(f"--max-seq-len must be at least 16, got {max_len}")
     if args.num_proc < 1:
         raise ValueError("--num-proc must be at least 1")
-    out = args.out or ROOT / "data" / f"{'sample' if sample else data[0].stem}_{Path(args.model).name}"
+    out = args.out or ROOT / "data" / f"{'sample' if sample else inputs[0].path.stem}_{Path(args.model).name}"
     table = mx.PriorityTable.load(args.priorities)
 
     tokenizer, fmt = tokenizer_and_format(args.model, args.format)
@@ -146,18 +145,15 @@ def run(args) -> dict:
     from src.common.locks import hold, release
 
     hold(out, "step 2")  # one writer per --out
+    tmp = None
     try:
         check_rerun(out, "mixture.json", _settings(args, inputs, max_len), args.overwrite, "step 2")
-    except UsageError:
-        release(out)
-        raise
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".step2-tmp-"))
-    timings = {"load tokenizer": time.time() - t0}
-    ctx = Build(args, inputs, data, out, tmp, max_len, table, tokenizer, fmt, encoder, timings)
-    try:
-        report = _build(ctx)
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".step2-tmp-"))
+        timings = {"load tokenizer": time.time() - t0}
+        report = _build(Build(args, inputs, out, tmp, max_len, table, tokenizer, fmt, encoder, timings))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         release(out)
     timings["total"] = time.time() - t0
     _print_summary(report, out, timings)
@@ -170,7 +166,6 @@ class Build:
     """What every step of one step-2 run needs: the settings, the loaded tokenizer and format, where to write."""
     args: argparse.Namespace
     inputs: list[Input]  # the input files: --data ones in order, then --text ones
-    data: list[Path]  # their paths
     out: Path
     tmp: Path  # scratch folder inside out, removed at the end
     max_len: int
@@ -180,6 +175,11 @@ class Build:
     encoder: ChatEncoder
     timings: dict  # step name -> seconds, filled by lap()
     clock: float = field(default_factory=time.time)
+
+    @property
+    def data(self) -> list[Path]:
+        """The input files' paths."""
+        return [i.path for i in self.inputs]
 
     def lap(self, name: str) -> None:
         now = time.time()
