@@ -174,16 +174,31 @@ def iter_json_array(path, chunk_chars: int = 1 << 20) -> Iterator[object]:
         stream.close()
 
 
-class JsonArrayWriter:
-    """Write a JSON list element by element (the counterpart of ``iter_json_array``), atomically on close."""
+class _StreamWriter:
+    """A file written piece by piece beside its target and renamed into place on close (``abort`` drops it)."""
 
     def __init__(self, path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         self._f = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
-        self._f.write("[")
         self.count = 0
+
+    def _finish(self) -> None:
+        self._f.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._f.close()
+        Path(self._tmp).unlink(missing_ok=True)
+
+
+class JsonArrayWriter(_StreamWriter):
+    """Write a JSON list element by element (the counterpart of ``iter_json_array``), atomically on close."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self._f.write("[")
 
     def write(self, obj) -> None:
         self._f.write((",\n" if self.count else "\n") + dumps(obj))
@@ -191,12 +206,18 @@ class JsonArrayWriter:
 
     def close(self) -> None:
         self._f.write("\n]\n")
-        self._f.close()
-        os.replace(self._tmp, self.path)
+        self._finish()
 
-    def abort(self) -> None:
-        self._f.close()
-        Path(self._tmp).unlink(missing_ok=True)
+
+class JsonLinesWriter(_StreamWriter):
+    """Write JSON Lines row by row (``write_jsonl`` for rows that come one at a time), atomically on close."""
+
+    def write(self, row) -> None:
+        self._f.write(dumps(row) + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        self._finish()
 
 
 def dumps(obj) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from src.common.defaults import DEFAULT_MODEL, ROOT
 from src.common.errors import DataError, UsageError
-from src.common.io import JsonArrayWriter, dumps, iter_json_array, iter_jsonl, not_utf8, write_json
+from src.common.io import JsonArrayWriter, JsonLinesWriter, dumps, iter_json_array, iter_jsonl, not_utf8, write_json
 from src.common.languages import canonical, is_major
 from src.prepare import rewrite
 from src.prepare.blocks import UNITS, Block, block_size, cut_document, token_measure
@@ -637,26 +637,6 @@ def _assemble(args, out, measure, done: DoneFile, checks, settings, identity, co
     }
     write_json(out / REPORT, report)
     return report
-
-
-class JsonLinesWriter:
-    """JSON Lines written beside the target and renamed into place on close (a crash leaves no half file)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp")
-        self.f = self.tmp.open("w", encoding="utf-8", newline="\n")
-
-    def write(self, row: dict) -> None:
-        self.f.write(dumps(row) + "\n")
-
-    def close(self) -> None:
-        self.f.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        self.f.close()
-        self.tmp.unlink(missing_ok=True)
 
 
 def _print_summary(report: dict, out: Path, t: dict) -> None:
