@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from src.common.defaults import ROOT
+from src.common.defaults import repo_relative
 from src.common.errors import UsageError
 
 SHOWN = 3  # differing settings named in the message
@@ -28,10 +28,7 @@ def _portable(value):
     if isinstance(value, (list, tuple)):
         return [_portable(v) for v in value]
     if isinstance(value, (str, Path)) and Path(value).is_absolute():
-        try:
-            return str(Path(value).relative_to(ROOT))
-        except ValueError:
-            return str(value)
+        return repo_relative(value)
     return value
 
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from src.common.defaults import DEFAULT_MODEL, ROOT
+from src.common.defaults import DEFAULT_MODEL, ROOT, repo_relative
 from src.common.errors import DataError, UsageError
 from src.common.io import JsonArrayWriter, JsonLinesWriter, dumps, iter_json_array, iter_jsonl, not_utf8, write_json
 from src.common.languages import canonical, is_major
@@ -130,15 +130,6 @@ def iter_blocks(args, measure, inputs: list[dict] | None = None, sizes: dict | N
 
 
 # ------------------------------------------------------------------------------------------------ backends
-def _model_name(model_path) -> str:
-    """A model folder inside the repository by its path from the repository root (so block keys and the report do
-    not change when the checkout moves); anything else as given."""
-    try:  # abspath, not resolve: models/ may hold symlinks to folders elsewhere
-        return str(Path(os.path.abspath(model_path)).relative_to(ROOT))
-    except ValueError:
-        return str(model_path)
-
-
 class HFBackend:
     """In-process generation with transformers' ``generate``: one prompt at a time, sampling seeded per request from
     the block's key, so a block's text does not depend on which blocks ran before it or beside it."""
@@ -157,7 +148,7 @@ class HFBackend:
         self.model = load_model(model_path, device=dev).eval()
         self.fmt = resolve_fmt(self.tokenizer, self.model, None)
         self.stops = stop_token_ids(self.tokenizer, self.fmt, self.model)
-        self.identity = {"backend": "model", "model": _model_name(model_path)}
+        self.identity = {"backend": "model", "model": repo_relative(model_path)}
 
     def chat(self, prompt: str, *, max_tokens: int, temperature: float, top_p: float, seed: int) -> dict:
         torch = self.torch

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from src.common.chat_formats import FORMAT_NAMES, ChatFormat, tokenizer_and_format
-from src.common.defaults import DEFAULT_MODEL, IGNORE_INDEX, ROOT, SAMPLE_DIR
+from src.common.defaults import DEFAULT_MODEL, IGNORE_INDEX, ROOT, SAMPLE_DIR, repo_relative
 from src.common.errors import DataError
 from src.common.io import write_json, write_jsonl
 from src.common.rerun import check_rerun, normalised
@@ -399,7 +399,7 @@ def _report(ctx: Build, recs: Records, tok: Tokens, order: Order, rows: Rows) ->
         "settings": normalised(_settings(args, ctx.inputs, ctx.max_len)),
         "inputs": [{"file": str(i.path), "kind": i.kind, "records_read": n}
                    for i, n in zip(ctx.inputs, read.read_per_file)],
-        "model": _rel(args.model),
+        "model": repo_relative(args.model),
         "chat_format": ctx.fmt.to_dict(),
         "stop_token_id": ctx.fmt.stop_token(tokenizer),
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
@@ -416,7 +416,7 @@ def _report(ctx: Build, recs: Records, tok: Tokens, order: Order, rows: Rows) ->
                  "position_ids restart per document",
         "priority_table": {"default": str(mx.DEFAULT_PRIORITIES.relative_to(ROOT)),
                            "override": str(args.priorities) if args.priorities else None,
-                           "rules": [{k: v for k, v in r.items() if k != "origin"} | {"from": _rel(r["origin"])}
+                           "rules": [{k: v for k, v in r.items() if k != "origin"} | {"from": repo_relative(r["origin"])}
                                      for r in ctx.table.to_list()],
                            "unused_patterns": ctx.table.unused(read.sources)},
         "totals": _totals(recs, tok, order, rows, ctx.max_len),
@@ -476,14 +476,6 @@ def _decontamination(screen, leaks: list[dict]) -> dict | None:
     return {**screen.settings(), "removed": len(leaks), "file": "train_leaks.jsonl",
             "removed_by_source": _tally(leak["source"] for leak in leaks),
             "removed_by_bench_source": _tally(leak["bench_source"] for leak in leaks)}
-
-
-def _rel(path) -> str:
-    """A path relative to the repository when it is inside it (stable across checkouts), else as given."""
-    try:
-        return str(Path(path).resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
 
 
 def _tally(values) -> dict:
