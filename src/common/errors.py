@@ -15,3 +15,12 @@ class UsageError(ValueError):
     def __init__(self, flag: str, message: str):
         self.flag, self.reason = flag, message
         super().__init__(f"{flag}: {message}" if flag else message)
+
+
+def require_at_least(args, minimums: dict[str, int]) -> None:
+    """A UsageError for the first flag, in order, whose value (when given) is below its minimum:
+    ``require_at_least(args, {"--limit": 1, "--shots": 0})`` reads ``args.limit`` and ``args.shots``."""
+    for flag, least in minimums.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value < least:
+            raise UsageError(flag, f"must be at least {least}, got {value}")

@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from src.common.defaults import DEFAULT_MODEL_NAME
-from src.common.errors import DataError, UsageError
+from src.common.errors import DataError, require_at_least
 from src.common.io import dumps, iter_jsonl, write_json, write_jsonl, write_text
 
 DEFAULT_MODEL = f"models/{DEFAULT_MODEL_NAME}"  # relative to the working directory, as the scripts run from the root
@@ -185,12 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_flags(args) -> None:
     """Counts that must be positive (``--limit -1`` used to drop the last item, ``--limit 0`` to score nothing)."""
-    for name in ("limit", "limit_per_source", "batch_size", "max_new_tokens", "prefill_batch", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')}", f"must be at least 1, got {value}")
-    if args.min_new_tokens < 0:
-        raise UsageError("--min-new-tokens", f"must be at least 0, got {args.min_new_tokens}")
+    require_at_least(args, {"--limit": 1, "--limit-per-source": 1, "--batch-size": 1, "--max-new-tokens": 1,
+                            "--prefill-batch": 1, "--threads": 1, "--min-new-tokens": 0})
 
 
 def select_records(args) -> list[dict]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.common.defaults import DEFAULT_MODEL, ROOT, repo_relative
-from src.common.errors import DataError, UsageError
+from src.common.errors import DataError, UsageError, require_at_least
 from src.common.io import JsonArrayWriter, JsonLinesWriter, dumps, iter_json_array, iter_jsonl, not_utf8, write_json
 from src.common.languages import canonical, is_major
 from src.prepare import rewrite
@@ -367,12 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> None:
-    for flag, value, low in (("--concurrency", args.concurrency, 1), ("--retries", args.retries, 0),
-                             ("--max-question-tokens", args.max_question_tokens, 1),
-                             ("--max-new-tokens", args.max_new_tokens, 1), ("--limit", args.limit, 1),
-                             ("--block-size", args.block_size, 1)):
-        if value is not None and value < low:
-            raise UsageError(flag, f"must be at least {low}, got {value}")
+    require_at_least(args, {"--concurrency": 1, "--retries": 0, "--max-question-tokens": 1, "--max-new-tokens": 1,
+                            "--limit": 1, "--block-size": 1})
     if args.timeout <= 0:
         raise UsageError("--timeout", f"must be positive, got {args.timeout}")
     if args.temperature < 0:

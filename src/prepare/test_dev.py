@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from src.common.chat_formats import FORMAT_NAMES, tokenizer_and_format
 from src.common.defaults import DEFAULT_MODEL, ROOT, SAMPLE_DIR
-from src.common.errors import UsageError
+from src.common.errors import UsageError, require_at_least
 from src.common.io import write_json, write_jsonl
 from src.common.rerun import check_rerun, normalised
 from src.common.languages import family_id
@@ -128,9 +128,7 @@ def _dev_sample(test: list[BenchItem], fraction: float, seed: int) -> list[Bench
 
 
 def check_flags(args) -> None:
-    for flag, value, least in (("--shots", args.shots, 0), ("--max-tokens", args.max_tokens, 1)):
-        if value < least:
-            raise UsageError(flag, f"must be at least {least}, got {value}")
+    require_at_least(args, {"--shots": 0, "--max-tokens": 1})
     if not 0 <= args.dev_fraction <= 1:
         raise UsageError("--dev-fraction", f"must be between 0 and 1, got {args.dev_fraction}")
 
