@@ -290,9 +290,13 @@ def test_cli_writes_scores_and_resumes(tiny_model_dir, records, tmp_path, capsys
     again = _preds(out / "predictions.jsonl")
     assert [(p["id"], p["raw"], p["letter"]) for p in again] == [(p["id"], p["raw"], p["letter"]) for p in first]
 
-    # nothing left to do; the full input then continues where the limit stopped
+    # nothing left to do (run.json still names the chat format: scripts read it to score an export alike); the full
+    # input then continues where the limit stopped
+    resolved = run["settings"]["resolved_format"]
+    assert resolved
     assert step4.main(args) == 0
-    assert json.loads((out / "run.json").read_text())["predicted_now"] == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["predicted_now"] == 0 and run["settings"]["resolved_format"] == resolved
     assert step4.main(common + ["--limit-per-source", "2"]) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["items"] == 2 * len(SOURCES) and run["predicted_now"] == run["items"] - run["resumed"]

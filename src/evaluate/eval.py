@@ -262,6 +262,17 @@ def done_ids(out: Path, fps: dict, main_proc: bool) -> set:
     return done
 
 
+def format_name(args, tokenizer) -> str:
+    """The chat format the predictions use, resolved as predicting resolves it, from the model's config (an adapter
+    folder's: its base's), without loading the weights."""
+    from src.common.chat_formats import resolve_format
+    from src.models import adapter
+    from src.models.loading import load_config
+
+    path = adapter.adapter_base(args.model) if adapter.is_adapter_dir(args.model) else args.model
+    return resolve_format(tokenizer, load_config(path), args.format).name
+
+
 def load_scoring_model(args, model_path: str, dtype, device):
     from src.models.loading import load_model
 
@@ -408,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         fmt_name = predict_mine(args, mine, tokenizer, out, state, counts, batch_size, dtype, stats, fps)
     elif state.is_main_process:
         print(f"[step 4] all {len(records)} items already predicted in {out}", flush=True)
+        fmt_name = format_name(args, tokenizer)  # run.json names it on every run (scripts read it back)
     all_stats = gather_stats(stats, world)
     state.wait_for_everyone()
     if not state.is_main_process:
