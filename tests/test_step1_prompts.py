@@ -178,6 +178,20 @@ def test_english_pubmed_fallback_template():
         assert b.shot(it) == shot and b.target(it) == f"{head}\n{body}"
 
 
+def test_question_and_context_are_pasted_as_written(tmp_path):
+    """The reference formats the raw fields, so a question or context with surrounding whitespace keeps it in the
+    prompt (both styles); the item's id and the duplicate-shot check use the stripped text."""
+    padded = {"question": "  Does it work? \n", "options": "(A) yes\n(B) no", "answer": "(A)", "source": "pubmedqa",
+              "context": " We studied 40.  "}
+    (it, twin), _ = load_bench(write(tmp_path, "b.json", [padded, {**padded, "question": "Does it work?"}]))
+    assert it.question == "Does it work?" and it.raw_question == "  Does it work? \n"
+    body = "Context:  We studied 40.   \nQuestion:   Does it work? \n\nOptions:\n(A) yes\n(B) no\nAssistant:"
+    for style in ("paper", "fixed"):
+        target = PromptBuilder(RELEASE_FORMATS["qwen2"], style).target(it)
+        assert target == f"User:You are a medical doctor answering real-world medical exam questions.\n{body}"
+    assert candidate_shots(it, [it, twin], 1, 0, False) == []  # the same question once stripped: never a shot
+
+
 def test_other_chat_formats_wrap_the_same_text():
     it = _one("IgakuQA", n=5, answer="(C)")
     fmt = RELEASE_FORMATS["gemma2"]

@@ -30,7 +30,11 @@ class BenchItem:
     options: tuple[tuple[str, str], ...]  # (letter, text) in order
     answer: str  # one letter
     context: str | None
-    raw_options: str | dict  # the options exactly as given
+    # The question, context and options exactly as given: prompts paste these, as the reference does (a question
+    # with a trailing space keeps it), while ids and duplicate checks use the stripped fields above.
+    raw_question: str
+    raw_context: str | None
+    raw_options: str | dict
 
     @property
     def letters(self) -> list[str]:
@@ -114,7 +118,7 @@ def parse_item(raw, path, index: int) -> BenchItem:
         raise DataError(path, index, "context", "must be a string")
     return BenchItem(id="", index=index, source=raw["source"], language=language, question=raw["question"].strip(),
                      options=options, answer=answer, context=(context or "").strip() or None,
-                     raw_options=raw["options"])
+                     raw_question=raw["question"], raw_context=context, raw_options=raw["options"])
 
 
 def _content_id(item: BenchItem) -> str:

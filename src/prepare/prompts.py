@@ -78,8 +78,8 @@ class PromptBuilder:
         t = self.template(item)
         lines = [self.instruction(item, shot)]
         if "context" in t:  # the reference formats a missing context as empty (it crashed on a missing key)
-            lines.append(t["context"].format(context=item.context or ""))
-        lines.append(f"{t['question']} {item.question}")
+            lines.append(t["context"].format(context=item.raw_context or ""))
+        lines.append(f"{t['question']} {item.raw_question}")
         lines.append(f"{t['options']}\n{options_text(item)}")
         return "\n".join(lines)
 
