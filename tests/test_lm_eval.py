@@ -8,6 +8,7 @@ import torch
 from src.common.io import iter_jsonl
 from src.evaluate import eval as step4
 from src.prepare import test_dev
+from tests.conftest import SAMPLE
 from util import export_lm_eval
 
 PER_SOURCE = 3
@@ -15,12 +16,12 @@ SOURCES = ("mmlu-medical", "cmexam", "medqa-mcmle", "headqa", "frenchmedmcqa", "
            "KorMedMCQA")  # 7 languages
 
 
-def _pick(raw: list[dict]) -> list[dict]:
+def _pick(raw: list[dict], sources, per_source: int) -> list[dict]:
     """The shortest items of each source (short prompts keep both scorers' runs short on a CPU)."""
     out = []
-    for source in SOURCES:
+    for source in sources:
         items = [it for it in raw if it["source"] == source]
-        out += sorted(items, key=lambda it: len(it["question"]) + len(it["options"]))[:PER_SOURCE]
+        out += sorted(items, key=lambda it: len(it["question"]) + len(it["options"]))[:per_source]
     return out
 
 
@@ -44,18 +45,35 @@ def test_export_writes_one_task_per_language_and_a_group(tmp_path):
 
 
 def test_lm_eval_chooses_our_loglik_letters(shared_data, smollm2_dir, tmp_path):
+    """On real items (3 of each of 8 sources, 7 languages)."""
+    raw = json.loads((shared_data / "bench_test.json").read_text(encoding="utf-8"))
+    _check_agreement(_pick(raw, SOURCES, PER_SOURCE), smollm2_dir, tmp_path, min_items=24, min_languages=6)
+
+
+def test_lm_eval_agrees_on_the_embedded_sample(smollm2_dir, tmp_path):
+    """On the shipped sample (one item of each of its 17 sources, 14 languages, a shot from its dev file): checked
+    also where ../shared is absent, and in the languages ../shared lacks."""
+    raw = json.loads((SAMPLE / "bench_test.json").read_text(encoding="utf-8"))
+    sources = sorted({it["source"] for it in raw})
+    _check_agreement(_pick(raw, sources, 1), smollm2_dir, tmp_path, min_items=17, min_languages=14,
+                     dev=SAMPLE / "bench_dev.json")
+
+
+def _check_agreement(picked: list[dict], smollm2_dir, tmp_path, min_items: int, min_languages: int,
+                     dev=None) -> None:
+    """Step 1 (paper style, 1 shot, from ``dev`` or else the other picked items of the source) on ``picked``; step 4 --mode loglik and lm-eval on the exported task folder
+    must choose the same letter, with log-likelihoods within 2e-3, and give the same per-language accuracy."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    raw = json.loads((shared_data / "bench_test.json").read_text(encoding="utf-8"))
     bench = tmp_path / "bench.json"
-    bench.write_text(json.dumps(_pick(raw), ensure_ascii=False), encoding="utf-8")
+    bench.write_text(json.dumps(picked, ensure_ascii=False), encoding="utf-8")
     data = tmp_path / "step1"
-    # Shots from the other picked items of the same source (no --dev): short exemplars keep the run short.
+    # Without a dev file the shots are the other picked items of the source: short exemplars keep the run short.
     assert test_dev.main(["--bench", str(bench), "--model", str(smollm2_dir), "--out", str(data), "--shots", "1",
-                          "--prompt-style", "paper"]) == 0
+                          "--prompt-style", "paper"] + (["--dev", str(dev)] if dev else [])) == 0
     records = list(iter_jsonl(data / "test.jsonl"))
-    assert len(records) >= 24 and len({r["language"] for r in records}) >= 6
+    assert len(records) >= min_items and len({r["language"] for r in records}) >= min_languages
 
     out = tmp_path / "ours"
     assert step4.main(["--model", str(smollm2_dir), "--input", str(data / "test.jsonl"), "--out", str(out),
