@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from src.common import cli
 from src.common.io import iter_jsonl
 from src.prepare import decontaminate as dc
 from src.prepare.leak_index import BenchIndex, normalise
@@ -154,7 +155,7 @@ def test_script_outputs(tmp_path, bench_texts):
     # the kept records go through step 2's reader unchanged; an earlier run is not overwritten
     res = read_records([out / "train.json", out / "more.jsonl", out / "dict.json"], tmp_path / "r.arrow")
     assert res.records == 5 and not res.rejects
-    assert dc.main(argv) == 1
+    assert cli.run(dc.main, argv) == 2
     # the same inputs give the same outputs, with several processes too
     assert dc.main(argv[:-1] + [str(tmp_path / "out2"), "--num-proc", "2"]) == 0
     for name in ("train.json", "more.jsonl", "dict.json", "leaks.jsonl", "report.json"):
@@ -190,7 +191,7 @@ def test_raw_text_inputs_are_screened_and_written_back_in_their_format(tmp_path,
 def test_bad_bench_item_is_one_clean_error(tmp_path, capsys):
     bench = write(tmp_path / "bench.json", [{"question": "ok", "source": "s"}, {"source": "s"}])
     data = write(tmp_path / "train.json", [record("a", "b")])
-    assert dc.main(["--bench", str(bench), "--data", str(data), "--out", str(tmp_path / "o")]) == 1
+    assert cli.run(dc.main, ["--bench", str(bench), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     assert "bench.json: record 1, field 'question'" in capsys.readouterr().err
 
 

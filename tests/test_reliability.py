@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from conftest import ROOT, SAMPLE, make_tiny_llama
+from src.common import cli
 from src.common.errors import DataError, UsageError
 
 
@@ -105,8 +106,8 @@ def test_step2_fails_when_every_answer_is_truncated_away(smollm2_dir, tmp_path, 
     from src.prepare import train_data
 
     out = tmp_path / "o"
-    code = train_data.main(["--data", str(SAMPLE / "train.json"), "--model", str(smollm2_dir), "--out", str(out),
-                            "--max-seq-len", "32"])
+    code = cli.run(train_data.main, ["--data", str(SAMPLE / "train.json"), "--model", str(smollm2_dir), "--out",
+                                     str(out), "--max-seq-len", "32"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and not (out / "train").exists()
     assert err.startswith("error: no training row has a loss token: ")
@@ -260,7 +261,6 @@ def test_a_bad_record_is_one_line_and_debug_shows_the_traceback(tiny_model_dir, 
 
 
 def test_flag_parse_errors_and_interrupts_are_one_line(capsys):
-    from src.common import cli
     from src.prepare import test_dev
 
     assert cli.run(test_dev.main, ["--shots", "x"]) == 2
@@ -384,8 +384,8 @@ def test_a_second_writer_of_one_out_is_refused(other_writer, tiny_model_dir, smo
     with pytest.raises(UsageError, match=rf"--out: {out} is being written by another process \(step 4, pid {pid},"):
         step4.main(["--model", str(tiny_model_dir), "--input", str(inp), "--out", str(out), "--no-progress"])
     assert not (out / "predictions.jsonl").exists()
-    assert train_data.main(["--data", str(SAMPLE / "train.json"), "--model", str(smollm2_dir), "--out",
-                            str(out)]) == 2
+    with pytest.raises(UsageError, match=rf"--out: {out} is being written by another process \(step 4, pid {pid},"):
+        train_data.main(["--data", str(SAMPLE / "train.json"), "--model", str(smollm2_dir), "--out", str(out)])
     r = _run("src.train.train", "--model", tiny_model_dir, "--train", tmp_path / "rows", "--out", out)
     assert r.returncode == 2 and _last_line_only(r).startswith(f"error: --out: {out} is being written by another")
 
@@ -424,7 +424,7 @@ def test_steps_1_and_2_rerun_with_the_same_settings_and_refuse_others_without_ov
     digest = json.loads((tmp_path / "s2" / "mixture.json").read_text())["rows_sha256"]
     assert train_data.main(two) == 0
     capsys.readouterr()
-    assert train_data.main([*two, "--seed", "7"]) == 2
+    assert cli.run(train_data.main, [*two, "--seed", "7"]) == 2
     assert "step 2 outputs made with other settings (seed: 42 -> 7); pass --overwrite" in capsys.readouterr().err
     assert json.loads((tmp_path / "s2" / "mixture.json").read_text())["rows_sha256"] == digest
     assert not (tmp_path / "s2" / ".lock").exists()  # the refusal releases the lock

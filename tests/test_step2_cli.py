@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from src.common import cli
 from src.common.chat_formats import resolve_format
 from src.common.languages import family_id, language_id, parse_train_source
 from src.prepare import train_data
@@ -16,7 +17,7 @@ COLUMNS = ["input_ids", "labels", "position_ids", "language_ids"]
 
 
 def run(*args):
-    return train_data.main([str(a) for a in args])
+    return cli.run(train_data.main, [str(a) for a in args])
 
 
 def load_rows(out):

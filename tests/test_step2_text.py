@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from src.common import cli
 from src.common.chat_formats import adds_bos, resolve_format
 from src.prepare import train_data
 from src.prepare.tokenize_chat import ChatEncoder, text_framing
@@ -25,7 +26,7 @@ ZH_DOCS = ["糖尿病是一种代谢性疾病。", "高血压会增加中风的�
 
 
 def run(*args):
-    return train_data.main([str(a) for a in args])
+    return cli.run(train_data.main, [str(a) for a in args])
 
 
 def documents(out):

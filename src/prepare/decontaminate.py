@@ -336,14 +336,12 @@ def _print_summary(report: dict, out: Path, t_index: float, total: float) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    """Errors are raised; ``cli.run`` (below) turns them into one line and an exit code, as for every step."""
+    run(build_parser().parse_args(argv))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from src.common import cli
+
+    sys.exit(cli.run(main))

@@ -32,7 +32,6 @@ import numpy as np
 
 from src.common.chat_formats import FORMAT_NAMES, ChatFormat, tokenizer_and_format
 from src.common.defaults import DEFAULT_MODEL, IGNORE_INDEX, ROOT, SAMPLE_DIR, repo_relative
-from src.common.errors import DataError
 from src.common.io import write_json, write_jsonl
 from src.common.rerun import check_rerun, normalised
 from src.common.languages import (
@@ -522,14 +521,9 @@ def _print_summary(report: dict, out: Path, timings: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except (DataError, ValueError, FileNotFoundError) as e:
-        from src.common import cli
-
-        return cli.report(e)
-    return 0 if report else 1
+    """Errors are raised; ``cli.run`` (below) turns them into one line and an exit code, as for every step."""
+    run(build_parser().parse_args(argv))
+    return 0
 
 
 if __name__ == "__main__":
