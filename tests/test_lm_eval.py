@@ -16,46 +16,65 @@ SOURCES = ("mmlu-medical", "cmexam", "medqa-mcmle", "headqa", "frenchmedmcqa", "
            "KorMedMCQA")  # 7 languages
 
 
-def _pick(raw: list[dict], sources, per_source: int) -> list[dict]:
-    """The shortest items of each source (short prompts keep both scorers' runs short on a CPU)."""
+def _pick(raw: list[dict], counts: dict[str, int]) -> list[dict]:
+    """The shortest ``counts[source]`` items of each source (short prompts keep both scorers' runs short on a CPU)."""
     out = []
-    for source in sources:
+    for source, n in counts.items():
         items = [it for it in raw if it["source"] == source]
-        out += sorted(items, key=lambda it: len(it["question"]) + len(it["options"]))[:per_source]
+        out += sorted(items, key=lambda it: len(it["question"]) + len(it["options"]))[:n]
     return out
 
 
-def test_export_writes_one_task_per_language_and_a_group(tmp_path):
-    recs = [{"id": f"x{i}", "source": "headqa", "language": lang, "prompt": "P", "answer": "B", "letters": ["A", "B"],
-             "answer_phrase": "La respuesta correcta es "} for i, lang in enumerate(["es", "es", "ar"])]
+def test_export_one_row_per_language_scored_as_the_collector_does(tmp_path):
+    """A pooled ('micro') or single-source language is one task; a multi-source 'macro' language (en, zh) is a group
+    over one task per source, averaged unweighted; the group xmedbench pools every item."""
+    rows = [("headqa", "es"), ("headqa", "es"), ("mmlu-medical-ar", "ar"), ("medqa-usmle", "en"),
+            ("medqa-usmle", "en"), ("mmlu-medical", "en"), ("MMLU_anatomy_de", "de"), ("MMLU_college_medicine_de", "de")]
+    recs = [{"id": f"x{i}", "source": src, "language": lang, "prompt": "P", "answer": "B", "letters": ["A", "B"],
+             "answer_phrase": "The correct answer is "} for i, (src, lang) in enumerate(rows)]
     inp = tmp_path / "test.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     rep = export_lm_eval.export(inp, tmp_path / "tasks")
-    assert rep["tasks"] == ["xmedbench_ar", "xmedbench_es"] and rep["by_language"] == {"ar": 1, "es": 2}
-    group = json.loads((tmp_path / "tasks" / "xmedbench.yaml").read_text())
-    assert group["group"] == "xmedbench" and group["task"] == rep["tasks"]
+    assert rep["by_language"] == {"ar": 1, "de": 2, "en": 3, "es": 2}
+    assert rep["tasks"] == ["xmedbench_ar", "xmedbench_de", "xmedbench_en_medqa-usmle", "xmedbench_en_mmlu-medical",
+                            "xmedbench_es"]
+    assert rep["language_rows"] == ["xmedbench_ar", "xmedbench_de", "xmedbench_en", "xmedbench_es"]
+
+    def config(name):
+        return json.loads((tmp_path / "tasks" / f"{name}.yaml").read_text())
+
+    en, top = config("xmedbench_en"), config("xmedbench")
+    assert en["task"] == ["xmedbench_en_medqa-usmle", "xmedbench_en_mmlu-medical"]
+    assert en["aggregate_metric_list"][0]["weight_by_size"] is False  # mean of source accuracies
+    assert top["task"] == rep["language_rows"] and top["aggregate_metric_list"][0]["weight_by_size"] is True
+    assert [d["id"] for d in iter_jsonl(tmp_path / "tasks" / "data" / "de.jsonl")] == ["x6", "x7"]  # pooled
     (doc,) = iter_jsonl(tmp_path / "tasks" / "data" / "ar.jsonl")
-    assert doc["query"] == "PLa respuesta correcta es (" and doc["choices"] == ["A", "B"] and doc["gold"] == 1
+    assert doc["query"] == "PThe correct answer is (" and doc["choices"] == ["A", "B"] and doc["gold"] == 1
     with pytest.raises(SystemExit, match="already holds"):
         export_lm_eval.export(inp, tmp_path / "tasks")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({**recs[0], "answer": "C"}) + "\n", encoding="utf-8")
     with pytest.raises(Exception, match="bad.jsonl.*record 1.*answer"):
         export_lm_eval.export(bad, tmp_path / "t2")
+    bad.write_text(json.dumps({**recs[0], "language": "xx"}) + "\n", encoding="utf-8")
+    with pytest.raises(Exception, match="bad.jsonl.*record 1.*language.*unknown language code 'xx'"):
+        export_lm_eval.export(bad, tmp_path / "t3")
 
 
 def test_lm_eval_chooses_our_loglik_letters(shared_data, smollm2_dir, tmp_path):
     """On real items (3 of each of 8 sources, 7 languages)."""
     raw = json.loads((shared_data / "bench_test.json").read_text(encoding="utf-8"))
-    _check_agreement(_pick(raw, SOURCES, PER_SOURCE), smollm2_dir, tmp_path, min_items=24, min_languages=6)
+    _check_agreement(_pick(raw, dict.fromkeys(SOURCES, PER_SOURCE)), smollm2_dir, tmp_path, min_items=24,
+                     min_languages=6)
 
 
 def test_lm_eval_agrees_on_the_embedded_sample(smollm2_dir, tmp_path):
-    """On the shipped sample (one item of each of its 17 sources, 14 languages, a shot from its dev file): checked
-    also where ../shared is absent, and in the languages ../shared lacks."""
+    """On the shipped sample (the shortest item of each of its 17 sources, two of medqa-usmle, 14 languages, a shot
+    from its dev file): checked also where ../shared is absent, and in the languages ../shared lacks; English's row
+    (sources of 2, 1 and 1 items) is the mean of its source accuracies, not the pooled share."""
     raw = json.loads((SAMPLE / "bench_test.json").read_text(encoding="utf-8"))
-    sources = sorted({it["source"] for it in raw})
-    _check_agreement(_pick(raw, sources, 1), smollm2_dir, tmp_path, min_items=17, min_languages=14,
+    counts = {**dict.fromkeys(sorted({it["source"] for it in raw}), 1), "medqa-usmle": 2}  # en: sources of 2, 1, 1
+    _check_agreement(_pick(raw, counts), smollm2_dir, tmp_path, min_items=18, min_languages=14,
                      dev=SAMPLE / "bench_dev.json")
 
 
@@ -81,7 +100,7 @@ def _check_agreement(picked: list[dict], smollm2_dir, tmp_path, min_items: int, 
     ours = {p["id"]: p for p in iter_jsonl(out / "predictions.jsonl")}
 
     tasks = tmp_path / "tasks"
-    export_lm_eval.export(data / "test.jsonl", tasks)
+    rep = export_lm_eval.export(data / "test.jsonl", tasks)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster than two contending ones
     try:
@@ -107,8 +126,9 @@ def _check_agreement(picked: list[dict], smollm2_dir, tmp_path, min_items: int, 
             differ.append(f"{item_id}: lm-eval {letter} {ll}, ours {pred['letter']} {pred['scores']}")
     print(f"{len(ours)} items, {len(differ)} differ")
     assert not differ, "\n".join(differ)
-    accs = {t: r["acc,none"] for t, r in res["results"].items() if t != "xmedbench"}
-    for task, acc in accs.items():
-        lang = task.removeprefix("xmedbench_")
-        mine = [p["correct"] for p in ours.values() if p["language"] == lang]
-        assert acc == pytest.approx(sum(mine) / len(mine))
+    # Every language row is the language's score in step 4's score.json, and xmedbench its item accuracy.
+    score = json.loads((out / "score.json").read_text(encoding="utf-8"))
+    for row in rep["language_rows"]:
+        lang = row.removeprefix("xmedbench_")
+        assert res["results"][row]["acc,none"] == pytest.approx(score["languages"][lang]["accuracy"], abs=1e-6), row
+    assert res["results"]["xmedbench"]["acc,none"] == pytest.approx(score["accuracy_items"], abs=1e-6)

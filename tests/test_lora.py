@@ -12,6 +12,7 @@ import torch
 from test_train_deepspeed import _common, _env, dev_file, losses, rows_dir, single_node  # noqa: F401 (fixtures)
 
 from conftest import make_tiny_llama
+from src.common import cli
 from src.models import moe
 from src.models.adapter import adapter_base, is_adapter_dir
 from src.models.loading import load_model, load_tokenizer
@@ -159,7 +160,7 @@ def test_adapter_folder_loads_merged_with_the_adapter_logits(kind, base_dir, moe
         reloaded = load_model(out)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
-    assert merge_lora.main(["--adapter", str(adapter), "--out", str(out)]) == 2  # no silent overwrite
+    assert cli.run(merge_lora.main, ["--adapter", str(adapter), "--out", str(out)]) == 2  # no silent overwrite
     assert "is not empty" in capsys.readouterr().err
 
 

@@ -3,12 +3,22 @@
     python -m util.export_lm_eval --input data/<exp>/test.jsonl --out DIR [--overwrite]
     lm_eval --include_path DIR --tasks xmedbench --model hf --model_args pretrained=MODEL --num_fewshot 0
 
-Writes one task per language, ``xmedbench_<lang>`` (``DIR/xmedbench_<lang>.yaml`` and its local data file
-``DIR/data/<lang>.jsonl``), and the group ``xmedbench`` over them (``DIR/xmedbench.yaml``, accuracy averaged over
-items). Each task is multiple choice over the item's own letters: the context is step 1's prompt (shots included,
-so the harness adds none: ``--num_fewshot 0``) + the answer phrase + ``(``, and each choice is one letter with no
-delimiter, which is how step 4's ``--mode loglik`` scores (the harness's ``acc`` is then our letter's accuracy).
-The YAML files name their data files by absolute path, so the folder is meant to stay where it was written.
+Each language's row, ``xmedbench_<lang>``, is computed the way the reference's collector computes that language
+(``src.common.languages.score_method``), so it is the number step 4's score.json gives it:
+
+* a language scored by pooled counts (de, fr, it, pt) or with a single source is one task over all its items
+  (``DIR/xmedbench_<lang>.yaml``, data in ``DIR/data/<lang>.jsonl``);
+* a language scored as the mean of its source accuracies (en, zh) with several sources is a group over one task per
+  source (``xmedbench_<lang>_<source>``), averaged unweighted.
+
+The group ``xmedbench`` runs them all; its ``acc`` is the share of all items answered correctly (score.json's
+``accuracy_items``). The paper's "Major" (the unweighted mean of the 12 languages) is not a harness aggregate: the
+harness averages a group over its leaf tasks, not its subgroups; take the mean of the language rows.
+
+Each task is multiple choice over the item's own letters: the context is step 1's prompt (shots included, so the
+harness adds none: ``--num_fewshot 0``) + the answer phrase + ``(``, and each choice is one letter with no delimiter,
+which is how step 4's ``--mode loglik`` scores (the harness's ``acc`` is then our letter's accuracy). The YAML files
+name their data files by absolute path, so the folder is meant to stay where it was written.
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ from pathlib import Path
 
 from src.common.errors import DataError
 from src.common.io import iter_jsonl, write_jsonl
+from src.common.languages import score_method
 
 GROUP = "xmedbench"
 REQUIRED = ("id", "source", "language", "prompt", "answer", "letters")
@@ -30,6 +41,10 @@ def doc_of(rec: dict, path: Path, line: int) -> dict:
     for f in REQUIRED:
         if rec.get(f) in (None, "", []):
             raise DataError(path, line, f, "missing (is this a step 1 test.jsonl/dev.jsonl?)")
+    try:
+        score_method(rec["language"])
+    except ValueError as e:
+        raise DataError(path, line, "language", str(e)) from None
     if rec["answer"] not in rec["letters"]:
         raise DataError(path, line, "answer", f"{rec['answer']!r} is not one of the letters {rec['letters']}")
     return {"id": rec["id"], "source": rec["source"], "language": rec["language"],
@@ -49,35 +64,51 @@ def task_yaml(name: str, data_file: Path) -> str:
     return json.dumps(config, ensure_ascii=False, indent=1) + "\n"
 
 
-def group_yaml(tasks: list[str]) -> str:
-    config = {"group": GROUP, "task": tasks,
-              "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}],
+def group_yaml(name: str, tasks: list[str], weight_by_size: bool) -> str:
+    """A group's accuracy: pooled over its items (``weight_by_size``) or the unweighted mean of its tasks."""
+    config = {"group": name, "task": tasks,
+              "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": weight_by_size}],
               "metadata": {"version": 1.0}}
     return json.dumps(config, indent=1) + "\n"
 
 
 def export(input_path: Path, out: Path, overwrite: bool = False) -> dict:
-    """Write the task folder; returns the report (items per language, tasks)."""
+    """Write the task folder; returns the report (items per language, tasks, groups)."""
     if not input_path.is_file():
         raise FileNotFoundError(f"{input_path}: input not found (make it with 1.data_process_test_dev.sh)")
     if (out / f"{GROUP}.yaml").exists() and not overwrite:
         raise SystemExit(f"{out} already holds an exported task folder; use --overwrite or another --out")
-    by_lang: dict[str, list[dict]] = defaultdict(list)
+    by_lang: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))  # language -> source -> docs
     for n, rec in enumerate(iter_jsonl(input_path), 1):
-        by_lang[rec.get("language") or ""].append(doc_of(rec, input_path, n))
+        doc = doc_of(rec, input_path, n)
+        by_lang[doc["language"]][doc["source"]].append(doc)
     if not by_lang:
         raise SystemExit(f"{input_path}: no records")
     data_dir = (out / "data").resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    tasks = []
+
+    def write_task(name: str, stem: str, docs: list[dict]) -> str:
+        write_jsonl(data_dir / f"{stem}.jsonl", docs)
+        (out / f"{name}.yaml").write_text(task_yaml(name, data_dir / f"{stem}.jsonl"), encoding="utf-8")
+        return name
+
+    tasks, groups, rows = [], {}, []
     for lang in sorted(by_lang):
-        name = f"{GROUP}_{lang}"
-        write_jsonl(data_dir / f"{lang}.jsonl", by_lang[lang])
-        (out / f"{name}.yaml").write_text(task_yaml(name, data_dir / f"{lang}.jsonl"), encoding="utf-8")
-        tasks.append(name)
-    (out / f"{GROUP}.yaml").write_text(group_yaml(tasks), encoding="utf-8")
-    return {"input": str(input_path), "out": str(out), "items": sum(len(v) for v in by_lang.values()),
-            "by_language": {lang: len(v) for lang, v in sorted(by_lang.items())}, "tasks": tasks}
+        sources, row = by_lang[lang], f"{GROUP}_{lang}"
+        if score_method(lang) == "macro" and len(sources) > 1:  # the mean of its source accuracies
+            members = [write_task(f"{row}_{src}", f"{lang}_{src}", docs) for src, docs in sorted(sources.items())]
+            (out / f"{row}.yaml").write_text(group_yaml(row, members, weight_by_size=False), encoding="utf-8")
+            tasks += members
+            groups[row] = members
+        else:  # pooled counts (or a single source)
+            tasks.append(write_task(row, lang, [d for docs in sources.values() for d in docs]))
+        rows.append(row)
+    (out / f"{GROUP}.yaml").write_text(group_yaml(GROUP, rows, weight_by_size=True), encoding="utf-8")
+    groups[GROUP] = rows
+    return {"input": str(input_path), "out": str(out),
+            "items": sum(len(docs) for sources in by_lang.values() for docs in sources.values()),
+            "by_language": {lang: sum(len(d) for d in sources.values()) for lang, sources in sorted(by_lang.items())},
+            "tasks": tasks, "groups": groups, "language_rows": rows}
 
 
 def main(argv=None) -> int:
@@ -88,6 +119,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     report = export(args.input, args.out, args.overwrite)
     print(f"[export_lm_eval] read {report['items']} records from {args.input}, wrote {len(report['tasks'])} tasks "
+          f"and {len(report['groups'])} groups: one row per language "
           f"({', '.join(f'{k} {v}' for k, v in report['by_language'].items())}) and the group '{GROUP}' -> {args.out}")
     print(f"  run: lm_eval --include_path {args.out} --tasks {GROUP} --model hf --model_args pretrained=MODEL "
           f"--num_fewshot 0")
@@ -95,4 +127,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from src.common import cli
+
+    sys.exit(cli.run(main))

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from src.common.errors import UsageError
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m util.merge_lora", description=__doc__.split("\n")[0])
@@ -48,16 +50,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
-        print(f"[merge_lora] {out} is not empty (pass --overwrite to write into it)", file=sys.stderr)
-        return 2
-    try:
-        merge(args.adapter, out, getattr(torch, args.dtype))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"[merge_lora] {e}", file=sys.stderr)
-        return 2
+        raise UsageError("--out", f"{out} is not empty (pass --overwrite to write into it)")
+    merge(args.adapter, out, getattr(torch, args.dtype))
     print(f"[merge_lora] merged {args.adapter} into {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from src.common import cli
+
+    sys.exit(cli.run(main))
