@@ -189,6 +189,11 @@ def test_language_and_copy_checks():
     block = ZH_SENT * 3
     assert rewrite.language_problem("这是一个关于高血压的问题吗？", block, "zh") is None
     assert "CJK" in rewrite.language_problem("What is the risk of stroke?", block, "zh")
+    # ja and zh share CJK characters: kana tell them apart
+    ja = "高血圧は脳卒中のリスクを高めますか？"
+    assert rewrite.language_problem(ja, block, "ja") is None
+    assert "reads as ja" in rewrite.language_problem(ja, block, "zh")
+    assert "reads as zh (0% of its letters are kana)" in rewrite.language_problem("这是一个关于高血压的问题吗？", block, "ja")
     en_block = EN_SENT * 3
     assert rewrite.language_problem("The heart pumps blood to the body and the brain.", en_block, "en") is None
     assert "reads as es" in rewrite.language_problem(
