@@ -94,7 +94,7 @@ TABLE = [
     ("ar", "(A) و (ب)", ABCD, "A", "bracketed+arabic", True),
     ("ar", "(ب) (B) (C)", ABCD, "B", "bracketed+arabic", False),
     ("ar", "الإجابة (هـ)", ABCDE, "E", "arabic", False),
-    ("ar", "الإجابة (هـ)", ABCD, None, "none", False),
+    ("ar", "الإجابة (هـ)", ABCD, "E", "out_of_range", False),  # E is no option here: an explicit wrong answer
     ("ar", "الإجابة الصحيحة هي (ج)\n(أ)", ABCD, "C", "arabic", False),
 ]
 
@@ -148,6 +148,15 @@ NEW_RULES = [
     ("ar", "(ز)", "ABCDEFG", "G", "arabic", False),
     ("ar", "(ح)", A_TO_H, "H", "arabic", False),
     ("ar", "(ب)الإجابة الصحيحة هي.", ABCD, "B", "arabic", False),  # the paper-style Arabic answer
+    # out of range: capitals and the option alphabet a-h only; Arabic letters of options the item lacks
+    ("en", "Most symptom(s) resolve: A", ABCD, "A", "loose", False),  # "(s)" is no answer
+    ("en", "see (i) and (ii) above: B", ABCD, "B", "loose", False),
+    ("en", "The answer is (S).", ABCD, "S", "out_of_range", False),
+    ("en", "The answer is (h).", ABCDE, "H", "out_of_range", False),
+    ("ar", "الإجابة الصحيحة هي (هـ)", ABCD, "E", "out_of_range", False),
+    ("ar", "(و)", ABCD, "F", "out_of_range", False),
+    ("ar", "(ح) ثم A", "ABCDEFG", "H", "out_of_range", False),
+    ("ar", "(هـ)", ABCDE, "E", "arabic", False),
 ]
 TABLE += NEW_RULES
 

@@ -16,9 +16,10 @@ as the reference's insertion-ordered dictionary does) and the names of the rules
    opening brackets and an optional closing one), and never the first or last letter of a word (``(وهو`` is no F).
    One vote per letter however often it occurs. أ=A, ب=B, ج/س/ك=C, د=D, and for longer items ه=E (also ``هـ``), و=F,
    ز=G, ح=H (abjad order).
-3. ``out_of_range`` (final): a bracketed Latin letter that is not one of the item's letters (``(F)`` on a four-option
-   item) is an explicit answer: its letter is recorded (upper-cased) and scored wrong, and the loose rule below does
-   not run on that line.
+3. ``out_of_range`` (final): a bracketed letter that is not one of the item's letters (``(F)`` on a four-option
+   item; a capital, or a lower-case a-h, so the ``(s)`` of "symptom(s)" is none), or a standalone Arabic option
+   letter of an option the item does not have (``(هـ)`` on a four-option item), is an explicit answer: its Latin
+   letter is recorded (upper-cased) and scored wrong, and the loose rule below does not run on that line.
 4. ``loose`` (final): every capital option letter anywhere in the line (the "A" of "All" counts: the reference's
    fallback, kept for comparability).
 5. ``yes_no`` (final): the line exactly ``Yes.`` is A, ``No.`` is B.
@@ -81,7 +82,8 @@ class _Patterns:
     bracketed: re.Pattern
     any_bracketed: re.Pattern
     loose: re.Pattern
-    arabic: tuple  # (letter, standalone pattern, touching pattern)
+    arabic: tuple  # the item's Arabic option letters: (letter, standalone pattern, touching pattern)
+    arabic_other: tuple  # the other mapped Arabic letters, standing alone: (letter, pattern)
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,8 @@ def _arabic_touching(line: str, p: _Patterns) -> list[str]:
 
 
 def _out_of_range(line: str, p: _Patterns) -> list[str]:
-    return [m.upper() for m in p.any_bracketed.findall(line) if m.upper() not in p.letters]
+    latin = [m.upper() for m in p.any_bracketed.findall(line) if m.upper() not in p.letters]
+    return latin + [letter for letter, alone in p.arabic_other if alone.search(line)]
 
 
 def _loose(line: str, p: _Patterns) -> list[str]:
@@ -141,23 +144,27 @@ def _normalise_letters(letters) -> str:
 @lru_cache(maxsize=256)
 def _patterns(letters: str, arabic_items: tuple) -> _Patterns:
     cls = re.escape(letters) + re.escape(letters.lower())
-    arabic = []
+    arabic, arabic_other = [], []
     for letter, chars in arabic_items:
         c = f"[{chars}]"
         # Standalone: no word character right before the letter nor right after it (a tatweel may follow).
         alone = f"(?<!\\w){c}{_TATWEEL}?(?!\\w)"
-        arabic.append((letter,
-                       re.compile(f"[{_OPEN}]?{alone}[{_CLOSE}]+|[{_OPEN}]+{alone}[{_CLOSE}]?"),
-                       re.compile(f"[{_OPEN}]?{c}[{_CLOSE}]+|[{_OPEN}]+{c}[{_CLOSE}]?")))
+        standalone = re.compile(f"[{_OPEN}]?{alone}[{_CLOSE}]+|[{_OPEN}]+{alone}[{_CLOSE}]?")
+        if letter in letters:
+            arabic.append((letter, standalone, re.compile(f"[{_OPEN}]?{c}[{_CLOSE}]+|[{_OPEN}]+{c}[{_CLOSE}]?")))
+        else:
+            arabic_other.append((letter, standalone))
+    # Out of range: any bracketed capital, but of the lower-case letters only the option alphabet a-h: "(s)" of
+    # "symptom(s)" and the enumerator "(i)" are not answers.
     return _Patterns(letters, re.compile(f"[{_OPEN}]([{cls}])[{_CLOSE}]"),
-                     re.compile(f"[{_OPEN}]([A-Za-z])[{_CLOSE}]"), re.compile(f"[{re.escape(letters)}]"),
-                     tuple(arabic))
+                     re.compile(f"[{_OPEN}]([A-Za-h])[{_CLOSE}]"), re.compile(f"[{re.escape(letters)}]"),
+                     tuple(arabic), tuple(arabic_other))
 
 
 def run_rules(text: str, letters: str, arabic_map: dict, rules: tuple) -> Extraction:
     """Apply ``rules`` in order to the first line of ``text`` (see the module docstring)."""
     line = first_line(text)
-    p = _patterns(letters, tuple((k, v) for k, v in arabic_map.items() if k in letters))
+    p = _patterns(letters, tuple(arabic_map.items()))
     votes: dict[str, int] = {}
     fired: list[str] = []
     for rule in rules:
