@@ -321,6 +321,30 @@ def test_cli_input_errors(tiny_model_dir, records, tmp_path):
         step4.main(["--model", str(tiny_model_dir), "--input", str(inp), "--out", str(tmp_path / "o")])
 
 
+GOOD = {"id": "x", "source": "headqa", "language": "es", "prompt": "P", "answer": "B", "letters": ["A", "B"]}
+
+
+@pytest.mark.parametrize("change,field,message", [
+    ({"letters": "AB"}, "letters", "must be a list of option letters A-H"),
+    ({"letters": ["A", "BC"]}, "letters", "must be a list of option letters A-H"),
+    ({"letters": ["A", "A", "B"]}, "letters", "repeats a letter"),
+    ({"answer": "AB"}, "answer", "'AB' is not one of the letters"),  # "AB" in "ABCD" would have passed as a substring
+    ({"prompt": ["P"]}, "prompt", "must be a string, got list"),
+    ({"answer_phrase": 5}, "answer_phrase", "must be a string, got int"),
+    ({"source": ""}, "source", "missing"),
+])
+def test_step1_record_defects_name_the_field(change, field, message):
+    from src.common.errors import DataError
+    from src.evaluate.records import check_record
+
+    assert check_record(GOOD, "t.jsonl", 1) is GOOD
+    assert check_record({**GOOD, "answer_phrase": None}, "t.jsonl", 1)  # absent and null are the same
+    with pytest.raises(DataError, match=f"t.jsonl: record 3, field '{field}': {message}"):
+        check_record({**GOOD, **change}, "t.jsonl", 3)
+    with pytest.raises(DataError, match="t.jsonl: record 3: expected an object, got list"):
+        check_record([GOOD], "t.jsonl", 3)
+
+
 def test_cli_merges_parts_of_several_processes(tiny_model_dir, records, tmp_path):
     # What rank files of an interrupted multi-process run look like: they are folded in and not redone.
     inp = _write(tmp_path / "test.jsonl", records[:6])

@@ -52,6 +52,18 @@ def test_export_one_row_per_language_scored_as_the_collector_does(tmp_path):
     assert doc["query"] == "PThe correct answer is (" and doc["choices"] == ["A", "B"] and doc["gold"] == 1
     with pytest.raises(SystemExit, match="already holds"):
         export_lm_eval.export(inp, tmp_path / "tasks")
+    # --overwrite leaves no task of the earlier export behind (--tasks xmedbench_ar would score old items)
+    inp.write_text("".join(json.dumps(r) + "\n" for r in recs if r["language"] != "ar"), encoding="utf-8")
+    export_lm_eval.export(inp, tmp_path / "tasks", overwrite=True)
+    assert not (tmp_path / "tasks" / "xmedbench_ar.yaml").exists()
+    assert not (tmp_path / "tasks" / "data" / "ar.jsonl").exists()
+    assert config("xmedbench")["task"] == ["xmedbench_de", "xmedbench_en", "xmedbench_es"]
+    # a source name is made safe for file and task names
+    odd = [{**recs[3], "id": "y1", "source": "my/usmle"}, {**recs[5], "id": "y2"}]
+    inp.write_text("".join(json.dumps(r) + "\n" for r in odd), encoding="utf-8")
+    rep = export_lm_eval.export(inp, tmp_path / "odd")
+    assert rep["tasks"] == ["xmedbench_en_mmlu-medical", "xmedbench_en_my_usmle"]
+    assert (tmp_path / "odd" / "data" / "en_my_usmle.jsonl").is_file()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({**recs[0], "answer": "C"}) + "\n", encoding="utf-8")
     with pytest.raises(Exception, match="bad.jsonl.*record 1.*answer"):
@@ -82,7 +94,7 @@ def _check_agreement(picked: list[dict], smollm2_dir, tmp_path, min_items: int, 
                      dev=None) -> None:
     """Step 1 (paper style, 1 shot, from ``dev`` or else the other picked items of the source) on ``picked``; step 4 --mode loglik and lm-eval on the exported task folder
     must choose the same letter, with log-likelihoods within 2e-3, and give the same per-language accuracy."""
-    lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval  # a test requirement (run_tests.sh installs it): missing, the test fails rather than skips
     from lm_eval.tasks import TaskManager
 
     bench = tmp_path / "bench.json"
@@ -96,20 +108,15 @@ def _check_agreement(picked: list[dict], smollm2_dir, tmp_path, min_items: int, 
 
     out = tmp_path / "ours"
     assert step4.main(["--model", str(smollm2_dir), "--input", str(data / "test.jsonl"), "--out", str(out),
-                       "--mode", "loglik", "--no-progress", "--threads", "1"]) == 0
+                       "--mode", "loglik", "--no-progress", "--threads", str(torch.get_num_threads())]) == 0
     ours = {p["id"]: p for p in iter_jsonl(out / "predictions.jsonl")}
 
     tasks = tmp_path / "tasks"
     rep = export_lm_eval.export(data / "test.jsonl", tasks)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread is faster than two contending ones
-    try:
-        res = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(smollm2_dir), "dtype": "float32"},
-                                      tasks=["xmedbench"], num_fewshot=0, batch_size=1, device="cpu",
-                                      task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
-                                      log_samples=True, bootstrap_iters=0)
-    finally:
-        torch.set_num_threads(threads)
+    res = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(smollm2_dir), "dtype": "float32"},
+                                  tasks=["xmedbench"], num_fewshot=0, batch_size=1, device="cpu",
+                                  task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                                  log_samples=True, bootstrap_iters=0)
     theirs = {}
     for samples in res["samples"].values():
         for s in samples:

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from src.common.chat_formats import RELEASE_FORMATS
-from src.common.errors import DataError
+from src.common.errors import DataError, UsageError
 from src.common.languages import major_languages
 from src.prepare import test_dev
 from src.prepare.bench_items import load_bench
@@ -219,6 +219,8 @@ def test_paper_character_rule(tmp_path, smollm2_dir):
     assert report["prompt_style"] == "paper" and report["test"]["over_budget"] == 1
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").open()]
     assert any("reference's limit of 4096" in x["reason"] for x in rejects)
+    with pytest.raises(UsageError, match="--prompt-style: no test item fits the reference's limit of 4096 characters"):
+        run_step1(tmp_path / "all_long", smollm2_dir, [short("t" * 4100)], None, "--prompt-style", "paper")
 
 
 def test_shots_never_the_item_and_seeded(tmp_path):

@@ -24,32 +24,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from src.common.errors import DataError
-from src.common.io import iter_jsonl, write_jsonl
+from src.common.io import write_jsonl
+from src.evaluate.records import load_records
 from src.common.languages import score_method
 
 GROUP = "xmedbench"
-REQUIRED = ("id", "source", "language", "prompt", "answer", "letters")
+FIELDS = ("id", "source", "language", "prompt", "answer", "letters")
 
 
 def doc_of(rec: dict, path: Path, line: int) -> dict:
-    """One harness document from one step 1 record."""
-    for f in REQUIRED:
-        if rec.get(f) in (None, "", []):
-            raise DataError(path, line, f, "missing (is this a step 1 test.jsonl/dev.jsonl?)")
+    """One harness document from one step 1 record (already checked by ``load_records``)."""
     try:
         score_method(rec["language"])
     except ValueError as e:
         raise DataError(path, line, "language", str(e)) from None
-    if rec["answer"] not in rec["letters"]:
-        raise DataError(path, line, "answer", f"{rec['answer']!r} is not one of the letters {rec['letters']}")
     return {"id": rec["id"], "source": rec["source"], "language": rec["language"],
-            "query": rec["prompt"] + rec.get("answer_phrase", "") + "(", "choices": list(rec["letters"]),
+            "query": rec["prompt"] + (rec.get("answer_phrase") or "") + "(", "choices": list(rec["letters"]),
             "gold": rec["letters"].index(rec["answer"])}
+
+
+def file_stem(name: str) -> str:
+    """A source name as part of a file and task name: anything but letters, digits, '-', '_' and '.' becomes '_'."""
+    return re.sub(r"[^\w.-]", "_", name, flags=re.ASCII)
 
 
 def task_yaml(name: str, data_file: Path) -> str:
@@ -74,20 +76,22 @@ def group_yaml(name: str, tasks: list[str], weight_by_size: bool) -> str:
 
 def export(input_path: Path, out: Path, overwrite: bool = False) -> dict:
     """Write the task folder; returns the report (items per language, tasks, groups)."""
-    if not input_path.is_file():
-        raise FileNotFoundError(f"{input_path}: input not found (make it with 1.data_process_test_dev.sh)")
     if (out / f"{GROUP}.yaml").exists() and not overwrite:
         raise SystemExit(f"{out} already holds an exported task folder; use --overwrite or another --out")
     by_lang: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))  # language -> source -> docs
-    for n, rec in enumerate(iter_jsonl(input_path), 1):
+    for n, rec in enumerate(load_records(input_path, FIELDS), 1):
         doc = doc_of(rec, input_path, n)
         by_lang[doc["language"]][doc["source"]].append(doc)
     if not by_lang:
         raise SystemExit(f"{input_path}: no records")
     data_dir = (out / "data").resolve()
+    _remove_earlier_export(out, data_dir)  # --overwrite: no task of an earlier export may be run by mistake
     data_dir.mkdir(parents=True, exist_ok=True)
 
     def write_task(name: str, stem: str, docs: list[dict]) -> str:
+        if (data_dir / f"{stem}.jsonl").exists():  # two source names that differ only in characters file_stem replaces
+            raise ValueError(f"{input_path}: sources {sorted({d['source'] for d in docs})} and another one share the "
+                             f"file name {stem}.jsonl; rename one of them")
         write_jsonl(data_dir / f"{stem}.jsonl", docs)
         (out / f"{name}.yaml").write_text(task_yaml(name, data_dir / f"{stem}.jsonl"), encoding="utf-8")
         return name
@@ -96,7 +100,8 @@ def export(input_path: Path, out: Path, overwrite: bool = False) -> dict:
     for lang in sorted(by_lang):
         sources, row = by_lang[lang], f"{GROUP}_{lang}"
         if score_method(lang) == "macro" and len(sources) > 1:  # the mean of its source accuracies
-            members = [write_task(f"{row}_{src}", f"{lang}_{src}", docs) for src, docs in sorted(sources.items())]
+            members = [write_task(f"{row}_{file_stem(src)}", f"{lang}_{file_stem(src)}", docs)
+                       for src, docs in sorted(sources.items())]
             (out / f"{row}.yaml").write_text(group_yaml(row, members, weight_by_size=False), encoding="utf-8")
             tasks += members
             groups[row] = members
@@ -109,6 +114,12 @@ def export(input_path: Path, out: Path, overwrite: bool = False) -> dict:
             "items": sum(len(docs) for sources in by_lang.values() for docs in sources.values()),
             "by_language": {lang: sum(len(d) for d in sources.values()) for lang, sources in sorted(by_lang.items())},
             "tasks": tasks, "groups": groups, "language_rows": rows}
+
+
+def _remove_earlier_export(out: Path, data_dir: Path) -> None:
+    """The files an earlier export wrote into ``out`` (its task and group files, its data files), nothing else."""
+    for path in [*out.glob(f"{GROUP}*.yaml"), *data_dir.glob("*.jsonl")]:
+        path.unlink()
 
 
 def main(argv=None) -> int:

@@ -25,34 +25,17 @@ from pathlib import Path
 
 from src.common.defaults import DEFAULT_MODEL_NAME
 from src.common.errors import DataError, require_at_least
-from src.common.io import dumps, iter_jsonl, write_json, write_jsonl, write_text
+from src.common.io import dumps, write_json, write_jsonl, write_text
+from src.evaluate.records import load_records
 
 DEFAULT_MODEL = f"models/{DEFAULT_MODEL_NAME}"  # relative to the working directory, as the scripts run from the root
 DEFAULT_INPUT = f"data/sample_{DEFAULT_MODEL_NAME}/test.jsonl"
 DEFAULT_OUT = f"results/sample_{DEFAULT_MODEL_NAME}"
 PRED = "predictions.jsonl"
 PARTS = "parts"
-REQUIRED = ("id", "source", "prompt", "answer", "letters")
 # Settings that change what a prediction is: a resumed run must use the same ones.
 RESUME_KEYS = ("model", "mode", "max_new_tokens", "min_new_tokens", "format", "dtype", "proxy_tuned", "proxy_raw",
                "backend")
-
-
-def load_records(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: input not found (make it with 1.data_process_test_dev.sh)")
-    records, seen = [], set()
-    for n, rec in enumerate(iter_jsonl(path), 1):
-        for f in REQUIRED:
-            if f not in rec or rec[f] in (None, "", []):
-                raise DataError(path, n, f, "missing (is this a step 1 test.jsonl/dev.jsonl?)")
-        if rec["id"] in seen:
-            raise DataError(path, n, "id", f"duplicate id {rec['id']!r}")
-        if rec["answer"] not in rec["letters"]:
-            raise DataError(path, n, "answer", f"{rec['answer']!r} is not one of the letters {rec['letters']}")
-        seen.add(rec["id"])
-        records.append(rec)
-    return records
 
 
 def read_predictions(path: Path) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Reading and validating bench items (the DESIGN contract for a raw bench item).
+"""Reading and validating bench items (the contract of a raw bench item, below).
 
 An item has ``question``, ``options`` (a string ``"(A) ...\\n(B) ..."`` or a mapping letter -> text), ``answer``
 (``"(B)"`` or ``"B"``), ``source``, and optionally ``context``, ``class`` and ``language``. Each item gets a stable id

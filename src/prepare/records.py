@@ -1,4 +1,4 @@
-"""Reading and validating training records (the DESIGN contract for a training record), streamed.
+"""Reading and validating training records (the contract of a training record, below), streamed.
 
 Accepted files:
 

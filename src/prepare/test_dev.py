@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     rejects += [{"file": str(args.bench), **r} for r in test_long] + \
                [{"file": str(args.dev or args.bench), **r} for r in dev_long]
     if test and not test_rec:
+        if args.prompt_style == "paper":
+            raise UsageError("--prompt-style", f"no test item fits the reference's limit of {PAPER_MAX_CHARS} "
+                                               "characters, even with zero shots (--max-tokens does not apply here)")
         raise UsageError("--max-tokens", f"no test item fits in {args.max_tokens} tokens, even with zero shots")
 
     out.mkdir(parents=True, exist_ok=True)
