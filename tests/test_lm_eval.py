@@ -29,7 +29,8 @@ def test_export_one_row_per_language_scored_as_the_collector_does(tmp_path):
     """A pooled ('micro') or single-source language is one task; a multi-source 'macro' language (en, zh) is a group
     over one task per source, averaged unweighted; the group xmedbench pools every item."""
     rows = [("headqa", "es"), ("headqa", "es"), ("mmlu-medical-ar", "ar"), ("medqa-usmle", "en"),
-            ("medqa-usmle", "en"), ("mmlu-medical", "en"), ("MMLU_anatomy_de", "de"), ("MMLU_college_medicine_de", "de")]
+            ("medqa-usmle", "en"), ("mmlu-medical", "en"), ("MMLU_anatomy_de", "de"),
+            ("MMLU_college_medicine_de", "de")]
     recs = [{"id": f"x{i}", "source": src, "language": lang, "prompt": "P", "answer": "B", "letters": ["A", "B"],
              "answer_phrase": "The correct answer is "} for i, (src, lang) in enumerate(rows)]
     inp = tmp_path / "test.jsonl"
@@ -92,8 +93,9 @@ def test_lm_eval_agrees_on_the_embedded_sample(smollm2_dir, tmp_path):
 
 def _check_agreement(picked: list[dict], smollm2_dir, tmp_path, min_items: int, min_languages: int,
                      dev=None) -> None:
-    """Step 1 (paper style, 1 shot, from ``dev`` or else the other picked items of the source) on ``picked``; step 4 --mode loglik and lm-eval on the exported task folder
-    must choose the same letter, with log-likelihoods within 2e-3, and give the same per-language accuracy."""
+    """Step 1 (paper style, 1 shot, from ``dev`` or else the other picked items of the source) on ``picked``; step 4
+    --mode loglik and lm-eval on the exported task folder must choose the same letter, with log-likelihoods within
+    2e-3, and give the same per-language accuracy."""
     import lm_eval  # a test requirement (run_tests.sh installs it): missing, the test fails rather than skips
     from lm_eval.tasks import TaskManager
 

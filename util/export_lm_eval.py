@@ -31,8 +31,8 @@ from pathlib import Path
 
 from src.common.errors import DataError
 from src.common.io import write_jsonl
-from src.evaluate.records import load_records
 from src.common.languages import score_method
+from src.evaluate.records import load_records
 
 GROUP = "xmedbench"
 FIELDS = ("id", "source", "language", "prompt", "answer", "letters")

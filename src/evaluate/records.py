@@ -29,13 +29,17 @@ def check_record(rec, path, n: int, required=STEP4_FIELDS) -> dict:
             raise DataError(path, n, f, f"must be a string, got {type(rec[f]).__name__}")
     letters = rec.get("letters")
     if letters is not None:
-        if not isinstance(letters, list) or not all(isinstance(x, str) and len(x) == 1 and x in ALL_LETTERS for x in letters):
+        if not isinstance(letters, list) or not all(map(_is_letter, letters)):
             raise DataError(path, n, "letters", f"must be a list of option letters A-H, got {letters!r}")
         if len(set(letters)) != len(letters):
             raise DataError(path, n, "letters", f"repeats a letter: {letters!r}")
         if rec.get("answer") is not None and rec["answer"] not in letters:
             raise DataError(path, n, "answer", f"{rec['answer']!r} is not one of the letters {letters}")
     return rec
+
+
+def _is_letter(x) -> bool:
+    return isinstance(x, str) and len(x) == 1 and x in ALL_LETTERS
 
 
 def load_records(path: Path, required=STEP4_FIELDS) -> list[dict]:
