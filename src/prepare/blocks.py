@@ -11,11 +11,10 @@ blocks of at most that size, at the strongest boundary available:
 3. spaces between words;
 4. nowhere else available: a hard cut at the size (a run of characters with no boundary at all).
 
-The size depends on the language, as the Apollo paper chose it by knowledge density: 2048 for en, es, fr, hi; 256 for
-zh; 128 for ar. Languages the paper does not name get ``DEFAULT_BLOCK_SIZE`` (2048, the alphabetic scripts' value),
-except where the language's entry in ``rewrite_prompts.json`` says otherwise (ja, written largely with the same
-characters as zh: 256). Sizes are in characters by default; with
-``unit="tokens"`` the same numbers count a tokenizer's tokens.
+The size depends on the language, as the Apollo paper chose it by knowledge density (2048 for en, es, fr, hi; 256 for
+zh; 128 for ar): it is the ``block_size`` of the language's entry in ``rewrite_prompts.json`` (ja, written largely
+with the same characters as zh: 256), and ``DEFAULT_BLOCK_SIZE`` (2048, the alphabetic scripts' value) for a language
+without one. Sizes are in characters by default; with ``unit="tokens"`` the same numbers count a tokenizer's tokens.
 """
 from __future__ import annotations
 
@@ -23,7 +22,6 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-PAPER_BLOCK_SIZES = {"en": 2048, "es": 2048, "fr": 2048, "hi": 2048, "zh": 256, "ar": 128}
 DEFAULT_BLOCK_SIZE = 2048
 UNITS = ("chars", "tokens")
 
@@ -37,16 +35,15 @@ _LEVELS = [
 
 
 def block_size(language: str, override: int | None = None) -> int:
-    """The block size for a language: ``override`` when given, else the paper's value, else our default."""
+    """The block size for a language: ``override`` when given, else its entry's in the rewriting prompts, else the
+    default."""
     if override is not None:
         if override < 1:
             raise ValueError(f"--block-size must be at least 1, got {override}")
         return override
-    # a language the paper does not name: its entry in the rewriting prompts (ja: 256), else the default
     from src.prepare.rewrite import prompt_table
 
-    entry = prompt_table()["languages"].get(language, {})
-    return PAPER_BLOCK_SIZES.get(language) or entry.get("block_size") or DEFAULT_BLOCK_SIZE
+    return prompt_table()["languages"].get(language, {}).get("block_size") or DEFAULT_BLOCK_SIZE
 
 
 def paragraphs(text: str) -> list[str]:

@@ -156,23 +156,28 @@ def script_shares(text: str) -> dict[str, float]:
     return {s: n / total for s, n in sorted(counts.items(), key=lambda kv: -kv[1])} if total else {}
 
 
-KANA_SHARE = 0.1  # Japanese prose is mostly kana (particles, endings); Chinese has none
-
-
 def kana_share(text: str) -> float:
-    """Share of a text's letters that are hiragana or katakana: what tells Japanese from Chinese, both CJK here."""
+    """Share of a text's letters that are hiragana or katakana: what tells Japanese from Chinese, both CJK here
+    (Japanese prose is mostly kana: particles, endings; Chinese has none)."""
     letters = [ch for ch in text if _script(ch)]
     kana = sum(unicodedata.name(ch, "").startswith(("HIRAGANA", "KATAKANA")) for ch in letters)
     return kana / len(letters) if letters else 0.0
 
 
-def _kana_problem(reply: str, language: str) -> str | None:
+def _kana_problem(reply: str, language: str, bounds: list[float]) -> str | None:
+    """The reply's kana share outside the language's ``kana_share`` [least, most) bounds: it reads as the other
+    language that shares the script (the entry whose bounds it falls in, named when there is one)."""
     share = kana_share(reply)
-    if language == "ja" and share < KANA_SHARE:
-        return f"reads as zh ({share:.0%} of its letters are kana)"
-    if language == "zh" and share >= KANA_SHARE:
-        return f"reads as ja ({share:.0%} of its letters are kana)"
-    return None
+    if _within(share, bounds):
+        return None
+    other = next((code for code, e in prompt_table()["languages"].items()
+                  if code != language and e.get("kana_share") and _within(share, e["kana_share"])), "another language")
+    return f"reads as {other} ({share:.0%} of its letters are kana)"
+
+
+def _within(share: float, bounds: list[float]) -> bool:
+    least, most = bounds
+    return least <= share < most or (most >= 1.0 and share >= least)
 
 
 def _words(text: str) -> list[str]:
@@ -181,7 +186,8 @@ def _words(text: str) -> list[str]:
 
 def language_problem(reply: str, block: str, language: str, min_share: float = 0.5) -> str | None:
     """Why a reply is not in the block's language, or None. The reply's letters must be mostly (``min_share``) in the
-    block's main script; ja must be at least ``KANA_SHARE`` kana and zh under it; for languages with a stopword list
+    block's main script; for languages with ``kana_share`` bounds (ja, zh) the reply's kana share must lie within
+    them; for languages with a stopword list
     (Latin-script ones) the reply must not read clearly as another listed language (at least 3 stopword hits, more
     than twice its own language's)."""
     block_scripts = script_shares(block)
@@ -190,9 +196,10 @@ def language_problem(reply: str, block: str, language: str, min_share: float = 0
         share = script_shares(reply).get(script, 0.0)
         if share < min_share:
             return f"{share:.0%} of its letters are {script}, the block's script"
-    if language in ("ja", "zh"):
-        return _kana_problem(reply, language)
-    own = wording(language).get("stopwords") or []
+    entry = wording(language)
+    if entry.get("kana_share"):
+        return _kana_problem(reply, language, entry["kana_share"])
+    own = entry.get("stopwords") or []
     if own:
         words = _words(reply)
         hits = {code: sum(w in set(e["stopwords"]) for w in words)
