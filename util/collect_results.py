@@ -35,6 +35,9 @@ def load_scores(dirs: list[Path], exclude_sources=()) -> list[dict]:
         score = json.loads(path.read_text(encoding="utf-8"))
         if "languages" not in score:
             raise SystemExit(f"{path}: not a step 4 score.json (no 'languages')")
+        if score.get("benchmark") == "mmedbench":
+            raise SystemExit(f"{path}: an MMedBench score (its score.md is the table, docs/mmedbench.md); this tool "
+                             f"compares XMedBench runs")
         if exclude_sources:
             score = rescore(path, score, exclude_sources)
         out.append(score)

@@ -40,6 +40,9 @@ FIELDS = ("id", "source", "language", "prompt", "answer", "letters")
 
 def doc_of(rec: dict, path: Path, line: int) -> dict:
     """One harness document from one step 1 record (already checked by ``load_records``)."""
+    if rec.get("task") is not None:  # one gold letter per item is what the harness's multiple choice scores
+        raise DataError(path, line, "task", f"{rec['task']!r} records are generated and read by step 4 (several "
+                                            f"answers, rationales), not exported; export XMedBench records")
     try:
         score_method(rec["language"])
     except ValueError as e:

@@ -67,7 +67,7 @@ RELEASE_FORMATS: dict[str, ChatFormat] = {
     "llama3": ChatFormat("llama3", "<|begin_of_text|>", "User:", "\nAssistant:", "<|end_of_text|>", "\n"),
     "phi3": ChatFormat("phi3", "<s>", "<|user|>\n", "<|end|>\n<|assistant|>\n", "<|end|>", "\n"),
 }
-FORMAT_NAMES = [*RELEASE_FORMATS, "release", "template"]
+FORMAT_NAMES = [*RELEASE_FORMATS, "release", "template", "raw"]
 
 # model_type -> release format. Llama-3 is told apart from other Llama-architecture models by its BOS token.
 _BY_MODEL_TYPE = {"qwen2": "qwen2", "qwen2_moe": "qwen2", "gemma": "gemma2", "gemma2": "gemma2", "phi3": "phi3"}
@@ -76,10 +76,22 @@ _BY_MODEL_TYPE = {"qwen2": "qwen2", "qwen2_moe": "qwen2", "gemma": "gemma2", "ge
 def release_layout(tokenizer) -> ChatFormat:
     """The release layout ``User:..\\nAssistant:..<eos>`` with this tokenizer's own EOS (for models with neither a
     registered release format nor a chat template)."""
+    return ChatFormat("release", _bos_prefix(tokenizer), "User:", "\nAssistant:", tokenizer.eos_token, "\n")
+
+
+def raw_layout(tokenizer) -> ChatFormat:
+    """No chat markup (``--format raw``): BOS where the tokenizer adds one, the prompt as it is, the answer right
+    after it and the tokenizer's EOS. For prompts that carry their own role markers, as MMedLM's Alpaca prompts do
+    (``### Response:``): it is how MMedLM trains and evaluates them (docs/mmedbench.md)."""
+    return ChatFormat("raw", _bos_prefix(tokenizer), "", "", tokenizer.eos_token, "")
+
+
+def _bos_prefix(tokenizer) -> str:
+    """The BOS text a document starts with (only where the tokenizer itself adds one); an EOS must exist to mark
+    the end of an answer."""
     if not tokenizer.eos_token:
         raise ValueError("the tokenizer has no EOS token, so no answer end can be marked; pass --format")
-    bos = tokenizer.bos_token if adds_bos(tokenizer) else ""
-    return ChatFormat("release", bos or "", "User:", "\nAssistant:", tokenizer.eos_token, "\n")
+    return (tokenizer.bos_token if adds_bos(tokenizer) else "") or ""
 
 
 def adds_bos(tokenizer) -> bool:
@@ -126,6 +138,8 @@ def resolve_format(tokenizer, config=None, name: str | None = None) -> ChatForma
             return release_layout(tokenizer)
         if name == "template":
             return from_chat_template(tokenizer)
+        if name == "raw":
+            return raw_layout(tokenizer)
         raise ValueError(f"unknown chat format {name!r}; choose from {', '.join(FORMAT_NAMES)}")
     model_type = getattr(config, "model_type", None)
     if model_type in _BY_MODEL_TYPE:

@@ -7,6 +7,9 @@ Two modes:
 * ``--hub``: download FreedomIntelligence/ApolloMoEDataset, FreedomIntelligence/ApolloMoEBench and ``--model`` with
   huggingface_hub into ``data/raw/hub/`` and ``models/``, then split data and bench into major and minor parts
   (the reference's extract step, which never ran there because of a misspelled main guard).
+* ``--hub --mmedbench``: MMedBench (MMedLM's benchmark, Henrychur/MMedBench: one zip) and ``--model`` instead of the
+  ApolloMoE data: the zip's ``Train/`` and ``Test/`` language files go to ``data/raw/hub/MMedBench/`` (src/download/
+  mmedbench_hub.py). The embedded sample has an MMedBench-format part of its own (``data/raw/sample/mmedbench/``).
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from src.download.embedded import convert_gguf
 ASSET_SAMPLE_DIR = ROOT / "assets" / "sample"  # shipped in the repo; step 0 copies it to data/raw/sample
 # the sample's bench and training records, and the medical text of the QA rewriting stage (scripts/make_qa.sh)
 SAMPLE_FILES = ("bench_test.json", "bench_dev.json", "train.json",
-                *sorted(f"text/{p.name}" for p in (ASSET_SAMPLE_DIR / "text").glob("*_text.json")))
+                *sorted(f"text/{p.name}" for p in (ASSET_SAMPLE_DIR / "text").glob("*_text.json")),
+                *sorted(str(p.relative_to(ASSET_SAMPLE_DIR)) for p in (ASSET_SAMPLE_DIR / "mmedbench").glob("*/*.jsonl")))
 HUB_DATASET = "FreedomIntelligence/ApolloMoEDataset"
 HUB_BENCH = "FreedomIntelligence/ApolloMoEBench"
 
@@ -68,14 +72,20 @@ def install_sample(data_dir: Path, models_dir: Path) -> dict:
             "model_seconds": round(time.time() - t, 1) if converted else 0.0}
 
 
-def download_hub(data_dir: Path, models_dir: Path, model: str, dataset_file: str, bench_file: str) -> dict:
+def download_hub(data_dir: Path, models_dir: Path, model: str, dataset_file: str, bench_file: str,
+                 mmedbench: bool = False) -> dict:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise SystemExit("--hub needs network access to the Hugging Face hub, but HF_HUB_OFFLINE=1 is set")
     from huggingface_hub import hf_hub_download, snapshot_download
 
     hub_dir = data_dir / "hub"
     report: dict = {"mode": "hub", "model": model}
-    for repo, fname, stem in ((HUB_DATASET, dataset_file, "train"), (HUB_BENCH, bench_file, "bench")):
+    if mmedbench:
+        from src.download.mmedbench_hub import download_mmedbench
+
+        report["mmedbench"] = download_mmedbench(hub_dir)
+    apollo = [] if mmedbench else [(HUB_DATASET, dataset_file, "train"), (HUB_BENCH, bench_file, "bench")]
+    for repo, fname, stem in apollo:
         local = Path(hf_hub_download(repo_id=repo, filename=fname, repo_type="dataset",
                                      local_dir=hub_dir / repo.split("/")[1]))
         report[stem] = {"file": str(local), **split_by_class(local, hub_dir / stem)}
@@ -96,11 +106,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="file of the dataset repo to fetch with --hub (the 609 MB ApolloMoEDataset_sample.json "
                         "is a smaller alternative; default: %(default)s)")
     p.add_argument("--bench-file", default="ApolloMoEBench.json", help="file of the bench repo (default: %(default)s)")
+    p.add_argument("--mmedbench", action="store_true",
+                   help="with --hub: download MMedBench (MMedLM's benchmark) and --model instead of the ApolloMoE "
+                        "data and bench (docs/mmedbench.md)")
     p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "raw")
     p.add_argument("--models-dir", type=Path, default=ROOT / "models")
     args = p.parse_args(argv)
+    if args.mmedbench and not args.hub:
+        from src.common.errors import UsageError
+
+        raise UsageError("--mmedbench", "goes with --hub (the embedded sample always has its MMedBench part)")
     if args.hub:
-        report = download_hub(args.data_dir, args.models_dir, args.model, args.dataset_file, args.bench_file)
+        report = download_hub(args.data_dir, args.models_dir, args.model, args.dataset_file, args.bench_file,
+                              args.mmedbench)
     else:
         report = install_sample(args.data_dir, args.models_dir)
     print("[step 0] " + ", ".join(f"{k}={v}" for k, v in report.items()))

@@ -70,6 +70,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from src.evaluate import mmedlm
 from src.evaluate.attention import prefix_attention
 from src.evaluate.extract import extract, line_complete
 from src.evaluate.kvcache import (
@@ -699,6 +700,8 @@ class Engine:
 def generation_prediction(rec: dict, raw: str, new_tokens: int, stop: str) -> dict:
     """The prediction of a generated answer, as every generation backend writes it (this engine, ``--engine hf``,
     a serving backend): the letter and rule come from the extractor, ``stop`` says why generation ended."""
+    if mmedlm.is_mmedbench(rec):  # several letters and a rationale (src/evaluate/mmedlm.py)
+        return mmedlm.prediction(rec, raw, new_tokens, stop)
     ex = extract(raw, rec.get("letters"))
     gold = rec.get("answer")
     return {"id": rec.get("id"), "source": rec.get("source"), "language": rec.get("language"), "raw": raw,

@@ -10,6 +10,9 @@ DIR/score.md (the same as tables) and DIR/run.json (settings, timing, engine cou
 Resume: predictions are appended as they are made; a rerun with the same settings skips the items whose prediction in
 DIR has the same fingerprint (prompt, weights, settings: fingerprint.py) and recomputes stale ones. DIR/.lock keeps
 a second run out.
+MMedBench records (step 1 on an MMedBench release): generation runs to the end of the answer (1,000 new tokens by
+default, MMedLM's), answers are read by src/evaluate/mmedlm.py (``--parsing``) and scored per language with the
+mean of six and rationale similarity (``--rationale-metric``, src/evaluate/mmedlm_scoring.py; docs/mmedbench.md).
 Multi-GPU: ``accelerate launch -m src.evaluate.eval ...``: every process scores its own share of the items (each item
 exactly once), rank 0 merges and scores. With no arguments: SmolLM2-135M-Instruct on the embedded sample.
 """
@@ -26,11 +29,13 @@ from pathlib import Path
 from src.common.defaults import DEFAULT_MODEL_NAME
 from src.common.errors import DataError, require_at_least
 from src.common.io import dumps, write_json, write_jsonl, write_text
+from src.evaluate import mmedlm, rationale
 from src.evaluate.records import load_records
 
 DEFAULT_MODEL = f"models/{DEFAULT_MODEL_NAME}"  # relative to the working directory, as the scripts run from the root
 DEFAULT_INPUT = f"data/sample_{DEFAULT_MODEL_NAME}/test.jsonl"
 DEFAULT_OUT = f"results/sample_{DEFAULT_MODEL_NAME}"
+XMEDBENCH_MAX_NEW_TOKENS = 128  # the paper's
 PRED = "predictions.jsonl"
 PARTS = "parts"
 # Settings that change what a prediction is: a resumed run must use the same ones.
@@ -116,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-per-source", type=int, default=None, help="only the first N items of every source")
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows decoded together (default: 16 on CPU, 64 on GPU; halves itself on out-of-memory)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="default: %(default)s (paper)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default: {XMEDBENCH_MAX_NEW_TOKENS} (paper); MMedBench: {mmedlm.MAX_NEW_TOKENS} (MMedLM)")
     p.add_argument("--min-new-tokens", type=int, default=2, help="default: %(default)s (reference)")
     p.add_argument("--mode", choices=["generate", "loglik"], default="generate",
                    help="generate: greedy decoding + answer extraction (paper); loglik: most likely option letter")
@@ -148,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-model", default=None, help="model name on the server (default: the one it lists)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (--backend openai; %(default)s)")
     p.add_argument("--api-timeout", type=float, default=300.0, help="seconds per request (%(default)s)")
+    p.add_argument("--parsing", choices=mmedlm.PARSINGS, default=None,
+                   help="MMedBench answers: robust (default: the letters after '###Answer:', 'OPTION B, D', "
+                        "bracketed letters, then the XMedBench rules) or reference (MMedLM's string rule); both are "
+                        "reported, this picks the headline")
+    p.add_argument("--rationale-metric", choices=list(rationale.METRICS), default=None,
+                   help="MMedBench rationale similarity: readme (default: BLEU-1 and ROUGE-1 F, as MMedLM's README "
+                        "reports) or reference (cumulative BLEU-4 and ROUGE-L F, what its script computes)")
     p.add_argument("--overwrite", action="store_true", help="discard predictions already in --out")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -197,7 +210,8 @@ def run_settings(args, dtype) -> dict:
     """What a prediction depends on, recorded in run.json (RESUME_KEYS must match on resume)."""
     return {"model": str(args.model), "input": str(args.input), "mode": args.mode,
             "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
-            "format": args.format, "dtype": str(dtype).replace("torch.", ""),
+            "format": args.format, "dtype": str(dtype).replace("torch.", ""), "parsing": args.parsing,
+            "rationale_metric": args.rationale_metric,
             "max_padding": args.max_padding, "prefix_cache": args.prefix_cache, "engine": args.engine,
             "proxy_tuned": args.proxy_tuned, "proxy_raw": args.proxy_raw, "exclude_source": args.exclude_source,
             "backend": args.backend}
@@ -268,7 +282,7 @@ def load_scoring_model(args, model_path: str, dtype, device):
 
 
 def predict_mine(args, mine: list[dict], tokenizer, out: Path, state, counts: dict, batch_size: int, dtype,
-                 stats: dict, fps: dict) -> str:
+                 stats: dict, fps: dict, whole_answer: bool = False) -> str:
     """Predict this process's pending records, appending each prediction as it is made. Returns the format name."""
     from src.common.chat_formats import resolve_format
     from src.evaluate.engine import predict, stop_token_ids
@@ -297,8 +311,10 @@ def predict_mine(args, mine: list[dict], tokenizer, out: Path, state, counts: di
         if args.engine == "hf":
             predict_hf(model, tokenizer, mine, **common)
         else:
+            # whole_answer (MMedBench): no stop at the first line, the rationale and the answer after it count
             predict(model, tokenizer, mine, mode=args.mode, max_padding=args.max_padding,
-                    prefix_cache=args.prefix_cache, prefill_batch=args.prefill_batch, **common)
+                    prefix_cache=args.prefix_cache, prefill_batch=args.prefill_batch, early_stop=not whole_answer,
+                    **common)
     return fmt.name
 
 
@@ -333,14 +349,29 @@ def merge_predictions(out: Path, records: list[dict], fps: dict) -> list[dict]:
     return selected
 
 
-def write_scores(out: Path, args, selected: list[dict]) -> str:
-    """score.json and score.md; returns the table."""
+def write_scores(out: Path, args, selected: list[dict], records: list[dict] | None = None) -> str:
+    """score.json and score.md; returns the table. ``records``: the MMedBench records (None for XMedBench)."""
+    if records is not None:
+        return write_mmedbench_scores(out, args, selected, records)
     from src.evaluate.scoring import format_table, score
 
     result = score(selected, args.exclude_source)
     write_json(out / "score.json", result)
     header = (f"# Step 4 scores: {args.model}\n\ninput: `{args.input}`, {len(selected)} items, mode {args.mode}, "
               f"max_new_tokens {args.max_new_tokens}. Accuracy in %, 95% intervals ({result['ci_method']}).\n\n")
+    table = format_table(result)
+    write_text(out / "score.md", header + table)
+    return table
+
+
+def write_mmedbench_scores(out: Path, args, selected: list[dict], records: list[dict]) -> str:
+    from src.evaluate.mmedlm_scoring import format_table, score
+
+    result = score(selected, records, args.parsing, args.rationale_metric, progress=not args.no_progress)
+    write_json(out / "score.json", result)
+    header = (f"# Step 4 scores (MMedBench): {args.model}\n\ninput: `{args.input}`, {len(selected)} items, "
+              f"max_new_tokens {args.max_new_tokens}, parsing {args.parsing}, rationale metric "
+              f"{args.rationale_metric}. Accuracy and similarity in %, 95% intervals (docs/mmedbench.md).\n\n")
     table = format_table(result)
     write_text(out / "score.md", header + table)
     return table
@@ -373,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
 
     records = select_records(args)
+    whole_answer = mmedlm.configure_run(args, records)  # MMedBench: its defaults and checks
+    if args.max_new_tokens is None:
+        args.max_new_tokens = XMEDBENCH_MAX_NEW_TOKENS
     check_model_path(args.model)
     dtype = _dtype(args.dtype, state.device)
     tokenizer = load_tokenizer(args.model, padding_side="left")
@@ -399,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                                           fingerprints=fps)
     elif mine:
         counts = {"items": len(records), "done": len(records) - len(pending), "pending": len(pending)}
-        fmt_name = predict_mine(args, mine, tokenizer, out, state, counts, batch_size, dtype, stats, fps)
+        fmt_name = predict_mine(args, mine, tokenizer, out, state, counts, batch_size, dtype, stats, fps,
+                                whole_answer)
     elif state.is_main_process:
         print(f"[step 4] all {len(records)} items already predicted in {out}", flush=True)
         fmt_name = format_name(args, tokenizer)  # run.json names it on every run (scripts read it back)
@@ -409,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     selected = merge_predictions(out, records, fps)
-    table = write_scores(out, args, selected)
+    table = write_scores(out, args, selected, records if whole_answer else None)
     seconds = time.time() - t_start
     new_items = sum(s.get("items", 0) for s in all_stats)
     engine_seconds = max([s.get("seconds", 0.0) for s in all_stats] or [0.0])

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from src.common.io import dumps
 from src.common.openai_client import SERVER_DEFAULT, ApiError, OpenAIClient, run_concurrently
+from src.evaluate import mmedlm
 from src.evaluate.extract import extract
 
 _COMPLETE = re.compile(r"[^\n]\n")  # the end of the first non-empty line (extract.line_complete)
@@ -95,6 +96,8 @@ def server_prompt(tokenizer, prompt: str, engine: str) -> str:
 
 
 def _prediction(rec: dict, raw: str, new_tokens: int, stop: str) -> dict:
+    if mmedlm.is_mmedbench(rec):  # several letters and a rationale (src/evaluate/mmedlm.py)
+        return mmedlm.prediction(rec, raw, new_tokens, stop)
     ex = extract(raw, rec.get("letters"))
     gold = rec.get("answer")
     return {"id": rec.get("id"), "source": rec.get("source"), "language": rec.get("language"), "raw": raw,
@@ -103,15 +106,17 @@ def _prediction(rec: dict, raw: str, new_tokens: int, stop: str) -> dict:
 
 
 def generate_one(client: OpenAIClient, target: ServerTarget, tokenizer, rec: dict) -> dict:
-    """One item's greedy answer through the server, cut at the end of its first non-empty line."""
+    """One item's greedy answer through the server, cut at the end of its first non-empty line (an MMedBench item:
+    the whole answer, its rationale and the answer after it)."""
     prompt = server_prompt(tokenizer, rec["prompt"], target.engine)
-    out = client.completion(prompt, **target.generate_params(stop_on_newline=True))
+    whole = mmedlm.is_mmedbench(rec)
+    out = client.completion(prompt, **target.generate_params(stop_on_newline=not whole))
     requests, full = 1, 0
-    if needs_full_decode(out.get("text") or "", out.get("finish_reason")):
+    if not whole and needs_full_decode(out.get("text") or "", out.get("finish_reason")):
         out = client.completion(prompt, **target.generate_params(stop_on_newline=False))
         requests, full = 2, 1
     text = out.get("text") or ""
-    raw, complete = cut_first_line(text)
+    raw, complete = (text, False) if whole else cut_first_line(text)
     usage = out.get("usage") or {}
     new_tokens = int(usage.get("completion_tokens") or 0)
     stop = "line" if complete else ("max_tokens" if out.get("finish_reason") == "length" else "eos")

@@ -2,7 +2,9 @@
 
 A record is an object with the strings ``id``, ``source`` and ``prompt``, the item's option ``letters`` (a list of
 distinct letters from A-H) and the ``answer`` (one of them); ``language`` and ``answer_phrase``, when present, are
-strings. A defect is a DataError naming the file, the record (counted from 1, blank lines skipped, as the lines of a
+strings. An MMedBench record (``task: "mmedbench"``, src/prepare/mmedbench_step1.py) may have several gold letters:
+its ``answers`` (distinct option letters) joined by "," are its ``answer``; it also carries the gold ``rationale``
+and ``answer_idx`` (strings) and the booleans ``with_rationale``, ``human_checked`` and ``human_check_passed``. A defect is a DataError naming the file, the record (counted from 1, blank lines skipped, as the lines of a
 JSON Lines file) and the field, so a hand-edited or foreign file fails with one clear line, never mid-run.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from src.common.errors import DataError
 from src.common.io import iter_jsonl
 from src.evaluate.extract import ALL_LETTERS
+from src.prepare.mmedbench import TASK as MMEDBENCH
 
 STEP4_FIELDS = ("id", "source", "prompt", "answer", "letters")
 _STRINGS = ("id", "source", "prompt", "answer", "language", "answer_phrase")
@@ -33,9 +36,31 @@ def check_record(rec, path, n: int, required=STEP4_FIELDS) -> dict:
             raise DataError(path, n, "letters", f"must be a list of option letters A-H, got {letters!r}")
         if len(set(letters)) != len(letters):
             raise DataError(path, n, "letters", f"repeats a letter: {letters!r}")
-        if rec.get("answer") is not None and rec["answer"] not in letters:
-            raise DataError(path, n, "answer", f"{rec['answer']!r} is not one of the letters {letters}")
+    if rec.get("task") is not None:
+        _check_mmedbench(rec, path, n)
+    elif letters is not None and rec.get("answer") is not None and rec["answer"] not in letters:
+        raise DataError(path, n, "answer", f"{rec['answer']!r} is not one of the letters {letters}")
     return rec
+
+
+def _check_mmedbench(rec: dict, path, n) -> None:
+    if rec["task"] != MMEDBENCH:
+        raise DataError(path, n, "task", f"unknown task {rec['task']!r} (step 1 writes {MMEDBENCH!r} or none)")
+    answers, letters = rec.get("answers"), rec.get("letters") or []
+    if not isinstance(answers, list) or not answers or not all(map(_is_letter, answers)) \
+            or len(set(answers)) != len(answers):
+        raise DataError(path, n, "answers", f"must be a list of distinct option letters A-H, got {answers!r}")
+    if any(a not in letters for a in answers):
+        raise DataError(path, n, "answers", f"{answers!r} are not all among the letters {letters}")
+    if rec.get("answer") != ",".join(answers):
+        raise DataError(path, n, "answer", f"must be the answers joined by ',' ({','.join(answers)!r}), got "
+                                           f"{rec.get('answer')!r}")
+    for f in ("rationale", "answer_idx"):
+        if not isinstance(rec.get(f), str):
+            raise DataError(path, n, f, f"must be a string, got {type(rec.get(f)).__name__}")
+    for f in ("with_rationale", "human_checked", "human_check_passed"):
+        if not isinstance(rec.get(f), bool):
+            raise DataError(path, n, f, f"must be true or false, got {rec.get(f)!r}")
 
 
 def _is_letter(x) -> bool:

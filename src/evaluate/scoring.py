@@ -57,7 +57,7 @@ def proportion_variance(right: int, total: int, z: float = Z) -> float:
     return p * (1 - p) / n
 
 
-def _mean_component(components: list[dict]) -> dict:
+def mean_component(components: list[dict]) -> dict:
     """Unweighted mean of components, each {accuracy, var, ci95}; one component passes through unchanged."""
     k = len(components)
     if k == 1:
@@ -176,7 +176,7 @@ def _by_language(t: _Tally, sources: dict[str, dict]) -> dict[str, dict]:
         if method == "micro" or len(srcs) == 1:
             est = {"accuracy": r / n, "ci95": list(wilson(r, n)), "var": proportion_variance(r, n)}
         else:
-            est = _mean_component([sources[s] for s in srcs])
+            est = mean_component([sources[s] for s in srcs])
         languages[lang] = {"method": method, "major": is_major(lang), "sources": srcs, "right": r, "total": n, **est}
     return languages
 
@@ -184,7 +184,7 @@ def _by_language(t: _Tally, sources: dict[str, dict]) -> dict[str, dict]:
 def _average(languages: dict[str, dict], langs: list[str], expected: list[str] | None) -> dict | None:
     if not langs:
         return None
-    est = _mean_component([languages[lg] for lg in langs])
+    est = mean_component([languages[lg] for lg in langs])
     out = {"accuracy": est["accuracy"], "ci95": est["ci95"], "languages": langs, "n_languages": len(langs),
            "var": est["var"]}
     if expected is not None:

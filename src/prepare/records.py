@@ -17,6 +17,10 @@ tokenize_chat.py) comes as:
 - JSON Lines (``.jsonl``), one document per line: a JSON string, or an object with ``text`` (and optionally ``source``);
 - in the extracted dict, a ``*_text`` key whose list holds strings.
 
+MMedBench's training split (a release folder with ``Train/``, the ``Train/`` folder, or one ``<Language>.jsonl``;
+src/prepare/mmedbench.py) gives every item twice, as MMedLM fine-tunes: with its rationale and answer only, each a
+one-turn conversation of MMedLM's prompt and target (src/prepare/mmedlm_prompts.py) from source ``mmedbench_<lang>``.
+
 A text file is recognised by its name (``*_text.json``/``.jsonl``/``.txt``, or any ``.txt``) or given explicitly
 (step 2's ``--text [SOURCE=]FILE``). A document's source is its own ``source`` field, else its dict key, else the
 ``SOURCE=`` of the flag, else the file name's stem.
@@ -37,6 +41,7 @@ import pyarrow as pa
 from src.common.errors import DataError
 from src.common.io import JsonStream, iter_jsonl, not_utf8
 from src.common.languages import parse_train_source, train_source_kind
+from src.prepare import mmedbench, mmedlm_prompts
 
 USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant", "bot", "model", "chatgpt"}
@@ -54,8 +59,9 @@ RECORD_SCHEMA = pa.schema([
 class Input:
     """One input file of step 2: training records (kind 'records') or raw text documents (kind 'text')."""
     path: Path
-    kind: str = "records"
+    kind: str = "records"  # or "text", or "mmedbench"
     source: str | None = None  # text: the source key of documents that name none (from SOURCE= or the file name)
+    style: str = "fixed"  # mmedbench: the prompt style of its records (src/prepare/mmedlm_prompts.py)
 
 
 def text_key_of(path: Path) -> str | None:
@@ -67,9 +73,12 @@ def text_key_of(path: Path) -> str | None:
         return None
 
 
-def data_input(path) -> Input:
-    """An input given with --data: text when its name says so (``*_text.*``, or ``.txt``), else training records."""
+def data_input(path, style: str = "fixed") -> Input:
+    """An input given with --data: MMedBench's training split, text when its name says so (``*_text.*``, or
+    ``.txt``), else training records. ``style``: the prompt style of MMedBench records."""
     path = Path(path)
+    if mmedbench.is_release(path):
+        return Input(path, "mmedbench", style=style)
     key = text_key_of(path)
     return Input(path, "text", key) if key or path.suffix == ".txt" else Input(path)
 
@@ -285,6 +294,9 @@ def parsed_elements(inp: Input):
     """(index, dict key or None, raw element, source, turns, is_text, DataError or None) for every element of one
     input, streamed: a training record, or a raw text document (one turn) of a text file or of a ``*_text`` key.
     Step 2 and scripts/decontaminate.sh read their inputs through this."""
+    if inp.kind == "mmedbench":
+        yield from _mmedbench_elements(inp)
+        return
     path = inp.path
     text_file = inp.kind == "text"
     if text_file and path.suffix == ".txt" and inp.source is None:
@@ -301,3 +313,23 @@ def parsed_elements(inp: Input):
             yield index, key, raw, None, None, is_text, e
             continue
         yield index, key, raw, source, turns, is_text, None
+
+
+def _mmedbench_elements(inp: Input):
+    """``parsed_elements`` of MMedBench's training split: two conversations per item (with rationale, answer only);
+    an item with an empty rationale gives the answer-only one and a reject for the other."""
+    for path in mmedbench.split_files(inp.path, "Train"):
+        name = mmedbench.language_of_file(path)
+        source = f"{mmedbench.TASK}_{mmedbench.LANGUAGES[name]}"
+        for n, raw in enumerate(iter_jsonl(path), 1):
+            try:
+                item = mmedbench.parse_item(raw, path, n, name)
+            except DataError as e:
+                yield f"{path.name}:{n}", None, raw, None, None, False, e
+                continue
+            if not item.rationale.strip():
+                yield (f"{path.name}:{n}:rationale", None, raw, None, None, False,
+                       DataError(path, n, "rationale", "empty: no with-rationale training record (the answer-only "
+                                                       "one is kept with --on-error skip)"))
+            for variant, prompt, target in mmedlm_prompts.training_pairs(item, inp.style):
+                yield f"{path.name}:{n}:{variant}", None, raw, source, [prompt, target], False, None

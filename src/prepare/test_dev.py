@@ -4,6 +4,9 @@ Each output line is one item: a stable ``id``, ``source``, ``language``, ``famil
 ``answer`` letter, the item's option ``letters``, the ``shots`` used (ids), ``prompt_tokens``, the ``answer_phrase``
 (for log-likelihood scoring), and the original ``question``/``options``/``context``.
 
+An MMedBench release as ``--bench`` (a folder with Test/, a split folder or one language file) gets MMedLM's
+zero-shot prompts instead (src/prepare/mmedbench_step1.py, docs/mmedbench.md).
+
 Shots are drawn (seeded) from the dev pool of the same source when a dev file is given, else from the other test
 items of the same source. ``--prompt-style fixed`` (default): prompts must fit ``--max-tokens`` tokens of the model's
 tokenizer: shots are dropped first; an item that does not fit even with zero shots is left out and listed in the report
@@ -27,8 +30,11 @@ from src.common.errors import UsageError, require_at_least
 from src.common.io import write_json, write_jsonl
 from src.common.rerun import check_rerun, normalised
 from src.common.languages import family_id
+from src.prepare import mmedbench, mmedbench_step1, mmedlm_prompts
 from src.prepare.bench_items import BenchItem, load_bench
 from src.prepare.prompts import PAPER_MAX_CHARS, STYLES, PromptBuilder, candidate_shots
+
+XMEDBENCH_SHOTS = 3  # the paper's k
 
 
 def _token_counts(tokenizer, texts: list[str], desc: str, batch: int = 2048) -> list[int]:
@@ -133,25 +139,43 @@ def check_flags(args) -> None:
         raise UsageError("--dev-fraction", f"must be between 0 and 1, got {args.dev_fraction}")
 
 
+def check_xmedbench_flags(args) -> None:
+    """The MMedBench-only flags are refused for XMedBench items; --shots defaults to the paper's 3."""
+    if args.prompt_style == "mmedlm":
+        raise UsageError("--prompt-style", "'mmedlm' is for MMedBench (--bench a folder with Test/<Language>.jsonl)")
+    if args.rationale is not None:
+        raise UsageError("--rationale", "is for MMedBench prompts only")
+    if args.format == "raw":
+        raise UsageError("--format", "'raw' is for MMedBench's Alpaca prompts, which carry their own markers")
+    if args.shots is None:
+        args.shots = XMEDBENCH_SHOTS
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="1.data_process_test_dev.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", type=Path, default=SAMPLE_DIR / "bench_test.json",
-                   help="test items (default: the sample)")
+                   help="test items (default: the sample), or an MMedBench release: a folder with Test/ (or a "
+                        "split folder, or one <Language>.jsonl) for MMedLM's zero-shot prompts (docs/mmedbench.md)")
     p.add_argument("--dev", type=Path, default=None,
                    help="dev items: the shot pool and dev.jsonl (default: the sample's dev file when --bench is the "
                         "sample; without one, dev.jsonl is a seeded 10%% sample of test, as in the reference)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="tokenizer/config to format and count tokens for")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: data/sample_<model> for the sample, else data/<bench>_<model>)")
-    p.add_argument("--shots", type=int, default=3, help="shots per prompt (default: %(default)s)")
+    p.add_argument("--shots", type=int, default=None,
+                   help=f"shots per prompt (default: {XMEDBENCH_SHOTS}; MMedBench prompts are zero-shot)")
     p.add_argument("--shot-mode", choices=["per-item", "fixed"], default="per-item",
                    help="per-item: shots drawn for each item (reference); fixed: the same shots for every item of a "
                         "source (shared prefix, cacheable in step 4)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-tokens", type=int, default=4096, help="prompt budget in tokens (default: %(default)s)")
-    p.add_argument("--prompt-style", choices=STYLES, default="fixed",
+    p.add_argument("--prompt-style", choices=sorted({*STYLES, *mmedlm_prompts.STYLES}), default="fixed",
                    help="fixed: the reference's strings with the documented fixes and a token budget; paper: the "
-                        "reference's prompts byte for byte, with its 4,096-character rule (docs/prompts.md)")
+                        "reference's prompts byte for byte, with its 4,096-character rule (docs/prompts.md); "
+                        "mmedlm (MMedBench): MMedLM's prompt byte for byte (docs/mmedbench.md)")
+    p.add_argument("--rationale", choices=["with", "without"], default=None,
+                   help="MMedBench: with (default) asks for a rationale, then the answer; without asks for the "
+                        "answer only (the prompt of MMedLM's accuracy table)")
     p.add_argument("--format", choices=FORMAT_NAMES, default=None, help="chat format (default: from the model)")
     p.add_argument("--dev-fraction", type=float, default=0.1, help="dev share of test when no --dev is given")
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise",
@@ -165,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_flags(args)
+    if mmedbench.is_release(args.bench):  # MMedBench: MMedLM's zero-shot prompts
+        return mmedbench_step1.main(args)
+    check_xmedbench_flags(args)
     if args.dev is None and args.bench == SAMPLE_DIR / "bench_test.json":
         args.dev = SAMPLE_DIR / "bench_dev.json"
     stem = "sample" if args.bench == SAMPLE_DIR / "bench_test.json" else args.bench.stem

@@ -44,6 +44,7 @@ from src.common.languages import (
     train_source_kind,
 )
 from src.prepare import mixture as mx
+from src.prepare import mmedlm_prompts
 from src.prepare.packing import ROW_SCHEMA, ListColumn, plan_rows, write_dataset_metadata, write_rows
 from src.prepare.records import Input, ReadResult, data_input, read_records, text_input
 from src.prepare.tokenize_chat import ChatEncoder
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="malformed records: stop with an error (default) or write them to train_rejects.jsonl and "
                         "go on")
     p.add_argument("--format", choices=FORMAT_NAMES, default=None, help="chat format (default: from the model)")
+    p.add_argument("--prompt-style", choices=mmedlm_prompts.STYLES, default="fixed",
+                   help="MMedBench training records (--data an MMedBench release): fixed (default) or mmedlm, the "
+                        "prompt styles of step 1 (docs/mmedbench.md)")
     p.add_argument("--decontaminate-against", type=Path, action="append", default=None, metavar="BENCH",
                    help="bench items (repeatable): records leaking one of their questions are left out, counted in "
                         "mixture.json and listed in train_leaks.jsonl (the rule of scripts/decontaminate.sh)")
@@ -125,7 +129,7 @@ def _counts(keys: np.ndarray, weights, n: int) -> np.ndarray:
 def run(args) -> dict:
     t0 = time.time()
     sample = args.data is None and args.text is None
-    inputs = [data_input(SAMPLE)] if sample else [data_input(p) for p in args.data or []] + \
+    inputs = [data_input(SAMPLE)] if sample else [data_input(p, args.prompt_style) for p in args.data or []] + \
         [text_input(t) for t in args.text or []]
     if sample and not SAMPLE.is_file():
         raise FileNotFoundError(f"{SAMPLE}: the embedded sample is not there yet; run ./0.download_data.sh first "
@@ -386,7 +390,9 @@ def _settings(args, inputs, max_len: int) -> dict:
             "format": args.format, "max_seq_len": max_len, "seed": args.seed,
             "priorities": str(args.priorities) if args.priorities else None, "language_ids": args.language_ids,
             "on_error": args.on_error, "decontaminate_against": [str(p) for p in args.decontaminate_against or []],
-            "leak_min_chars": args.leak_min_chars}
+            "leak_min_chars": args.leak_min_chars,
+            # only with MMedBench inputs, so the settings of earlier runs without it still match
+            **({"prompt_style": args.prompt_style} if any(i.kind == "mmedbench" for i in inputs) else {})}
 
 
 def _report(ctx: Build, recs: Records, tok: Tokens, order: Order, rows: Rows) -> dict:
