@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -257,3 +258,38 @@ def write_json(path, obj, indent: int = 1) -> None:
 
 def write_text(path, text: str) -> None:
     _atomic_write(Path(path), lambda f: f.write(text))
+
+
+def read_appended(path, tag: str = "") -> list[dict]:
+    """The rows of a JSON Lines file that a run appends to as it goes (resumable outputs). A last line cut short by
+    a crash is left out (its row is redone; said on stderr after ``tag``); any other broken line is an error naming
+    the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if all(not rest.strip() for rest in lines[n:]):  # an interrupted write: repair_tail cuts it
+                print(f"{tag}{path}: dropping an incomplete last line (an interrupted write); it is redone",
+                      file=sys.stderr)
+                break
+            raise DataError(path, f"line {n}", None, f"invalid JSON: {e.msg}") from None
+    return rows
+
+
+def repair_tail(path) -> bool:
+    """Cut an incomplete last line (a crash mid-write) so appended rows start on a fresh line; True if one was cut."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return False
+    path.write_bytes(data[:data.rfind(b"\n") + 1])
+    return True

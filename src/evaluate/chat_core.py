@@ -165,13 +165,11 @@ def open_chat(model: str, api_base: str | None = None, api_model: str | None = N
               max_new_tokens: int = 512):
     """A LocalChat for ``model`` (with proxy models if given), or a ServedChat for the server at ``api_base``
     (``model`` then names the tokenizer/chat format used for the context budget)."""
-    from transformers import AutoConfig
-
     from src.common.chat_formats import resolve_format
-    from src.models.loading import load_model, load_tokenizer
+    from src.models.loading import load_config, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model)
-    config = AutoConfig.from_pretrained(model)
+    config = load_config(model)  # also reads our Post-MoE folders
     fmt = resolve_format(tokenizer, config, fmt_name)
     context = max_context or min(getattr(config, "max_position_embeddings", 4096) or 4096, 8192)
     if api_base:

@@ -27,8 +27,9 @@ from collections import Counter
 from pathlib import Path
 
 from src.common.defaults import DEFAULT_MODEL_NAME
-from src.common.errors import DataError, require_at_least
-from src.common.io import dumps, write_json, write_jsonl, write_text
+from src.common.errors import require_at_least
+from src.common.io import dumps, read_appended, write_json, write_jsonl, write_text
+from src.common.io import repair_tail as _repair_tail  # one place; openai_backend imports this name
 from src.evaluate import mmedlm, rationale
 from src.evaluate.records import load_records
 
@@ -46,22 +47,7 @@ RESUME_KEYS = ("model", "mode", "max_new_tokens", "min_new_tokens", "format", "d
 def read_predictions(path: Path) -> list[dict]:
     """Predictions appended so far. A last line cut short by a crash is dropped (it is redone); any other broken
     line is an error naming the file and line."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if all(not rest.strip() for rest in lines[n:]):
-                print(f"[step 4] {path}: dropping an incomplete last line (an interrupted write); it is redone",
-                      file=sys.stderr)
-                break
-            raise DataError(path, f"line {n}", None, f"invalid JSON: {e.msg}") from None
-    return out
+    return read_appended(path, "[step 4] ")
 
 
 def shard(records: list[dict], world: int, rank: int) -> list[dict]:
@@ -460,17 +446,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[step 4] {len(selected)} items scored -> {out}/score.json, score.md, predictions.jsonl"
           + (f" ({new_items} predicted now, {new_items / engine_seconds:.2f} items/s)" if engine_seconds else ""))
     return 0
-
-
-def _repair_tail(path: Path) -> None:
-    """Cut an incomplete last line (a crash mid-write) so appended predictions start on a fresh line."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return
-    cut = data.rfind(b"\n") + 1
-    path.write_bytes(data[:cut])
 
 
 if __name__ == "__main__":
