@@ -92,29 +92,32 @@ def refuse_own_post_moe(model) -> None:
 
 def cb_config(device: torch.device, prompt_lengths: list[int], max_new_tokens: int,
               batch_size: int) -> ContinuousBatchingConfig:
-    """Settings for one scoring run. On a GPU transformers sizes the paged cache from free memory; on a CPU (where it
-    would take 60% of the RAM) it is sized for ``batch_size`` of the longest requests."""
-    fixed = dict(max_requests_per_batch=batch_size, use_async_batching=False, page_size=PAGE_SIZE)
-    if device.type == "cuda":
-        return ContinuousBatchingConfig(**fixed, max_memory_percent=0.8)
+    """Settings for one scoring run: at most ``batch_size`` requests per step, and a paged cache sized for the
+    workload (``batch_size`` of the longest requests; twice that on a GPU, so requests can wait in it) rather than
+    from free memory: on a CPU transformers would take 60% of the RAM, and without flash attention its packed
+    batches carry a mask that grows with the cache."""
     longest = max(prompt_lengths) + max_new_tokens
-    pages = math.ceil(longest / PAGE_SIZE) + 1
-    return ContinuousBatchingConfig(**fixed, num_blocks=batch_size * pages + 2,
-                                    max_batch_tokens=max(1024, min(4096, max(prompt_lengths))))
+    pages = (math.ceil(longest / PAGE_SIZE) + 1) * (2 if device.type == "cuda" else 1)
+    batch_tokens = 8192 if device.type == "cuda" else max(1024, min(4096, max(prompt_lengths)))
+    return ContinuousBatchingConfig(max_requests_per_batch=batch_size, use_async_batching=False, page_size=PAGE_SIZE,
+                                    num_blocks=batch_size * pages + 2, max_batch_tokens=batch_tokens)
 
 
 @contextmanager
 def _manager(model, generation: GenerationConfig, settings: ContinuousBatchingConfig, processor: StopRules):
     """A started continuous-batching manager whose logits processors include ``processor``; stopped and destroyed
-    on exit (as transformers' ``continuous_batching_context_manager`` does)."""
+    on exit (as transformers' ``continuous_batching_context_manager`` does, which has no hook to add a processor)."""
     manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=settings)
     _add_processor(manager, processor)
     manager.warmup()
     manager.start()
+    finished = False
     try:
         yield manager
+        finished = True
     finally:
-        manager.stop(block=True)
+        # after an error or Ctrl-C, stop at once instead of finishing every queued request first
+        manager.stop(block=True, hard_stop=not finished)
         manager.destroy()
 
 
