@@ -2,7 +2,7 @@
 per forward call of our engine against HF ``generate``, on a model so small that compute is negligible.
 
     python bench/decode_overhead.py [--items 16] [--batch-size 16] [--layers 2] [--hidden 64] [--steps 8 24]
-                                    [--data assets/sample] [--device cpu|cuda] [--jsonl FILE]
+                                    [--data assets/sample] [--device cpu|cuda] [--post-moe] [--jsonl FILE]
 
 The model is a random Llama with ``--layers`` layers and SmolLM2's tokenizer (``--tokenizer``), so what is timed is
 what a scorer adds around the model: Python per row and step, cache bookkeeping, tensor ops outside the model and
@@ -19,6 +19,7 @@ start-up cancel out). Printed as one JSON line per method as soon as it is measu
 * ``ms_per_forward``: wall time of the longer run divided by its forward calls (prefill calls included).
 
 On CUDA (``--device cuda``) ``torch.cuda.set_sync_debug_mode`` also reports the device's own count.
+``--post-moe`` measures the same on the random model upcycled with the paper's settings.
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, nargs=2, default=(8, 24), metavar=("N1", "N2"))
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (the best counts)")
     p.add_argument("--methods", nargs="+", default=["custom", "hf"], choices=["custom", "hf"])
+    p.add_argument("--post-moe", action="store_true",
+                   help="upcycle the random model first (7 experts, top-2, the last 2 layers: the paper's settings)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jsonl", type=Path, default=None, help="also append each JSON line here")
@@ -153,12 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.tokenizer)
     model = tiny_random_llama(tokenizer, args.layers, args.hidden, args.device)
+    if args.post_moe:
+        from src.models import moe
+
+        model = moe.upcycle(model, moe_layers=min(2, args.layers)).eval()
     records = sample_records(args.data, tokenizer, args.items, args.max_prompt_tokens, args.shots)
     results = {}
     for method in args.methods:
         results[method] = measure(method, model, tokenizer, records, tuple(args.steps), args.batch_size, args.repeats)
-        emit({"bench": "decode_overhead", "device": args.device, "layers": args.layers, **results[method]},
-             args.jsonl)
+        emit({"bench": "decode_overhead", "device": args.device, "layers": args.layers,
+              "kind": "post-moe" if args.post_moe else "dense", **results[method]}, args.jsonl)
     if "custom" in results and "hf" in results:
         ours, hf = results["custom"], results["hf"]
         emit({"bench": "decode_overhead", "ratio": "custom/hf", **{

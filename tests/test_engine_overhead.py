@@ -1,5 +1,5 @@
-"""Step 4's engine overhead per decoding step (bench/decode_overhead.py): at most one host synchronisation and fewer
-aten ops than HF generate; the shortcuts behind it change nothing: the first-line check only on tokens that bring a
+"""Step 4's engine overhead per decoding step (bench/decode_overhead.py): one host synchronisation (Post-MoE
+included) and fewer aten ops than HF generate; the shortcuts behind it change nothing: the first-line check only on tokens that bring a
 newline finds the same stopping step as decoding every step, and the decoding step's own 4D mask gives the logits
 of transformers' 2D-mask path bit for bit."""
 import copy
@@ -27,6 +27,12 @@ def test_one_host_sync_per_decoding_step(smollm2_tokenizer):
     # reading the step's tokens back is the one wait; no .item(), no data-dependent shape, no blocking copy
     assert ours["syncs_per_step"] == 1 and ours["syncs_by_kind"].get("to_host") == 1
     assert ours["ops_per_step"] < hf["ops_per_step"]
+    # the Post-MoE block adds ops but no wait
+    from src.models import moe
+
+    upcycled = moe.upcycle(model, num_experts=7, top_k=2, moe_layers=2).eval()
+    sparse = measure("custom", upcycled, smollm2_tokenizer, records, steps=(3, 6), batch_size=6, repeats=1)
+    assert sparse["syncs_per_step"] == 1 and sparse["ops_per_step"] > ours["ops_per_step"]
 
 
 def test_line_check_on_newline_tokens_only_finds_the_same_step(smollm2_tokenizer):
