@@ -25,10 +25,12 @@ def choose_engine(requested: str, device) -> str:
 
 
 def predict_with(engine: str, model, tokenizer, records, *, mode: str = "generate", max_padding: float = 0.1,
-                 prefix_cache: str = "auto", prefill_batch: int | None = None, **common) -> list[dict]:
+                 prefix_cache: str = "auto", prefill_batch: int | None = None, early_stop: bool = True,
+                 **common) -> list[dict]:
     """Predictions of ``records`` by ``engine`` (one of ENGINES). ``common``: the arguments every engine takes
-    (fmt, batch_size, max_new_tokens, min_new_tokens, progress, callback, stats); the others are the custom
-    engine's."""
+    (fmt, batch_size, max_new_tokens, min_new_tokens, progress, callback, stats); ``early_stop`` (stop at the end
+    of the first non-empty line) applies to custom and cb (hf always decodes to a stop token or the limit); the
+    others are the custom engine's."""
     if engine == "hf":
         from src.evaluate.hf_engine import predict_hf
 
@@ -36,10 +38,10 @@ def predict_with(engine: str, model, tokenizer, records, *, mode: str = "generat
     if engine == "cb":
         from src.evaluate.cb_engine import predict_cb
 
-        return predict_cb(model, tokenizer, records, **common)
+        return predict_cb(model, tokenizer, records, early_stop=early_stop, **common)
     if engine != "custom":
         raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     from src.evaluate.engine import predict
 
     return predict(model, tokenizer, records, mode=mode, max_padding=max_padding, prefix_cache=prefix_cache,
-                   prefill_batch=prefill_batch, **common)
+                   prefill_batch=prefill_batch, early_stop=early_stop, **common)
