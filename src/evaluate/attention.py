@@ -83,6 +83,18 @@ def _set_attn_impl(config, name: str) -> None:
     config._attn_implementation = name  # see _attn_impl
 
 
+def decode_step_mask(model, attention_mask, q_len: int):
+    """The mask to pass for one decoding step (``q_len == 1``) of a full-attention model on ``sdpa``: the 4D boolean
+    mask transformers' ``sdpa_mask`` would build from the 2D padding mask (query = the last position, so the causal
+    part allows every key and the mask is the padding mask itself). transformers uses a 4D mask as it is; handed the
+    2D mask it would first read it back to see whether it has padding at all (a host sync per step). Anything else
+    is returned unchanged. tests/test_library_internals.py pins the equality with ``sdpa_mask``."""
+    cfg = getattr(model, "config", None)
+    if q_len != 1 or attention_mask is None or attention_mask.dim() != 2 or cfg is None or _attn_impl(cfg) != "sdpa":
+        return attention_mask
+    return attention_mask[:, None, None, :].bool()
+
+
 @contextmanager
 def prefix_attention(model):
     """Use ``prefix_causal_sdpa`` for calls inside the block when ``model`` uses ``sdpa`` (else change nothing)."""

@@ -25,6 +25,14 @@ Generation (``mode="generate"``)
     (a test checks it against HF generate). Caches that cannot be merged (sliding-window layers) fall back to
     batch-by-batch decoding.
 
+    One host synchronisation per decoding step (on a GPU the host otherwise waits for the device's queue): the next
+    tokens are read back once; everything else is known on the host or stays on the device. Young rows' stop tokens
+    are masked on the device (rows join at the end, so the young ones are a slice); a row's text is decoded for the
+    line check only when its token brings a newline (``newline_tokens``); each row's real and padding columns are
+    counted on the host (``_Prefilled.extent``/``zeros``), so no mask is read back, and a step without padding passes
+    no mask; index tensors are copied from pinned memory without waiting (``host_to_device``).
+    ``bench/decode_overhead.py`` counts ops and syncs per step (``src/common/host_sync.py``).
+
 Log-likelihood (``mode="loglik"``)
     One forward pass per item over ``prompt + answer_phrase + "("``; the answer is the item's option letter with the
     highest next-token log-probability (lm-evaluation-harness style). When a letter is not a single token after that
@@ -47,8 +55,8 @@ The model behind the engine: the ``StepModel`` protocol
 
         forward_step(input_ids, attention_mask, position_ids, past_key_values, logits_to_keep=1) -> (logits, cache)
 
-    ``input_ids``/``position_ids`` are [B, T] (long), ``attention_mask`` is [B, past + T] (1 = real token),
-    ``past_key_values`` is None on the first call and afterwards whatever the previous call returned; ``logits`` are
+    ``input_ids``/``position_ids`` are [B, T] (long), ``attention_mask`` is [B, past + T] (1 = real token) or None
+    when no row has padding (a wrapper passes it on as it is), ``past_key_values`` is None on the first call and afterwards whatever the previous call returned; ``logits`` are
     [B, logits_to_keep, V] for the last positions. A plain transformers model is wrapped in ``HFStepModel``. Anything
     else with a ``forward_step`` method and a ``device`` attribute (optionally ``eval()``/``train()``/``training``)
     can be passed to ``predict`` instead of a model, e.g. a proxy-tuning wrapper computing
@@ -64,6 +72,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -71,7 +80,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from src.evaluate import mmedlm
-from src.evaluate.attention import prefix_attention
+from src.evaluate.attention import decode_step_mask, prefix_attention
 from src.evaluate.extract import extract, line_complete
 from src.evaluate.kvcache import (
     SlotCache,
@@ -132,6 +141,8 @@ class HFStepModel:
     def forward_step(self, input_ids, attention_mask, position_ids, past_key_values, logits_to_keep=1):
         if past_key_values is None and self._slots:
             past_key_values = SlotCache(self.reserve)
+        if self._slots:  # full attention only (sliding windows need transformers' own mask)
+            attention_mask = decode_step_mask(self.model, attention_mask, input_ids.shape[1])
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=past_key_values, use_cache=True)
         if input_ids.shape[1] > 1 and past_key_values is not None and cache_length(past_key_values) > 0:
@@ -196,6 +207,59 @@ def resolve_fmt(tokenizer, model, fmt):
     from src.common.chat_formats import resolve_format
 
     return resolve_format(tokenizer, getattr(model, "config", None), fmt)
+
+
+# ----------------------------------------------------------------------------------------------- host <-> device
+def host_to_device(values: list[int], device, dtype=torch.long) -> torch.Tensor:
+    """A tensor of host values on ``device`` without waiting for the device: torch's ordinary host-to-device copy
+    waits for the stream to drain (a host synchronisation on every call); a copy from pinned memory does not (torch's
+    pinned-memory allocator keeps the buffer until the copy is done)."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+_NEWLINE_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def newline_tokens(tokenizer) -> bytearray:
+    """table[t] = 1 when token t's text contains a newline. A row's first non-empty line can only become complete
+    at a step whose token brings a newline (decoding appends text; a newline byte is never part of a multi-byte
+    character), so only those rows are decoded to check ``line_complete``. Cached per tokenizer."""
+    try:
+        return _NEWLINE_TABLES[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    texts = [tokenizer.decode([t], skip_special_tokens=True) for t in range(len(tokenizer))]
+    table = bytearray("\n" in text for text in texts)
+    try:
+        _NEWLINE_TABLES[tokenizer] = table
+    except TypeError:  # a tokenizer that cannot be weakly referenced: not cached
+        pass
+    return table
+
+
+def completes_line(gen: list[int], tok: int, newline: bytearray | None, tokenizer) -> bool:
+    """True when ``tok``, just appended to ``gen``, completes the first non-empty line (``newline``: the table of
+    ``newline_tokens``; None = no early stop). The text is decoded only when the token brings a newline: nothing
+    else completes a line."""
+    return newline is not None and (tok >= len(newline) or bool(newline[tok])) \
+        and line_complete(tokenizer.decode(gen, skip_special_tokens=True))
+
+
+def stop_reason(gen: list[int], tok: int, stops: set[int], max_new_tokens: int, newline: bytearray | None,
+                tokenizer) -> str | None:
+    """Why a row stops once ``tok`` is appended to its tokens ``gen`` (None: it goes on): "eos" (a stop token),
+    "max_tokens", or "line" (``completes_line``). The one stopping rule of every engine that decodes token by
+    token."""
+    if tok in stops:
+        return "eos"
+    if len(gen) >= max_new_tokens:
+        return "max_tokens"
+    if completes_line(gen, tok, newline, tokenizer):
+        return "line"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- work plan
@@ -303,13 +367,29 @@ def make_batches(lengths: dict[int, int], members: list[int], batch_size: int, m
 
 
 # ----------------------------------------------------------------------------------------------- the engine
+@dataclass
+class _Prefilled:
+    """Rows just prefilled (or the running batch): next-token logits [B, V] float, cache, attention mask
+    [B, columns], last positions [B, 1], and per row, known on the host (so no step reads the mask back): ``extent``,
+    the cache columns from its first real token to the right end, and ``zeros``, its padding columns."""
+    logits: torch.Tensor | None
+    cache: Any
+    mask: torch.Tensor
+    last_pos: torch.Tensor
+    extent: list[int]
+    zeros: list[int]
+
+
 class _Running:
-    """The decoding batch: one entry per row, and the tensors of the whole batch."""
+    """The decoding batch: one entry per row, and the tensors of the whole batch. Rows join at the end and all
+    advance one token per step, so they are ordered oldest first."""
 
     def __init__(self):
         self.rows: list[int] = []  # record indices
         self.units: list[tuple] = []  # (group, record index) to requeue a row after an out-of-memory
         self.gens: list[list[int]] = []
+        self.extent: list[int] = []  # see _Prefilled
+        self.zeros: list[int] = []
         self.cache = None
         self.mask = None  # [B, cached columns]
         self.last_pos = None  # [B, 1]
@@ -318,8 +398,12 @@ class _Running:
     def __len__(self):
         return len(self.rows)
 
-    def keep(self, keep: list[int], device):
-        index = torch.tensor(keep, dtype=torch.long, device=device)
+    def padded(self) -> bool:
+        return any(self.zeros)
+
+    def keep(self, keep: list[int], device, index: torch.Tensor | None = None):
+        if index is None:
+            index = host_to_device(keep, device)
         self.cache = cache_select(self.cache, index)
         self.mask, self.last_pos = self.mask[index], self.last_pos[index]
         if self.logits is not None:
@@ -327,11 +411,14 @@ class _Running:
         self.rows = [self.rows[b] for b in keep]
         self.units = [self.units[b] for b in keep]
         self.gens = [self.gens[b] for b in keep]
-        # columns that are padding for every remaining row are not needed any more
-        lead = int((self.mask.sum(0) == 0).long().cumprod(0).sum())
+        self.extent = [self.extent[b] for b in keep]
+        self.zeros = [self.zeros[b] for b in keep]
+        # columns that are padding for every remaining row are not needed any more (counted on the host)
+        lead = self.mask.shape[1] - max(self.extent) if keep else 0
         if lead and mergeable(self.cache):
             self.cache = cache_trim(self.cache, lead)
             self.mask = self.mask[:, lead:]
+            self.zeros = [z - lead for z in self.zeros]
 
 
 class Engine:
@@ -422,33 +509,36 @@ class Engine:
 
     def _prefix_cache(self, prefix: list[int], n_members: int, device):
         P = len(prefix)
-        t = torch.tensor([prefix], device=device)
-        _, cache = self._forward(t, torch.ones_like(t), torch.arange(P, device=device)[None], None)
+        t = host_to_device([prefix], device)
+        _, cache = self._forward(t, None, torch.arange(P, device=device)[None], None)
         self.stats.prefix_tokens += P
         self.stats.prompt_tokens += P
         self.stats.prefix_saved_tokens += P * (n_members - 1)
         return cache
 
-    def _prefill(self, rows: list[list[int]], P: int, prefix_cache, device):
-        """Left-padded prefill of suffixes (after a shared prefix of P tokens when prefix_cache is given).
-        Returns (last-position logits [B, V] float, cache, attention mask [B, P + T], last positions [B, 1])."""
+    def _prefill(self, rows: list[list[int]], P: int, prefix_cache, device) -> _Prefilled:
+        """Left-padded prefill of suffixes (after a shared prefix of P tokens when prefix_cache is given)."""
         B, T = len(rows), max(len(r) for r in rows)
-        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[b, T - len(r):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0) + P
-        ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+        ids, mask, pos = [], [], []
+        for r in rows:
+            pad = T - len(r)
+            ids.append([self.pad_id] * pad + r)
+            mask.append([0] * pad + [1] * len(r))
+            pos.append([P] * pad + list(range(P, P + len(r))))
+        ids, mask, pos = (host_to_device(x, device) for x in (ids, mask, pos))
         cache = None
         if P:
             cache = cache_repeat(prefix_cache, B)
             mask = torch.cat([torch.ones((B, P), dtype=mask.dtype, device=device), mask], dim=1)
-        logits, cache = self._forward(ids, mask, pos, cache)
+        zeros = [T - len(r) for r in rows]
+        # transformers reads a causal mask without padding as no mask; saying None spares it reading the mask back
+        # (a host sync). After a prefix the mask is passed as before (prefix_causal_sdpa checks its pattern).
+        logits, cache = self._forward(ids, mask if P or any(zeros) else None, pos, cache)
         self.stats.batches += 1
         self.stats.prompt_tokens += sum(len(r) for r in rows)
         self.stats.padded_tokens += B * T - sum(len(r) for r in rows)
-        return logits[:, -1].float(), cache, mask, pos[:, -1:]
+        extent = [P + T if P else len(r) for r in rows]
+        return _Prefilled(logits[:, -1].float(), cache, mask, pos[:, -1:], extent, zeros)
 
     def _oom(self, err: BaseException, n: int) -> None:
         """Handle an out-of-memory on n rows: halve the batch size, or re-raise when one row already fails."""
@@ -472,7 +562,7 @@ class Engine:
                                            for k in range(0, len(batch), self.batch_size)]))
                 continue
             try:
-                logits, _, _, _ = self._prefill([suffix[i] for i in batch], P, prefix_cache, device)
+                logits = self._prefill([suffix[i] for i in batch], P, prefix_cache, device).logits
             except Exception as e:  # noqa: BLE001 - only out-of-memory is handled
                 self._oom(e, len(batch))
                 queue.appendleft(batch)
@@ -491,11 +581,11 @@ class Engine:
         self._remaining = {gi: len(g.members) for gi, g in enumerate(groups)}
         self._prefixes: dict[int, Any] = {}
         single = self.prefill_batch == 1
+        self._stop = host_to_device(self.stop_ids, device)
+        self._stop_set = set(self.stop_ids)
+        self._newline = newline_tokens(self.tokenizer) if self.early_stop else bytearray()
         run = _Running()
         merge_ok: bool | None = None  # known after the first prefill
-        stop = torch.tensor(self.stop_ids, dtype=torch.long, device=device)
-        stop_set = set(self.stop_ids)
-
         while queue or run.rows:
             free = self.batch_size - len(run)
             threshold = max(1, int(self.batch_size * self.refill))
@@ -517,43 +607,50 @@ class Engine:
                     if self._remaining[g_] <= 0:
                         self._prefixes.pop(g_, None)
                 if merge_ok is None:
-                    merge_ok = mergeable(parts[0][1])
+                    merge_ok = mergeable(parts[0].cache)
                 self._admit(run, parts)
                 run.rows += [i for _, i in take]
                 run.units += list(take)
                 run.gens += [[] for _ in take]
                 continue  # admit more if there is room, then step
 
-            # choose the next token of every row
-            logits = run.logits
-            young = [b for b, g in enumerate(run.gens) if len(g) < self.min_new_tokens]
-            if young and len(stop):
-                rows = torch.tensor(young, dtype=torch.long, device=device)
-                logits[rows[:, None], stop[None, :]] = -math.inf
-            nxt = logits.argmax(dim=-1)
-            keep = []
-            for b, tok in enumerate(nxt.tolist()):
-                gen = run.gens[b]
-                gen.append(tok)
-                reason = None
-                if tok in stop_set:
-                    reason = "eos"
-                elif len(gen) >= self.max_new_tokens:
-                    reason = "max_tokens"
-                elif self.early_stop and line_complete(self.tokenizer.decode(gen, skip_special_tokens=True)):
-                    reason = "line"
-                if reason is None:
-                    keep.append(b)
-                else:
-                    emit(run.rows[b], self._generate_prediction(records[run.rows[b]], gen, reason))
+            nxt, keep = self._next_tokens(run, records, emit)
             if len(keep) < len(run):
-                nxt = nxt[torch.tensor(keep, dtype=torch.long, device=device)] if keep else nxt[:0]
+                index = host_to_device(keep, device)
+                nxt = nxt[index]
                 run.logits = None
-                run.keep(keep, device)
+                run.keep(keep, device, index)
             if not run.rows:
                 run = _Running()
                 continue
             self._decode_step(run, nxt, queue, device)
+
+    def _next_tokens(self, run: _Running, records, emit) -> tuple[torch.Tensor, list[int]]:
+        """Choose every row's next token (greedy), emit the rows that stop; returns the tokens [B] (on the device)
+        and the rows that go on. Reading the tokens is the step's one host synchronisation."""
+        logits = run.logits
+        young = [b for b, g in enumerate(run.gens) if len(g) < self.min_new_tokens]
+        if young and len(self.stop_ids):
+            if young[0] == len(run) - len(young):  # the newest rows (the usual case): a slice, no index to copy
+                logits[young[0]:, self._stop] = -math.inf
+            else:
+                rows = host_to_device(young, logits.device)
+                logits[rows[:, None], self._stop[None, :]] = -math.inf
+        nxt = logits.argmax(dim=-1)
+        keep = []
+        for b, tok in enumerate(nxt.tolist()):
+            gen = run.gens[b]
+            gen.append(tok)
+            reason = self._stop_reason(gen, tok)
+            if reason is None:
+                keep.append(b)
+            else:
+                emit(run.rows[b], self._generate_prediction(records[run.rows[b]], gen, reason))
+        return nxt, keep
+
+    def _stop_reason(self, gen: list[int], tok: int) -> str | None:
+        return stop_reason(gen, tok, self._stop_set, self.max_new_tokens, self._newline if self.early_stop else None,
+                           self.tokenizer)
 
     def _prefill_units(self, chunk: list[tuple], groups: list[_Group], ids, device):
         """Prefill prompts of one group (the group's shared prefix computed on first use)."""
@@ -563,18 +660,21 @@ class Engine:
             self._prefixes[gi] = self._prefix_cache(groups[gi].prefix, len(groups[gi].members), device)
         return self._prefill([ids[i][P:] for _, i in chunk], P, self._prefixes.get(gi), device)
 
-    def _admit(self, run: _Running, parts: list[tuple]) -> None:
-        """Merge freshly prefilled rows (logits, cache, mask, last_pos) into the running batch."""
+    def _admit(self, run: _Running, parts: list[_Prefilled]) -> None:
+        """Merge freshly prefilled rows into the running batch (all left-padded to the widest)."""
         if run.rows:
-            parts = [(run.logits, run.cache, run.mask, run.last_pos)] + parts
+            parts = [_Prefilled(run.logits, run.cache, run.mask, run.last_pos, run.extent, run.zeros)] + parts
+        width = max(p.mask.shape[1] for p in parts)
+        run.extent = [e for p in parts for e in p.extent]
+        run.zeros = [z + width - p.mask.shape[1] for p in parts for z in p.zeros]
         if len(parts) == 1:
-            run.logits, run.cache, run.mask, run.last_pos = parts[0]
+            run.logits, run.cache, run.mask, run.last_pos = parts[0].logits, parts[0].cache, parts[0].mask, \
+                parts[0].last_pos
             return
-        width = max(p[2].shape[1] for p in parts)
-        run.cache = cache_merge([p[1] for p in parts], reserve=self.max_new_tokens + 8)
-        run.mask = torch.cat([left_pad(p[2], width, 1) for p in parts], dim=0)
-        run.last_pos = torch.cat([p[3] for p in parts], dim=0)
-        run.logits = torch.cat([p[0] for p in parts], dim=0)
+        run.cache = cache_merge([p.cache for p in parts], reserve=self.max_new_tokens + 8)
+        run.mask = torch.cat([left_pad(p.mask, width, 1) for p in parts], dim=0)
+        run.last_pos = torch.cat([p.last_pos for p in parts], dim=0)
+        run.logits = torch.cat([p.logits for p in parts], dim=0)
         self.stats.merges += 1
 
     def _requeue(self, queue: deque, units: list[tuple]) -> None:
@@ -608,7 +708,9 @@ class Engine:
             width = run.mask.shape[1]
             mask = torch.cat([run.mask, torch.ones((len(run), 1), dtype=run.mask.dtype, device=device)], dim=1)
             try:
-                logits, cache = self._forward(nxt[:, None], mask, run.last_pos + 1, run.cache)
+                # no padding in any row: no mask (transformers would find that out by reading the mask back)
+                logits, cache = self._forward(nxt[:, None], mask if run.padded() else None, run.last_pos + 1,
+                                              run.cache)
             except Exception as e:  # noqa: BLE001 - only out-of-memory is handled
                 self._oom(e, len(run))
                 run.cache = cache_truncate(run.cache, width)
@@ -619,6 +721,7 @@ class Engine:
                 run.keep(keep, device)
                 continue
             run.cache, run.mask, run.last_pos = cache, mask, run.last_pos + 1
+            run.extent = [e + 1 for e in run.extent]
             run.logits = logits[:, -1].float()
             self.stats.decode_steps += 1
             return

@@ -112,9 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-new-tokens", type=int, default=2, help="default: %(default)s (reference)")
     p.add_argument("--mode", choices=["generate", "loglik"], default="generate",
                    help="generate: greedy decoding + answer extraction (paper); loglik: most likely option letter")
-    p.add_argument("--engine", choices=["custom", "hf"], default="custom",
-                   help="custom: the batched early-stopping engine (default); hf: plain model.generate batches, same "
-                        "letters, slower, no transformers internals (a fallback after a library upgrade)")
+    p.add_argument("--engine", choices=["auto", "custom", "hf", "cb"], default="auto",
+                   help="custom: the batched early-stopping engine; hf: plain model.generate batches, same letters, "
+                        "slower, no transformers internals (a fallback after a library upgrade); cb: transformers' "
+                        "continuous batching (generate_batch), same rules, stock classes only; auto (default): per "
+                        "device, from measurements (docs/eval.md)")
     p.add_argument("--format", default=None,
                    help="chat format whose end token stops generation (default: from the model, as step 1)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -157,8 +159,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if bool(args.proxy_tuned) != bool(args.proxy_raw):
         p.error("--proxy-tuned and --proxy-raw go together")
-    if args.engine == "hf" and (args.mode != "generate" or args.proxy_tuned):
-        p.error("--engine hf generates with a plain transformers model: no --mode loglik, no proxy-tuning")
+    if args.engine in ("hf", "cb") and (args.mode != "generate" or args.proxy_tuned):
+        p.error(f"--engine {args.engine} generates with a plain transformers model: no --mode loglik, no proxy-tuning")
+    if args.engine == "cb":
+        from src.models.moe import is_moe_checkpoint
+
+        if is_moe_checkpoint(args.model):
+            from src.evaluate.cb_engine import EXPORT_HINT
+
+            p.error(f"--engine cb runs stock transformers classes; {args.model} is a Post-MoE checkpoint of ours: "
+                    f"export it ({EXPORT_HINT}) and score the export, or use --engine custom")
     if args.backend == "openai" and (not args.api_base or args.proxy_tuned or args.concurrency < 1):
         p.error("--backend openai needs --api-base URL and --concurrency >= 1, and takes no proxy models")
     check_flags(args)
@@ -271,8 +281,8 @@ def predict_mine(args, mine: list[dict], tokenizer, out: Path, state, counts: di
                  stats: dict, fps: dict, whole_answer: bool = False) -> str:
     """Predict this process's pending records, appending each prediction as it is made. Returns the format name."""
     from src.common.chat_formats import resolve_format
-    from src.evaluate.engine import predict, stop_token_ids
-    from src.evaluate.hf_engine import predict_hf
+    from src.evaluate.engine import stop_token_ids
+    from src.evaluate.engines import predict_with
 
     model = load_scoring_model(args, args.model, dtype, state.device)
     fmt = resolve_format(tokenizer, getattr(model, "config", None), args.format)
@@ -280,7 +290,8 @@ def predict_mine(args, mine: list[dict], tokenizer, out: Path, state, counts: di
     if state.is_main_process:
         print(f"[step 4] {args.model}: {counts['items']} items, {counts['done']} already done, "
               f"{counts['pending']} to go on {state.num_processes} process(es); mode={args.mode} format={fmt.name} "
-              f"stop ids={stops} dtype={str(dtype).replace('torch.', '')} device={state.device}", flush=True)
+              f"stop ids={stops} dtype={str(dtype).replace('torch.', '')} device={state.device} "
+              f"engine={args.engine}", flush=True)
     world, rank = state.num_processes, state.process_index
     target = out / PRED if world == 1 else out / PARTS / f"predictions.rank{rank}.jsonl"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -294,13 +305,10 @@ def predict_mine(args, mine: list[dict], tokenizer, out: Path, state, counts: di
         common = dict(fmt=fmt, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
                       min_new_tokens=args.min_new_tokens, progress=not args.no_progress and state.is_main_process,
                       callback=append, stats=stats)
-        if args.engine == "hf":
-            predict_hf(model, tokenizer, mine, **common)
-        else:
-            # whole_answer (MMedBench): no stop at the first line, the rationale and the answer after it count
-            predict(model, tokenizer, mine, mode=args.mode, max_padding=args.max_padding,
-                    prefix_cache=args.prefix_cache, prefill_batch=args.prefill_batch, early_stop=not whole_answer,
-                    **common)
+        # whole_answer (MMedBench): no stop at the first line, the rationale and the answer after it count
+        predict_with(args.engine, model, tokenizer, mine, mode=args.mode, max_padding=args.max_padding,
+                     prefix_cache=args.prefix_cache, prefill_batch=args.prefill_batch, early_stop=not whole_answer,
+                     **common)
     return fmt.name
 
 
@@ -378,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import PartialState
 
+    from src.evaluate.engines import choose_engine
     from src.models.loading import load_tokenizer
 
     if args.threads:
@@ -396,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     check_model_path(args.model)
     dtype = _dtype(args.dtype, state.device)
     tokenizer = load_tokenizer(args.model, padding_side="left")
+    args.engine = choose_engine(args.engine, state.device)  # run.json records the engine that ran
     settings = run_settings(args, dtype)
     if args.backend == "openai":
         settings.update(api_base=args.api_base, api_model=args.api_model, concurrency=args.concurrency)

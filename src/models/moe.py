@@ -107,7 +107,8 @@ class Experts(nn.Module):
         flat = experts.reshape(-1)
         # Sort the T*k (token, slot) pairs by expert once; every expert then reads one contiguous slice.
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        # tokens per expert, without bincount (which reads the largest id back to size its output: a host sync)
+        counts = flat.new_zeros(self.gate_up_proj.shape[0]).index_add_(0, flat, torch.ones_like(flat))
         gate, up = _grouped_linear(x[order // k], self.gate_up_proj, counts).chunk(2, dim=-1)
         out = _grouped_linear(self.act_fn(gate) * up, self.down_proj, counts)
         # Undo the sort with a gather (deterministic, unlike index_add_ on GPU) and sum each token's k outputs.
@@ -449,14 +450,23 @@ class RoutingStats:
     counts[layer][language] is an int64 CPU tensor [E]: each real token adds its k final selections (hybrid forcing
     included while training). Padding (language id < 0, or attention mask 0 when no ids are given) is skipped; tokens of
     a forward without language ids count under language None. Checkpoint recomputes are not counted twice.
-    In eval mode language ids only label tokens (nothing is forced), so any non-negative ids work as language keys.
+    In eval mode language ids only label tokens (nothing is forced), so any non-negative ids below
+    `max_language_ids` work as language keys.
+
+    The counts accumulate on the model's device (a table [max_language_ids, E] per layer): recording never waits for
+    the device, so a forward costs no host synchronisation; reading `counts` brings them to the host once. A language
+    id >= max_language_ids cannot be counted: reading `counts` then raises, naming the limit.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, max_language_ids: int = 64) -> None:
         self.blocks = sparse_blocks(model)
         if not self.blocks:
             raise ValueError(f"{type(model).__name__} has no sparse blocks: nothing to count")
-        self.counts: dict[int, dict[int | None, torch.Tensor]] = {}
+        self.max_language_ids = max_language_ids
+        self._by_language: dict[int, torch.Tensor] = {}  # layer -> [max_language_ids, E] on the device
+        self._unlabelled: dict[int, torch.Tensor] = {}  # layer -> [E]: forwards without language ids
+        self._too_large: dict[int, torch.Tensor] = {}  # layer -> selections of ids >= max_language_ids
+        self._counts: dict | None = None  # what `counts` last read back (None: stale)
 
     def __enter__(self) -> RoutingStats:
         for block in self.blocks:
@@ -470,24 +480,43 @@ class RoutingStats:
     @torch.no_grad()
     def record(self, block: SparseMoeBlock, experts: torch.Tensor, language_ids: torch.Tensor | None,
                real: torch.Tensor | None) -> None:
-        layer = self.counts.setdefault(block.layer_idx, {})
-        if real is not None:
-            experts = experts[real]
-            language_ids = language_ids[real] if language_ids is not None else None
-        num_experts = block.num_experts
+        """Add one forward's selections (device ops only: weights instead of boolean selection, a fixed-size table
+        instead of a bincount sized by the largest id)."""
+        self._counts = None
+        layer, num_experts, k = block.layer_idx, block.num_experts, block.top_k
+        flat = experts.reshape(-1)
+        weight = (real.to(flat.device).repeat_interleave(k) if real is not None
+                  else torch.ones_like(flat, dtype=torch.bool))
         if language_ids is None:
-            per_language = {None: torch.bincount(experts.reshape(-1), minlength=num_experts)}
-        elif language_ids.numel() == 0:
+            acc = self._unlabelled.setdefault(layer, flat.new_zeros(num_experts))
+            acc.index_add_(0, flat, weight.long())
             return
-        else:
-            # One bincount over (language, expert) pairs instead of a loop over languages.
-            langs = language_ids.to(experts.device).repeat_interleave(block.top_k)
-            table = torch.bincount(langs * num_experts + experts.reshape(-1),
-                                   minlength=(int(langs.max()) + 1) * num_experts).view(-1, num_experts)
-            per_language = {lang: table[lang] for lang in langs.unique().tolist()}
-        for lang, counts in per_language.items():
-            counts = counts.cpu()
-            layer[lang] = layer[lang] + counts if lang in layer else counts
+        langs = language_ids.to(flat.device).repeat_interleave(k)
+        counted = weight & (langs >= 0)
+        fits = langs < self.max_language_ids
+        table = self._by_language.setdefault(layer, flat.new_zeros(self.max_language_ids * num_experts))
+        table.index_add_(0, langs.clamp(0, self.max_language_ids - 1) * num_experts + flat, (counted & fits).long())
+        over = self._too_large.setdefault(layer, flat.new_zeros(()))
+        over += (counted & ~fits).sum()
+
+    @property
+    def counts(self) -> dict[int, dict[int | None, torch.Tensor]]:
+        """layer -> language -> selections per expert (CPU), for the languages that had real tokens."""
+        if self._counts is None:
+            out: dict[int, dict[int | None, torch.Tensor]] = {}
+            for layer in sorted(set(self._by_language) | set(self._unlabelled)):
+                if int(self._too_large.get(layer, torch.zeros(()))) > 0:
+                    raise ValueError(f"RoutingStats: language ids >= max_language_ids={self.max_language_ids} "
+                                     f"reached layer {layer}; count with RoutingStats(model, max_language_ids=N)")
+                langs: dict[int | None, torch.Tensor] = {}
+                if layer in self._unlabelled:
+                    langs[None] = self._unlabelled[layer].cpu()
+                if layer in self._by_language:
+                    table = self._by_language[layer].cpu().view(self.max_language_ids, -1)
+                    langs.update({lang: table[lang].clone() for lang in table.sum(1).nonzero().flatten().tolist()})
+                out[layer] = langs
+            self._counts = out
+        return self._counts
 
     def ratios(self) -> dict[int, dict[int | None, list[float]]]:
         """counts normalised to sum to 1 per layer and language."""
@@ -495,7 +524,10 @@ class RoutingStats:
                 for layer, langs in sorted(self.counts.items())}
 
     def reset(self) -> None:
-        self.counts.clear()
+        self._by_language.clear()
+        self._unlabelled.clear()
+        self._too_large.clear()
+        self._counts = None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
