@@ -111,12 +111,14 @@ def build_rows(args, vocab_size: int, out: Path) -> Path:
     return out
 
 
-def upcycle(model_dir: Path, out: Path) -> Path:
-    """The Post-MoE benchmark model: src/models/upcycle.py's defaults (7 experts, top-2, the last 2 layers)."""
-    if not out.is_dir():
-        subprocess.run([sys.executable, "-m", "src.models.upcycle", "--model", str(model_dir), "--out", str(out)],
-                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=os.environ)
-    return out
+def upcycle(model_dir: Path, out: Path) -> str | None:
+    """The Post-MoE benchmark model in ``out`` with src/models/upcycle.py's defaults (7 experts, top-2, the last 2
+    layers), unless it is there already; the reason when that fails."""
+    if (out / "config.json").is_file():
+        return None
+    proc = subprocess.run([sys.executable, "-m", "src.models.upcycle", "--model", str(model_dir), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, env=os.environ)
+    return None if proc.returncode == 0 else f"upcycling failed: {(proc.stderr.strip().splitlines() or [''])[-1]}"
 
 
 # ------------------------------------------------------------------------------------------ inside a child
@@ -200,20 +202,34 @@ def child_plain(model_dir: Path, rows_dir: Path, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ running a method
+def _die_with_parent() -> None:
+    """In the child, before it starts (Linux): end it when this benchmark ends, however it ends, so a time limit
+    around the benchmark never leaves a trainer holding the GPU. Its data workers follow it (torch's watchdog)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def run_child(argv: list[str], args) -> tuple[str, dict | None, str]:
-    """This script in a fresh process (its own session, so a time limit ends its data workers too):
-    (status, its last JSON line, stderr)."""
+    """This script in a fresh process, within --method-timeout: (status, its last JSON line, stderr)."""
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     proc = subprocess.Popen([sys.executable, __file__, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     try:
         out, err = proc.communicate(timeout=args.method_timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        proc.kill()
         out, err = proc.communicate()
         return f"timed out after {args.method_timeout:g} s", None, err
+    finally:
+        if proc.poll() is None:  # the benchmark itself is being stopped (Ctrl-C, SIGTERM)
+            proc.kill()
     if proc.returncode != 0:
         return f"failed (exit code {proc.returncode})", None, err
     return "ok", json.loads(out.strip().splitlines()[-1]), err
@@ -240,6 +256,9 @@ def run_method(method: str, inputs: dict, out: Path, args) -> dict:
         records = (report or {}).pop("records", [])
     else:
         model = inputs["moe"] if method == "moe" else inputs["model"]
+        failed = upcycle(inputs["model"], model) if method == "moe" else None
+        if failed:
+            return {"status": "failed", "error": failed, "records": []}
         argv = trainer_argv(method, model, inputs["rows"], out, args)
         status, report, err = run_child(["--child-train", json.dumps(argv)], args)
         log = out / "train_log.jsonl"
@@ -357,20 +376,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method-timeout", type=float, default=None, help="seconds per method run (default: none)")
     p.add_argument("--jsonl", default=None, help="append each method's JSON line to this file as it is printed")
     p.add_argument("--json", default=None, help="also write all results and the headline figures here")
+    p.add_argument("--work-dir", default=None, help="keep the built model and rows here and reuse them in later "
+                                                   "calls with the same settings (default: a temporary folder)")
     p.add_argument("--child-train", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-plain", nargs=2, default=None, help=argparse.SUPPRESS)
     return p
 
 
-def prepare(args, tmp: Path, methods: list[str]) -> dict:
+def prepare(args, work: Path) -> dict:
+    """The benchmark model and rows in ``work``, reused when a --work-dir already holds them (the Post-MoE model is
+    upcycled right before its method runs)."""
     from transformers import AutoConfig
 
-    model_dir = build_model_dir(args, tmp / "model")
+    name = "model-" + (f"{args.preset}" if args.preset != "smollm2" else f"smollm2-{args.layers}L")
+    model_dir = Path(args.model) if args.model else work / name
+    if not (model_dir / "config.json").is_file():
+        build_model_dir(args, model_dir)
     cfg = AutoConfig.from_pretrained(model_dir)
-    inputs = {"model": model_dir, "rows": build_rows(args, cfg.vocab_size, tmp / "rows"), "config": cfg}
-    if "moe" in methods:
-        inputs["moe"] = upcycle(model_dir, tmp / "moe")
-    return inputs
+    rows = work / f"rows-{model_dir.name}-{args.seq}x{args.batch_size}x{args.grad_accum}x{args.steps + args.warmup}"
+    if not (rows / "dataset_info.json").is_file():
+        build_rows(args, cfg.vocab_size, rows)
+    return {"model": model_dir, "rows": rows, "config": cfg, "moe": work / f"{model_dir.name}-moe"}
 
 
 def main(argv=None) -> int:
@@ -379,6 +405,7 @@ def main(argv=None) -> int:
                    "--steps", str(args.steps), "--warmup", str(args.warmup)]
     args.passed += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     args.passed += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a time limit's SIGTERM ends the child too
     if args.child_train or args.child_plain:
         report = child_train(json.loads(args.child_train)) if args.child_train else child_plain(
             Path(args.child_plain[0]), Path(args.child_plain[1]), args)
@@ -393,7 +420,7 @@ def main(argv=None) -> int:
     on_gpu = torch.cuda.is_available()
     done = []
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
-        inputs = prepare(args, Path(tmp), methods)
+        inputs = prepare(args, Path(args.work_dir or tmp))
         cfg = inputs["config"]
         context = {"bench": "train_speed", "device": torch.cuda.get_device_name() if on_gpu else
                    f"CPU ({platform.processor() or platform.machine()}), {args.threads or torch.get_num_threads()} "

@@ -82,18 +82,34 @@ def cpu_varlen(monkeypatch):
     return calls
 
 
-def test_varlen_wiring_gives_the_masked_sdpa_loss_and_gradients(tiny_model_dir, cpu_varlen):
+def _upcycled(model):
+    from src.models import moe
+
+    torch.manual_seed(0)  # the same router for every copy
+    moe.upcycle(model, num_experts=7, top_k=2, moe_layers=1, router_aux_loss_coef=0.01)
+    return model.train()
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_varlen_wiring_gives_the_masked_sdpa_loss_and_gradients(tiny_model_dir, cpu_varlen, kind):
     """Flattened rows + the collator's cu_seq_lens through the registered ``varlen`` function give exactly the loss
-    and gradients of the padded batch with sdpa's block-diagonal document mask."""
+    and gradients of the padded batch with sdpa's block-diagonal document mask (Post-MoE: the auxiliary loss too)."""
+    from src.models import moe
+
+    is_moe = kind == "moe"
+    build = _upcycled if is_moe else (lambda m: m)
     rows = _rows()
-    padded = Collator(PAD)(rows)
-    flat = Collator(PAD, flatten=attention.needs_flat_rows(attention.VARLEN))(rows)
+    padded = Collator(PAD, with_language_ids=is_moe)(rows)
+    flat = Collator(PAD, flatten=attention.needs_flat_rows(attention.VARLEN), with_language_ids=is_moe)(rows)
     assert flat["input_ids"].shape[0] == 1 and "cu_seq_lens_q" in flat
-    sdpa = _loss_and_grads(_model(tiny_model_dir, "sdpa"), padded)
-    model = _model(tiny_model_dir)
+    sdpa = _loss_and_grads(build(_model(tiny_model_dir, "sdpa")), padded, is_moe=is_moe, moe=moe)
+    model = build(_model(tiny_model_dir))
     model.set_attn_implementation(attention.VARLEN)
-    varlen = _loss_and_grads(model, flat)
+    varlen = _loss_and_grads(model, flat, is_moe=is_moe, moe=moe)
     _assert_same(varlen, sdpa)
+    if is_moe:
+        assert sdpa[1].item() > 0
+        torch.testing.assert_close(varlen[1], sdpa[1])
     # one kernel call per layer, with the collator's document boundaries and GQA (4 query heads, 2 KV heads)
     assert len(cpu_varlen) == model.config.num_hidden_layers
     assert all(torch.equal(cu, flat["cu_seq_lens_q"]) and gqa for cu, gqa in cpu_varlen)
@@ -101,7 +117,7 @@ def test_varlen_wiring_gives_the_masked_sdpa_loss_and_gradients(tiny_model_dir, 
     whole = dict(flat, cu_seq_lens_q=torch.tensor([0, flat["input_ids"].shape[1]], dtype=torch.int32))
     whole.update(cu_seq_lens_k=whole["cu_seq_lens_q"], max_length_q=flat["input_ids"].shape[1],
                  max_length_k=flat["input_ids"].shape[1])
-    assert abs(_loss_and_grads(model, whole)[0] - sdpa[0]) > 0.1  # the tolerance above is 1e-5
+    assert abs(_loss_and_grads(model, whole, is_moe=is_moe, moe=moe)[0] - sdpa[0]) > 0.1  # vs the 1e-5 above
 
 
 def test_varlen_model_generates_like_sdpa(tiny_model_dir, cpu_varlen):
@@ -183,9 +199,10 @@ def test_chunked_cross_entropy_equals_the_full_one(frozen_weight):
 def test_chunked_loss_through_the_model_equals_the_full_loss(tiny_model_dir, monkeypatch):
     """Same summed CE and gradients (every parameter, the tied embedding/output weight included) as steps'
     token_losses: same shift, -100 prompts and padding, document starts ignored; chunks smaller than the batch."""
-    monkeypatch.setattr(loss, "CHUNK_TOKENS", 7)
-    batch = Collator(PAD)(_rows())
     model = _model(tiny_model_dir)
+    monkeypatch.setattr(loss, "CHUNK_BYTES", 7 * 4 * model.config.vocab_size)  # 7-row chunks
+    assert loss.chunk_rows(model.config.vocab_size) == 7
+    batch = Collator(PAD)(_rows())
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
     full = _loss_and_grads(model, batch, "full")
     chunked = _loss_and_grads(model, batch, "chunked")
@@ -217,9 +234,7 @@ def test_chunked_loss_with_lora(tiny_model_dir):
 def test_chunked_loss_on_a_post_moe_model_keeps_the_aux_loss(tiny_model_dir):
     from src.models import moe
 
-    model = _model(tiny_model_dir)
-    moe.upcycle(model, num_experts=7, top_k=2, moe_layers=1, router_aux_loss_coef=0.01)
-    model.train()
+    model = _upcycled(_model(tiny_model_dir))
     batch = Collator(PAD, with_language_ids=True)(_rows())
     full = _loss_and_grads(model, batch, "full", is_moe=True, moe=moe)
     chunked = _loss_and_grads(model, batch, "chunked", is_moe=True, moe=moe)
@@ -387,8 +402,7 @@ def test_train_speed_reports_each_method_as_it_ends(monkeypatch, tmp_path, capsy
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     cfg = types.SimpleNamespace(model_type="llama", num_hidden_layers=2, hidden_size=8, vocab_size=100)
-    monkeypatch.setattr(bench, "prepare", lambda args, tmp, methods: {"model": tmp, "rows": tmp, "moe": tmp,
-                                                                       "config": cfg})
+    monkeypatch.setattr(bench, "prepare", lambda args, work: {"model": work, "rows": work, "moe": work, "config": cfg})
 
     def fake_run(method, inputs, out, args):
         seconds = 2.0 if method == "moe" else 1.0

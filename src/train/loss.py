@@ -6,7 +6,7 @@ Qwen2-0.5B's 151,936-token vocabulary and 16,384 tokens that is 10 GB of fp32 lo
 gradient. Two losses that never hold them:
 
 - ``chunked`` (plain torch, CPU and GPU): the final hidden states of the label positions only, times the output
-  projection, a chunk of ``CHUNK_TOKENS`` rows at a time. The gradients of a chunk (w.r.t. its hidden states and the
+  projection, a chunk of rows at a time (``chunk_rows``). The gradients of a chunk (w.r.t. its hidden states and the
   projection weight, accumulated in fp32) are computed right after its loss, so no chunk's logits are kept for the
   backward or recomputed; the backward only scales them.
 - ``liger``: Liger-Kernel's fused linear cross-entropy (Triton, CUDA; ``--kernels liger``), the same idea fused into
@@ -28,7 +28,9 @@ from src.common.defaults import IGNORE_INDEX
 from src.common.errors import UsageError
 
 CHOICES = ("auto", "full", "chunked", "liger")
-CHUNK_TOKENS = 1024  # rows of logits per chunk: 0.6 GB of fp32 logits at a 152k vocabulary
+# fp32 log-probabilities per chunk: 3,533 rows at Qwen2's 151,936-token vocabulary. Each chunk also adds its share to
+# an fp32 weight gradient, a [vocabulary, hidden] pass over memory, so the chunks are not made smaller than needed.
+CHUNK_BYTES = 2 * 2**30
 # Families whose logits are exactly output_projection(final hidden state): no softcap, scale or bias in between.
 PLAIN_HEAD_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -83,17 +85,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = F.linear(h, weight).float()  # the model's dtype, then fp32: what the full loss does
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            # logits in the model's dtype, log-softmax in fp32: what F.cross_entropy(logits.float()) computes
+            logp = torch.log_softmax(F.linear(h, weight), dim=-1, dtype=torch.float32)
+            rows = torch.arange(y.numel(), device=y.device)
+            total -= logp[rows, y].sum()
             if need_h or need_w:
-                dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                dlogits[torch.arange(y.numel(), device=y.device), y] -= 1.0
+                dlogits = logp.exp_()  # softmax, in place
+                dlogits[rows, y] -= 1.0  # d(loss)/d(logits)
                 dlogits = dlogits.to(hidden.dtype)
                 if need_h:
                     grad_h[start:start + chunk] = dlogits @ weight
                 if need_w:
-                    grad_w += (dlogits.t() @ h).float()
+                    grad_w.add_(dlogits.t() @ h)  # accumulated over the chunks in fp32
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h, grad_w)
         return total
@@ -106,12 +109,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None
 
 
+def chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk: as many as fit ``CHUNK_BYTES`` of fp32 log-probabilities."""
+    return max(1, CHUNK_BYTES // (4 * vocab_size))
+
+
 def chunked_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                    chunk: int | None = None) -> torch.Tensor:
     """Summed cross-entropy (fp32) of ``hidden [N, H] @ weight.T`` against ``targets [N]`` (no ignored targets),
-    ``chunk`` rows at a time (default ``CHUNK_TOKENS``)."""
+    ``chunk`` rows at a time (default ``chunk_rows``)."""
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk or CHUNK_TOKENS, with_grads)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk or chunk_rows(weight.shape[0]),
+                                            with_grads)
 
 
 def hidden_ce_sum(seen: Captured, labels: torch.Tensor, kind: str) -> torch.Tensor:
@@ -164,5 +173,5 @@ def choose(requested: str, model, *, zero: int, kernels: str, on_gpu: bool) -> t
     if kernels == "liger":
         return "liger", "Liger fused linear cross-entropy"
     if on_gpu:
-        return "chunked", f"no [tokens, vocabulary] fp32 logits, {CHUNK_TOKENS}-token chunks"
+        return "chunked", f"no [tokens, vocabulary] fp32 logits: chunks of {CHUNK_BYTES / 2**30:g} GiB"
     return "full", "CPU: the chunked loss saves memory, not time, here"

@@ -20,7 +20,7 @@ from src.train.runtime import DENSE_LR, MOE_LR
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from src.train import attention, kernels, lora, loss
+    from src.train import lora
 
     p = argparse.ArgumentParser(prog="python -m src.train.train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -49,18 +49,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "continue later with --resume (time-limited jobs)")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--attn-impl", choices=attention.CHOICES, default="auto",
-                   help="attention for packed rows: auto (GPU: flash_attention_2 when flash-attn is installed, else "
-                        "varlen, torch's varlen flash attention, else flex; CPU: sdpa), varlen, flex (FlexAttention "
-                        "with a document block mask), sdpa (block-diagonal mask), eager, flash_attention_2")
-    g.add_argument("--loss", choices=loss.CHOICES, default="auto",
-                   help="token cross-entropy: full (fp32 logits of every position), chunked (no full logits, plain "
-                        "torch), liger (Liger's fused linear cross-entropy); auto: liger with --kernels liger, else "
-                        "chunked on GPU and full on CPU")
-    g.add_argument("--kernels", choices=kernels.CHOICES, default="auto",
-                   help="Liger-Kernel's RMSNorm/SwiGLU/RoPE kernels (requirements-gpu.txt, CUDA): auto (liger on a "
-                        "GPU when installed), liger, none")
-    g.add_argument("--compile", action="store_true", help="torch.compile every decoder layer")
     g.add_argument("--num-workers", type=int, default=None, help="data loader workers (default 2 on GPU, 0 on CPU)")
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval-every", type=int, default=None,
@@ -88,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak FLOP/s (TFLOP/s) for MFU (default: known GPUs' bf16 dense peak)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_speed_args(p)
     lora.add_args(p)
     args = p.parse_args(argv)
     lora.check_args(p, args)
@@ -98,6 +87,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.max_steps is not None and args.max_steps < 1:
         p.error("--max-steps must be >= 1")
     return args
+
+
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    from src.train import attention, kernels, loss
+
+    g = p.add_argument_group("speed (docs/train.md 'GPU speed'; the start-up line says what runs and why)")
+    g.add_argument("--attn-impl", choices=attention.CHOICES, default="auto",
+                   help="attention for packed rows: auto (GPU: flash_attention_2 when flash-attn is installed, else "
+                        "varlen, torch's varlen flash attention, else flex; CPU: sdpa), varlen, flex (FlexAttention "
+                        "with a document block mask), sdpa (block-diagonal mask), eager, flash_attention_2")
+    g.add_argument("--loss", choices=loss.CHOICES, default="auto",
+                   help="token cross-entropy: full (fp32 logits of every position), chunked (no full logits, plain "
+                        "torch), liger (Liger's fused linear cross-entropy); auto: liger with --kernels liger, else "
+                        "chunked on GPU and full on CPU")
+    g.add_argument("--kernels", choices=kernels.CHOICES, default="auto",
+                   help="Liger-Kernel's RMSNorm/SwiGLU/RoPE kernels (requirements-gpu.txt, CUDA): auto (liger on a "
+                        "GPU when installed), liger, none")
+    g.add_argument("--compile", action="store_true", help="torch.compile every decoder layer")
 
 
 def check_speed_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
