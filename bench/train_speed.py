@@ -202,20 +202,34 @@ def child_plain(model_dir: Path, rows_dir: Path, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ running a method
+GRACE_SECONDS = 20  # after SIGTERM, before SIGKILL
+
+
 def _die_with_parent() -> None:
-    """In the child, before it starts (Linux): end it when this benchmark ends, however it ends, so a time limit
+    """In the child, before it starts (Linux): a SIGTERM when this benchmark ends, however it ends, so a time limit
     around the benchmark never leaves a trainer holding the GPU. Its data workers follow it (torch's watchdog)."""
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM first: the child turns it into SystemExit, so cleanup runs (a SIGKILL inside torch's extension-build
+    lock would leave the lock file behind and every later run waiting on it); SIGKILL if it is still there later."""
+    proc.terminate()
+    try:
+        proc.wait(GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def run_child(argv: list[str], args) -> tuple[str, dict | None, str]:
     """This script in a fresh process, within --method-timeout: (status, its last JSON line, stderr)."""
     env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))  # as scripts/env.sh sets it
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     proc = subprocess.Popen([sys.executable, __file__, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -224,12 +238,12 @@ def run_child(argv: list[str], args) -> tuple[str, dict | None, str]:
     try:
         out, err = proc.communicate(timeout=args.method_timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        _stop(proc)
         out, err = proc.communicate()
         return f"timed out after {args.method_timeout:g} s", None, err
     finally:
         if proc.poll() is None:  # the benchmark itself is being stopped (Ctrl-C, SIGTERM)
-            proc.kill()
+            _stop(proc)
     if proc.returncode != 0:
         return f"failed (exit code {proc.returncode})", None, err
     return "ok", json.loads(out.strip().splitlines()[-1]), err
