@@ -165,3 +165,37 @@ def test_continuous_batching_manager_takes_an_added_logits_processor(tiny_model_
         assert rules._stop_index is not None and rules._stop_index.tolist() == [tok.eos_token_id]
     finally:
         manager.destroy()
+
+
+def test_the_output_projection_receives_the_final_hidden_states(tiny_model_dir):
+    """loss.final_hidden takes the hidden states at the input of ``get_output_embeddings()`` and projects an empty
+    slice instead (transformers 5.23 causal LMs: ``lm_head(norm(last layer))``): they must be the model's final
+    hidden states, and the projection of them its logits."""
+    from transformers import AutoModelForCausalLM
+
+    from src.train.loss import final_hidden
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        want = model(ids, output_hidden_states=True)
+        with final_hidden(model) as seen:
+            out = model(ids)
+    assert out.logits.shape == (1, 0, model.config.vocab_size)  # no logits computed
+    torch.testing.assert_close(seen.hidden, want.hidden_states[-1])
+    torch.testing.assert_close(seen.head(seen.hidden), want.logits)
+
+
+def test_torch_varlen_attention_signature_and_causal_rule():
+    """attention.varlen_kernel calls torch 2.13's varlen_attn with keyword scale/window_size/enable_gqa and asks for
+    causal attention with window_size=(-1, 0), the one value the function turns into is_causal (CUDA only, so the
+    rule is read from its source here)."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    assert list(params)[:7] == ["query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k"]
+    for name in ("scale", "window_size", "enable_gqa"):
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
+    assert "is_causal = window_size == (-1, 0)" in inspect.getsource(varlen_attn)

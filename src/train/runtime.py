@@ -1,5 +1,6 @@
-"""Step 3's run-time choices: the DeepSpeed config, the attention kernel, FLOP counts for MFU, and how Post-MoE
-checkpoints are recognised and built under ZeRO-3."""
+"""Step 3's run-time choices: the DeepSpeed config, FLOP counts for MFU, and how Post-MoE checkpoints are recognised
+and built under ZeRO-3 (the attention kernel: attention.py; the loss: loss.py; Liger and torch.compile:
+kernels.py)."""
 from __future__ import annotations
 
 import json
@@ -32,17 +33,6 @@ def deepspeed_config(zero: int, *, batch_size: int, bf16: bool, clip: float) -> 
     cfg["bf16"] = {"enabled": bool(bf16)}
     cfg["gradient_clipping"] = clip
     return cfg
-
-
-def choose_attn_impl(requested: str, on_gpu: bool) -> str:
-    if requested != "auto":
-        return requested
-    if on_gpu:
-        import importlib.util
-
-        if importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2"
-    return "sdpa"
 
 
 def peak_flops(args, device) -> float | None:

@@ -3,6 +3,7 @@ and the numbers logged after the step (grad norm, expert load)."""
 from __future__ import annotations
 
 from src.common.defaults import IGNORE_INDEX
+from src.train.loss import final_hidden, hidden_ce_sum, shift_labels, unwrap
 
 
 def model_inputs(batch: dict, device, *, is_moe: bool) -> dict:
@@ -22,18 +23,25 @@ def token_losses(logits, labels):
     """Per-position cross-entropy of predicting ``labels[t+1]`` from position ``t`` (0 where ignored), fp32."""
     import torch.nn.functional as F
 
-    shift = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    shift = shift_labels(labels)
     v = logits.shape[-1]
     return F.cross_entropy(logits.reshape(-1, v).float(), shift.reshape(-1), ignore_index=IGNORE_INDEX,
                            reduction="none").view(shift.shape), shift
 
 
-def forward_loss(model, batch, device, *, is_moe: bool, moe=None):
-    """Summed token cross-entropy of one micro-batch (and the MoE auxiliary loss, or None)."""
-    out = model(**model_inputs(batch, device, is_moe=is_moe))
-    losses, _ = token_losses(out.logits, batch["labels"].to(device, non_blocking=True))
-    aux = moe.aux_loss(model.module if hasattr(model, "module") else model) if is_moe else None
-    return losses.sum(), aux
+def forward_loss(model, batch, device, *, is_moe: bool, moe=None, loss: str = "full"):
+    """Summed token cross-entropy of one micro-batch (and the MoE auxiliary loss, or None). ``loss``: ``full`` from
+    the model's logits, ``chunked``/``liger`` from its final hidden states without the full logits (loss.py)."""
+    inputs = model_inputs(batch, device, is_moe=is_moe)
+    labels = batch["labels"].to(device, non_blocking=True)
+    if loss == "full":
+        ce_sum = token_losses(model(**inputs).logits, labels)[0].sum()
+    else:
+        with final_hidden(model) as seen:
+            model(**inputs)
+        ce_sum = hidden_ce_sum(seen, labels, loss)
+    aux = moe.aux_loss(unwrap(model)) if is_moe else None
+    return ce_sum, aux
 
 
 def grad_norm(engine) -> float | None:

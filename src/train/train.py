@@ -4,8 +4,10 @@ Launch with ``3.single_node_train.sh`` (one node) or ``scripts/multi_node_train_
 ``python -m src.train.train ...`` alone runs one process. See docs/train.md for every flag.
 
 The command line is here; the trainer itself (setup, ``train_step``, evaluation, checkpoints, resume) is
-``src/train/trainer.py``; the step's pieces are in ``steps.py``, run-time choices in ``runtime.py``, the dev evaluation
-in ``dev_eval.py``, the data in ``data.py``, the optimizer in ``optim.py`` and checkpoints in ``checkpoint.py``.
+``src/train/trainer.py``; the step's pieces are in ``steps.py``, run-time choices in ``runtime.py``, the attention
+kernel in ``attention.py``, the loss without full logits in ``loss.py``, Liger and torch.compile in ``kernels.py``, the
+dev evaluation in ``dev_eval.py``, the data in ``data.py``, the optimizer in ``optim.py`` and checkpoints in
+``checkpoint.py``.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from src.train.runtime import DENSE_LR, MOE_LR
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from src.train import lora
+
     p = argparse.ArgumentParser(prog="python -m src.train.train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("inputs and outputs")
@@ -45,9 +49,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "continue later with --resume (time-limited jobs)")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--attn-impl", default="auto",
-                   help="attention kernel: auto (flash_attention_2 on GPU when flash-attn is installed, else sdpa), "
-                        "sdpa, eager, flash_attention_2, ...")
     g.add_argument("--num-workers", type=int, default=None, help="data loader workers (default 2 on GPU, 0 on CPU)")
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval-every", type=int, default=None,
@@ -75,17 +76,58 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak FLOP/s (TFLOP/s) for MFU (default: known GPUs' bf16 dense peak)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from src.train import lora
-
+    add_speed_args(p)
     lora.add_args(p)
     args = p.parse_args(argv)
     lora.check_args(p, args)
+    check_speed_args(p, args)
     for name in ("batch_size", "grad_accum", "epochs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_steps is not None and args.max_steps < 1:
         p.error("--max-steps must be >= 1")
     return args
+
+
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    from src.train import attention, kernels, loss
+
+    g = p.add_argument_group("speed (docs/train.md 'GPU speed'; the start-up line says what runs and why)")
+    g.add_argument("--attn-impl", choices=attention.CHOICES, default="auto",
+                   help="attention for packed rows: auto (GPU: flash_attention_2 when flash-attn is installed, else "
+                        "varlen, torch's varlen flash attention, else flex; CPU: sdpa), varlen, flex (FlexAttention "
+                        "with a document block mask), sdpa (block-diagonal mask), eager, flash_attention_2")
+    g.add_argument("--loss", choices=loss.CHOICES, default="auto",
+                   help="token cross-entropy: full (fp32 logits of every position), chunked (no full logits, plain "
+                        "torch), liger (Liger's fused linear cross-entropy); auto: liger with --kernels liger, else "
+                        "chunked on GPU and full on CPU")
+    g.add_argument("--kernels", choices=kernels.CHOICES, default="auto",
+                   help="Liger-Kernel's RMSNorm/SwiGLU/RoPE kernels (requirements-gpu.txt, CUDA): auto (liger on a "
+                        "GPU when installed), liger, none")
+    g.add_argument("--compile", action="store_true", help="torch.compile every decoder layer")
+
+
+def check_speed_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a speed option that cannot run on this machine or setup with one line, before anything is written."""
+    import torch
+
+    from src.train import attention, kernels
+
+    on_gpu = torch.cuda.is_available()
+    if args.attn_impl in ("varlen", "flex"):
+        attention.choose(args.attn_impl, on_gpu)  # raises a UsageError naming what is missing
+    for flag in ("--kernels", "--loss"):
+        why_not = kernels.liger_unavailable(on_gpu, None) if getattr(args, flag[2:]) == "liger" else None
+        if why_not:
+            p.error(f"{flag} liger: {why_not}")
+    if args.loss == "liger" and args.kernels == "none":
+        p.error("--loss liger: needs Liger's kernels (--kernels liger or auto), not --kernels none")
+    if args.zero == 3 and args.loss in ("chunked", "liger"):
+        p.error(f"--loss {args.loss}: ZeRO-3 partitions the output projection, which this loss reads directly; use "
+                "--zero 1 or 2, or --loss full")
+    if args.zero == 3 and args.compile:
+        p.error("--compile: with --zero 1 or 2 (ZeRO-3 gathers each layer's weights in hooks inside the compiled "
+                "layers; not supported here)")
 
 
 # ----------------------------------------------------------------------------------------------------------- setup

@@ -5,8 +5,9 @@ One optimizer step (``train_step``):
 1. take this rank's ``m <= --grad-accum`` micro-batches of the step (fixed by the data position, see data.py);
 2. all-reduce the number of label tokens of the whole step over all ranks (``N``);
 3. per micro-batch: forward with per-document position ids and no attention mask (transformers builds the
-   block-diagonal document mask; flash-attention varlen on GPU), summed token cross-entropy, scaled so that the
-   update is the mean over all ``N`` label tokens of the step whatever the row lengths (plus the MoE auxiliary loss);
+   block-diagonal document mask on CPU; varlen flash attention on GPU, attention.py), summed token cross-entropy
+   (from the logits, or chunked without them: loss.py), scaled so that the update is the mean over all ``N`` label
+   tokens of the step whatever the row lengths (plus the MoE auxiliary loss);
    ``accelerator.backward`` (DeepSpeed steps, clips to 1.0 and zeroes at the step's last micro-batch);
 4. the LR scheduler steps.
 """
@@ -27,7 +28,6 @@ from src.train.dev_eval import evaluate_dev, format_dev, load_dev, materialize_c
 from src.train.runtime import (
     DENSE_LR,
     MOE_LR,
-    choose_attn_impl,
     deepspeed_config,
     flop_params,
     is_moe_path,
@@ -163,9 +163,7 @@ class Trainer:
                 model = load_model(args.model, torch_dtype=self.dtype)
         else:
             model = load_model(args.model, torch_dtype=self.dtype)  # ZeRO-3 dense: partitioned while loading
-        self.attn_impl = choose_attn_impl(args.attn_impl, self.on_gpu)
-        if getattr(model.config, "_attn_implementation", None) != self.attn_impl:
-            model.set_attn_implementation(self.attn_impl)
+        speed = self._speed_choices(model)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -174,16 +172,36 @@ class Trainer:
             from deepspeed.utils import set_z3_leaf_modules
 
             set_z3_leaf_modules(model, list(moe_module().SPARSE_BLOCK_CLASSES))
+        from src.train import kernels, loss
+
+        self.loss, why = loss.choose(args.loss, model, zero=args.zero, kernels=self.kernels, on_gpu=self.on_gpu)
+        speed.append(f"loss {self.loss} ({why})")
+        if args.compile:
+            speed.append(f"torch.compile on {kernels.compile_layers(lora.plain_view(model))} decoder layers")
         self.n_flop_params = flop_params(model)
         self.model = model
         self.log(f"[train] model {args.model} ({'Post-MoE' if self.is_moe else 'dense'}, "
-                 f"{self.n_flop_params / 1e6:.1f}M compute params, attention {self.attn_impl}"
+                 f"{self.n_flop_params / 1e6:.1f}M compute params"
                  f"{', gradient checkpointing' if args.gradient_checkpointing else ''}) loaded in "
                  f"{time.time() - t0:.1f}s")
+        self.log("[train] " + "; ".join(speed))
         self.param_counts = lora.param_counts(model)
         if lora.enabled(args):
             self.log(f"[train] LoRA r {args.lora_r}, alpha {lora.alpha(args)}, targets {args.lora_targets}: "
                      f"{lora.describe(self.param_counts)}")
+
+    def _speed_choices(self, model) -> list[str]:
+        """The attention kernel and Liger's kernels for this model and device (``--attn-impl``, ``--kernels``),
+        applied to ``model``; returns the start-up line's parts saying which run and why."""
+        from src.train import attention, kernels
+
+        self.attn_impl, attn_why = attention.choose(self.args.attn_impl, self.on_gpu, model.config)
+        if getattr(model.config, "_attn_implementation", None) != self.attn_impl:
+            model.set_attn_implementation(self.attn_impl)
+        self.kernels, kernels_why = kernels.choose(self.args.kernels, self.on_gpu, model.config.model_type)
+        if self.kernels == "liger":
+            kernels_why = f"{kernels.apply_liger(model, is_moe=self.is_moe)}; {kernels_why}"
+        return [f"attention {self.attn_impl} ({attn_why})", f"kernels {self.kernels} ({kernels_why})"]
 
     def _build_data(self) -> None:
         from src.train.data import BatchPlan, Collator, load_rows
@@ -197,7 +215,9 @@ class Trainer:
                      f"do not fill a global micro-batch of {self.plan.rows_per_micro_step} rows and are not trained on")
         self.eval_every = args.eval_every if args.eval_every is not None else max(1, self.total_steps // 10)
         self.save_every = args.save_every if args.save_every is not None else max(1, self.total_steps // 20)
-        self.collator = Collator(self.tokenizer.pad_token_id, flatten=self.attn_impl.startswith("flash"),
+        from src.train.attention import needs_flat_rows
+
+        self.collator = Collator(self.tokenizer.pad_token_id, flatten=needs_flat_rows(self.attn_impl),
                                  with_language_ids=self.is_moe)
         self.num_workers = args.num_workers if args.num_workers is not None else (2 if self.on_gpu else 0)
         self.log(f"[train] {len(self.rows)} rows, {self.world} process(es) x {args.batch_size} rows x "
@@ -251,7 +271,7 @@ class Trainer:
         args = self.args
         hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
         hparams.update(lr=self.lr, world_size=self.world, total_steps=self.total_steps, is_moe=self.is_moe,
-                       attn_impl=self.attn_impl)
+                       attn_impl=self.attn_impl, loss=self.loss, kernels=self.kernels)
         self.accelerator.init_trackers(args.run_name or self.out_dir.resolve().name, config=hparams)
         self.accelerator.log({f"params/{k}": v for k, v in self.param_counts.items()}, step=self.start_step)
         self.metrics_path = self.out_dir / "train_log.jsonl"
@@ -285,7 +305,8 @@ class Trainer:
             # The step's last micro-batch, also when the epoch's last step has fewer than --grad-accum of them
             # (docs/stack.md, "Library internals").
             acc.sync_gradients = i == m - 1
-            ce_sum, aux = forward_loss(self.model, batch, self.device, is_moe=self.is_moe, moe=self.moe)
+            ce_sum, aux = forward_loss(self.model, batch, self.device, is_moe=self.is_moe, moe=self.moe,
+                                       loss=self.loss)
             loss = ce_sum * (self.args.grad_accum * self.world / n_label)
             if aux is not None:
                 loss = loss + aux * (self.args.grad_accum / m)
