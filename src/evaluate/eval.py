@@ -188,9 +188,18 @@ def select_records(args) -> list[dict]:
     return records
 
 
-def check_model_path(model_path: str) -> None:
+def check_models(args) -> None:
+    """Every model folder holds a model whose weight files are whole, before anything is written to --out (a failed
+    start leaves no run.json). With --backend openai the server has the weights; --model gives the tokenizer."""
+    from src.models.loading import check_model_source
+
+    model_path = str(args.model)
     if not Path(model_path).exists() and model_path.startswith(("models/", "ckpts/", "./", "../", "/")):
         raise SystemExit(f"[step 4] no such model folder: {model_path} (run 0.download_data.sh, or step 3)")
+    check_model_source(model_path, weights=args.backend != "openai")
+    for flag, path in (("--proxy-tuned", args.proxy_tuned), ("--proxy-raw", args.proxy_raw)):
+        if path:
+            check_model_source(path, weights=True, flag=flag)
 
 
 def run_settings(args, dtype) -> dict:
@@ -373,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
 
     records = select_records(args)
-    check_model_path(args.model)
+    check_models(args)
     dtype = _dtype(args.dtype, state.device)
     tokenizer = load_tokenizer(args.model, padding_side="left")
     settings = run_settings(args, dtype)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from src.models import integrity
+
 
 def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
     """bf16 on GPU, fp32 on CPU (bf16 is ~17x slower on CPUs without bf16 hardware, see docs/stack.md)."""
@@ -36,16 +38,20 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def check_model_source(name_or_path, *, weights: bool, flag: str = "--model") -> None:
-    """One-line errors instead of transformers' ("Repo id must be in the form ...") for a model that cannot load:
-    a missing folder, a hub id while offline and not cached, or (``weights``) a folder without safetensors weights:
-    pickled weights (pytorch_model.bin) are never loaded, since unpickling can run code."""
+    """One-line errors instead of transformers' ("Repo id must be in the form ...", "Couldn't instantiate the backend
+    tokenizer") for a model that cannot load: a missing folder, a folder that holds no model (a data or results
+    folder), a hub id while offline and not cached, or (``weights``) a folder without safetensors weights (pickled
+    weights, pytorch_model.bin, are never loaded, since unpickling can run code), with a truncated weight file, or
+    whose weight files differ from the digests its checkpoint recorded (integrity.py)."""
     from src.common.errors import UsageError
 
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_dir():
+        require_model_folder(path, flag, weights=weights)
         if weights:
             require_safetensors(path, flag)
+            integrity.check_weights(path)
         return
     if path.exists():
         raise UsageError(flag, f"{name}: not a folder (a model is an HF folder or a hub id ORG/NAME)")
@@ -55,6 +61,20 @@ def check_model_source(name_or_path, *, weights: bool, flag: str = "--model") ->
     if _offline() and not _in_hub_cache(name):
         raise UsageError(flag, f"{name}: not a local folder, and the hub is offline (HF_HUB_OFFLINE=1) with no "
                                f"cached copy of it")
+
+
+MODEL_FILES = ("config.json", "adapter_config.json")  # a model folder, or a LoRA adapter folder
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")  # enough where only the tokenizer is read
+
+
+def require_model_folder(path: Path, flag: str = "--model", *, weights: bool = True) -> None:
+    """A folder given as a model must hold one (a data or results folder fails here, not deep in transformers)."""
+    from src.common.errors import UsageError
+
+    wanted = MODEL_FILES + (() if weights else TOKENIZER_FILES)
+    if not any((path / name).is_file() for name in wanted):
+        raise UsageError(flag, f"not a model folder: no config.json / {'weights' if weights else 'tokenizer'} in "
+                               f"{path}")
 
 
 def require_safetensors(path: Path, flag: str = "--model") -> None:

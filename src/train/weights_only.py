@@ -10,6 +10,7 @@ error naming it; nothing outside the allowlist is ever constructed.
 from __future__ import annotations
 
 import pickle
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,12 +48,15 @@ def load_weights_only(path, map_location="cpu"):
 
 
 def _refusal(path, error) -> str:
-    # torch's message is a page of advice; its "WeightsUnpickler error: ..." line names the offending global
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    first = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("WeightsUnpickler error")),
-                 lines[0] if lines else type(error).__name__).split(" Please use")[0]
-    return (f"{path}: refused to load: it holds objects other than tensors and plain data, and loading it could run "
-            f"code ({first})")
+    """Our own line: torch's message advises retrying with ``weights_only=False``, which is exactly what must never
+    be done with a file of unknown origin. Only the object it stopped at is kept from it (``Unsupported global:
+    GLOBAL io.open ...``, or the pickle opcode it cannot read)."""
+    text = " ".join(str(error).split())
+    found = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global by default| Please use| Check the "
+                      r"documentation|$)", text)
+    detail = f" ({found.group(1).strip()})" if found and found.group(1).strip() else ""
+    return (f"{path}: refused to load: it holds objects other than tensors and plain data{detail}, and loading it "
+            f"could run code")
 
 
 @contextmanager
