@@ -176,3 +176,76 @@ def test_step4_recomputes_an_adapter_whose_base_was_replaced(smollm2_tokenizer, 
     shutil.rmtree(base)
     make_tiny_llama(smollm2_tokenizer, base, seed=1)  # another model at the same path
     assert model_fingerprint(adapter) != before[0] and run_fingerprint({}, proxy) != before[1]
+
+
+# ------------------------------------------------------------------------------------- step 4: run.json status
+def _sigint_as_in_a_terminal() -> None:
+    """A child of a background job starts with SIGINT ignored; a command typed in a terminal has the default."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _env(**extra) -> dict:
+    import os
+
+    from conftest import ROOT
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("APOLLO_DEBUG", None)
+    return {**env, **{k: str(v) for k, v in extra.items()}}
+
+
+@pytest.fixture(scope="module")
+def step1_records(tiny_model_dir, tmp_path_factory):
+    from test_eval import make_records
+
+    from src.common.chat_formats import resolve_format
+    from src.models.loading import load_config, load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    return make_records(tmp_path_factory.mktemp("recs"), tok, resolve_format(tok, load_config(tiny_model_dir)), k=1)
+
+
+def test_ctrl_c_in_step4_leaves_run_json_interrupted_with_counts(tiny_model_dir, step1_records, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    inp = _write_jsonl(tmp_path / "test.jsonl", step1_records[:8])
+    out = tmp_path / "res"
+    proc = subprocess.Popen([sys.executable, "-m", "src.evaluate.eval", "--model", str(tiny_model_dir), "--input",
+                             str(inp), "--out", str(out), "--max-new-tokens", "48", "--min-new-tokens", "48",
+                             "--batch-size", "1", "--threads", "1", "--no-progress"], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
+    pred = out / "predictions.jsonl"
+    for line in proc.stdout:  # predicting has started (the line comes right before the first item)
+        if line.startswith("[step 4]"):
+            break
+    import time
+
+    while proc.poll() is None and not (pred.is_file() and pred.read_text().count("\n") >= 1):
+        time.sleep(0.05)  # one prediction appended: counts to check
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    done = pred.read_text().count("\n")
+    assert run["status"] == "interrupted" and run["items"] == 8, run
+    assert run["predicted"] == done and run["to_go"] == 8 - done and 1 <= done < 8, run
+
+
+def test_a_failed_start_of_step4_leaves_no_run_json(tiny_model_dir, step1_records, tmp_path, capsys):
+    from src.evaluate import eval as step4
+
+    inp = _write_jsonl(tmp_path / "test.jsonl", step1_records[:2])
+    out = tmp_path / "res"
+    for argv in (["--model", str(tmp_path / "missing")], ["--model", str(tiny_model_dir), "--limit", "0"],
+                 ["--model", str(tiny_model_dir), "--proxy-tuned", str(tmp_path), "--proxy-raw", str(tmp_path)]):
+        assert cli.run(step4.main, [*argv, "--input", str(inp), "--out", str(out), "--no-progress"]) == 2
+        _one_error_line(capsys)
+        assert not (out / "run.json").exists()
