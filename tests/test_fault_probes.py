@@ -249,3 +249,125 @@ def test_a_failed_start_of_step4_leaves_no_run_json(tiny_model_dir, step1_record
         assert cli.run(step4.main, [*argv, "--input", str(inp), "--out", str(out), "--no-progress"]) == 2
         _one_error_line(capsys)
         assert not (out / "run.json").exists()
+
+
+# ------------------------------------------------------------------------ step 3 checkpoints: digests, resume
+STEPS = 4
+
+
+def _train(model, rows, out, *more, check=True):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cmd = [sys.executable, "-m", "src.train.train", "--model", str(model), "--train", str(rows), "--out", str(out),
+           "--lr", "1e-2", "--batch-size", "2", "--grad-accum", "1", "--max-steps", str(STEPS), "--save-every", "2",
+           "--eval-every", "-1", "--no-progress", *map(str, more)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    import random
+
+    import datasets
+
+    rng = random.Random(1)
+    vocab = [rng.randrange(200, 4000) for _ in range(30)]
+    out = []
+    for _ in range(16):
+        doc = [rng.choice(vocab) for _ in range(rng.randint(10, 20))]
+        out.append({"input_ids": doc, "labels": [-100] * 2 + doc[2:], "position_ids": list(range(len(doc)))})
+    path = tmp_path_factory.mktemp("rows") / "train"
+    datasets.Dataset.from_list(out).save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, rows, tmp_path_factory):
+    """checkpoint-2 and checkpoint-4 of a 4-step run (read only: tests copy what they change)."""
+    out = tmp_path_factory.mktemp("trained") / "ckpts"
+    _train(tiny_model_dir, rows, out)
+    return out
+
+
+def _copy_run(trained, tmp_path):
+    out = tmp_path / "ckpts"
+    shutil.copytree(trained, out, ignore=shutil.ignore_patterns("logs"))
+    return out
+
+
+def _edit_state(ckpt, **changes):
+    state_file = ckpt / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state.update(changes)
+    state_file.write_text(json.dumps(state))
+    return state_file
+
+
+def test_every_checkpoint_records_its_weight_digests_and_a_flipped_byte_is_one_line(trained, tmp_path, capsys):
+    from src.common.errors import BadFile
+    from src.evaluate import eval as step4
+    from src.models.integrity import file_sha256
+    from src.models.loading import load_model
+
+    for step in (2, 4):
+        ckpt = trained / f"checkpoint-{step}"
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        assert state["weights_sha256"] == {"model.safetensors": file_sha256(ckpt / "model.safetensors")}
+    ckpt = tmp_path / "checkpoint-4"
+    shutil.copytree(trained / "checkpoint-4", ckpt)
+    load_model(ckpt)  # intact: loads
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one weight: the file still parses, the model would score differently
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BadFile, match="its sha256 differs from the one recorded in trainer_state.json"):
+        load_model(ckpt)
+    inp = _write_jsonl(tmp_path / "t.jsonl", [{"id": "1", "source": "medqa-usmle", "prompt": "Q?", "answer": "A",
+                                               "letters": ["A", "B"]}])
+    capsys.readouterr()
+    assert cli.run(step4.main, ["--model", str(ckpt), "--input", str(inp), "--out", str(tmp_path / "r")]) == 2
+    assert _one_error_line(capsys).startswith(f"error: {weights}: its sha256 differs")
+
+
+def test_resume_refuses_a_step_edited_against_the_saved_optimizer_and_scheduler(trained, tiny_model_dir, rows,
+                                                                                 tmp_path):
+    out = _copy_run(trained, tmp_path)
+    ckpt = out / "checkpoint-4"
+    # step 4 -> 2, with a data position that agrees with it: only the saved state/ can tell
+    state_file = _edit_state(ckpt, step=2, step_in_epoch=2, rows_consumed_in_epoch=4)
+    proc = _train(tiny_model_dir, rows, out, "--resume", ckpt, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {state_file}: step 2, but the scheduler and optimizer state saved beside it "
+                           f"(state/) are at step 4"), line
+    assert "Traceback" not in proc.stderr
+
+
+def test_resume_refuses_a_step_whose_data_position_disagrees(trained, tiny_model_dir, rows, tmp_path):
+    out = _copy_run(trained, tmp_path)
+    state_file = _edit_state(out / "checkpoint-4", step=3)  # the data position still says step 4
+    proc = _train(tiny_model_dir, rows, out, "--resume", "latest", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {state_file}: step 3, but its data position disagrees (epoch 0, step_in_epoch 4, "
+        f"rows_consumed_in_epoch 8; at step 3 they are 0, 3, 6): the file was edited")
+
+
+def test_a_checkpoint_at_or_past_max_steps_says_so_in_one_line(trained, tiny_model_dir, rows, tmp_path):
+    out = _copy_run(trained, tmp_path)
+    done = _train(tiny_model_dir, rows, out, "--resume", "latest")  # the run is complete: nothing to do, said once
+    assert f"[train] {out / 'checkpoint-4'} is at step 4, the end of this run (--max-steps 4): nothing to train" \
+        in done.stdout, done.stdout[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    state_file = _edit_state(out / "checkpoint-4", step=40, step_in_epoch=40, rows_consumed_in_epoch=80)
+    proc = _train(tiny_model_dir, rows, out, "--resume", "latest", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {state_file}: step 40 is past the end of this run (--max-steps 4): nothing to train; the file "
+        f"was edited, or the checkpoint belongs to a longer run")
