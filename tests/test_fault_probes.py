@@ -371,3 +371,160 @@ def test_a_checkpoint_at_or_past_max_steps_says_so_in_one_line(trained, tiny_mod
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {state_file}: step 40 is past the end of this run (--max-steps 4): nothing to train; the file "
         f"was edited, or the checkpoint belongs to a longer run")
+
+
+# ----------------------------------------------------------------- step 2 -> step 3: one unit, one tokenizer
+
+
+def _step2(model, out, *more):
+    from conftest import SAMPLE
+    from src.prepare import train_data
+
+    argv = ["--data", str(SAMPLE / "train.json"), "--model", str(model), "--out", str(out), "--num-proc", "1",
+            "--max-seq-len", "512", *map(str, more)]
+    assert cli.run(train_data.main, argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_model(smollm2_tokenizer, tmp_path_factory) -> object:
+    """A tiny model whose tokenizer is SmolLM2's plus two words as added tokens: ids >= 49152 for them."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer_b") / "model"
+    smollm2_tokenizer.save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.add_tokens([" patient", " treatment"])
+    return make_tiny_llama(tok, folder)
+
+
+@pytest.fixture(scope="module")
+def step2_runs(tiny_model_dir, other_tokenizer_model, tmp_path_factory):
+    """Step 2 on the sample: with the tiny model's tokenizer (seeds 42 and 7) and with the other tokenizer."""
+    root = tmp_path_factory.mktemp("step2")
+    return {"a": _step2(tiny_model_dir, root / "a"), "a7": _step2(tiny_model_dir, root / "a7", "--seed", 7),
+            "b": _step2(other_tokenizer_model, root / "b")}
+
+
+def _copy_step2(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+def test_step3_refuses_train_rows_beside_another_runs_mixture(step2_runs, tmp_path):
+    from src.common.errors import BadFile
+    from src.train.data import load_rows
+
+    mixed = _copy_step2(step2_runs["a"], tmp_path / "mixed")
+    shutil.rmtree(mixed / "train")
+    shutil.copytree(step2_runs["a7"] / "train", mixed / "train")  # train/ of the seed-7 run, mixture.json of seed 42
+    for given in (mixed, mixed / "train"):
+        with pytest.raises(BadFile, match=rf"{mixed / 'mixture.json'}: does not belong with {mixed / 'train'}"):
+            load_rows(given)
+    assert len(load_rows(step2_runs["a7"])) > 0  # each run's own pair is fine
+
+
+def test_step3_refuses_rows_of_another_tokenizer_and_ids_beyond_the_vocabulary(step2_runs, tiny_model_dir,
+                                                                             other_tokenizer_model, tmp_path):
+    from src.common.errors import BadFile
+    from src.models.loading import load_tokenizer
+    from src.train.data import load_rows
+
+    tok_a, tok_b = load_tokenizer(tiny_model_dir), load_tokenizer(other_tokenizer_model)
+    with pytest.raises(BadFile, match=r"mixture.json: the rows were tokenized with .* tokenizer \(fingerprint [0-9a-f]{12}"
+                                      r"\), but --model .* has another one \(fingerprint [0-9a-f]{12}\)"):
+        load_rows(step2_runs["a"], tokenizer=tok_b, model_name=other_tokenizer_model, vocab_size=len(tok_b))
+    # the rare deliberate case: the vocabulary is a superset
+    assert len(load_rows(step2_runs["a"], tokenizer=tok_b, model_name=other_tokenizer_model, vocab_size=len(tok_b),
+                         allow_tokenizer_mismatch=True)) > 0
+    # the reverse: ids the model has no embedding for are an error even when allowed
+    with pytest.raises(BadFile, match=rf"column 'input_ids' holds token ids up to {len(tok_b) - 1}, but the model's "
+                                      rf"vocabulary has {len(tok_a)} ids"):
+        load_rows(step2_runs["b"], tokenizer=tok_a, model_name=tiny_model_dir, vocab_size=len(tok_a),
+                  allow_tokenizer_mismatch=True)
+    assert len(load_rows(step2_runs["a"], tokenizer=tok_a, model_name=tiny_model_dir, vocab_size=len(tok_a))) > 0
+
+
+def test_step3_on_rows_of_a_larger_vocabulary_is_one_line_not_an_index_error(step2_runs, tiny_model_dir, tmp_path):
+    proc = _train(tiny_model_dir, step2_runs["b"], tmp_path / "out", "--allow-tokenizer-mismatch", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {step2_runs['b'] / 'train'}: column 'input_ids' holds token ids up to"), line
+    assert "Traceback" not in proc.stderr and "IndexError" not in proc.stderr
+
+
+def _step2_cmd(model, out, *more):
+    import sys
+
+    from conftest import SAMPLE
+
+    return [sys.executable, "-m", "src.prepare.train_data", "--data", str(SAMPLE / "train.json"), "--model",
+            str(model), "--out", str(out), "--num-proc", "1", "--max-seq-len", "512", *map(str, more)]
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "crash"])
+def test_step2_replaces_train_and_mixture_as_one_unit(stop, step2_runs, tiny_model_dir, tmp_path):
+    """Ctrl-C while step 2 swaps its outputs in waits until both are in place; a kill at that moment leaves a folder
+    step 3 refuses, and rerunning step 2 repairs it."""
+    import subprocess
+
+    from conftest import ROOT
+    from src.common.errors import BadFile
+    from src.prepare.train_data import STOP_IN_PUBLISH_ENV
+    from src.train.data import load_rows
+
+    out = _copy_step2(step2_runs["a"], tmp_path / "out")
+    old = json.loads((out / "mixture.json").read_text())["rows_sha256"]
+    cmd = _step2_cmd(tiny_model_dir, out, "--seed", 7, "--overwrite")
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(**{STOP_IN_PUBLISH_ENV: stop}), capture_output=True, text=True,
+                          timeout=600, preexec_fn=_sigint_as_in_a_terminal)
+    new = json.loads((step2_runs["a7"] / "mixture.json").read_text())["rows_sha256"]
+    assert not list(out.glob(".step2-*")) or stop == "crash"
+    if stop == "ctrl-c":
+        assert proc.returncode == 130, proc.stderr[-3000:]
+        assert json.loads((out / "mixture.json").read_text())["rows_sha256"] == new != old  # the new run, whole
+        assert len(load_rows(out)) > 0
+        return
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    assert not (out / "mixture.json").exists()  # the new train/ is in place, its mixture.json is not
+    with pytest.raises(BadFile, match=rf"{out / 'train'}: step 2 did not finish writing {out}"):
+        load_rows(out)
+    rerun = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads((out / "mixture.json").read_text())["rows_sha256"] == new and len(load_rows(out)) > 0
+    assert not list(out.glob(".step2-*"))
+
+
+def _tmpfs(path, kilobytes: int) -> bool:
+    import subprocess
+
+    path.mkdir(parents=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_disk_in_step2_names_the_file_it_was_writing(tiny_model_dir, tmp_path, capsys):
+    """Several sizes of disk, so that different writers run out of space (the scratch Arrow files, the rows, the
+    reports): each failure names a path on that disk, never '?'."""
+    import subprocess
+
+    from conftest import SAMPLE
+    from src.prepare import train_data
+
+    named = set()
+    for kb in (64, 300, 900, 2400):  # the scratch records, the tokenized scratch, the rows; enough
+        disk = tmp_path / f"disk{kb}"
+        if not _tmpfs(disk, kb):
+            pytest.skip("cannot mount a small tmpfs here (needs root)")
+        try:
+            argv = ["--data", str(SAMPLE / "train.json"), "--model", str(tiny_model_dir), "--out", str(disk / "s2"),
+                    "--num-proc", "1", "--max-seq-len", "512"]
+            capsys.readouterr()
+            if cli.run(train_data.main, argv) == 0:
+                continue
+            line = capsys.readouterr().err.strip().splitlines()[-1]
+            assert line.startswith(f"error: no space left on device: {disk}"), line
+            named.add(line.rsplit("/", 1)[-1])
+        finally:
+            subprocess.run(["umount", str(disk)], capture_output=True)
+    assert len(named) >= 2, named  # different writers (the scratch records, the tokenized scratch, the rows)

@@ -120,6 +120,18 @@ def load_tokenizer(name_or_path, padding_side: str = "left"):
     return tokenizer
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What the tokenizer's ids mean: a sha256 of its vocabulary (every token with its id, added tokens included)
+    and of its BOS, EOS and unknown-token ids. Step 2 records it in mixture.json, step 3 compares it with its
+    --model's: rows of another vocabulary would train on ids that mean other tokens. (The pad token is left out:
+    ``load_tokenizer`` sets one where the tokenizer has none, without changing any id.)"""
+    import hashlib
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    special = [getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "unk")]
+    return hashlib.sha256(json.dumps([vocab, special], ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 def load_model(name_or_path, torch_dtype: torch.dtype | str | None = None, device=None):
     """Load a causal LM for inference or training, in the dtype ``resolve_dtype`` gives; MoE checkpoints of ours are
     detected from their config, LoRA adapter folders from their adapter_config.json (loaded on their base and merged,

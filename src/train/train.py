@@ -25,6 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--train", required=True, help="step 2 output folder (datasets.save_to_disk rows)")
     g.add_argument("--dev", default=None, help="step 1 dev.jsonl for in-training evaluation (optional)")
     g.add_argument("--out", required=True, help="checkpoint folder: OUT/checkpoint-<step>/")
+    g.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="train on step 2 rows made with another tokenizer than --model's (refused without it: the ids "
+                        "would mean other tokens); ids beyond the model's vocabulary are refused even so")
     g.add_argument("--expect", choices=["any", "dense", "moe"], default="any",
                    help="fail early unless --model is of this kind (the MoE launch script passes moe)")
     g = p.add_argument_group("optimisation")

@@ -191,7 +191,9 @@ class Trainer:
         from src.train.data import BatchPlan, Collator, load_rows
 
         args = self.args
-        self.rows = load_rows(args.train)
+        self.rows = load_rows(args.train, tokenizer=self.tokenizer, model_name=args.model,
+                              vocab_size=self.model.get_input_embeddings().num_embeddings,
+                              allow_tokenizer_mismatch=args.allow_tokenizer_mismatch, log=self.log)
         self.plan = BatchPlan(len(self.rows), self.world, args.batch_size, args.grad_accum)
         self.total_steps = args.max_steps or self.plan.steps_per_epoch * args.epochs
         if self.plan.dropped_rows_per_epoch:
