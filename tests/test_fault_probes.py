@@ -528,3 +528,30 @@ def test_a_full_disk_in_step2_names_the_file_it_was_writing(tiny_model_dir, tmp_
         finally:
             subprocess.run(["umount", str(disk)], capture_output=True)
     assert len(named) >= 2, named  # different writers (the scratch records, the tokenized scratch, the rows)
+
+
+# ------------------------------------------------------------------ step 1 -> step 4: the file the report describes
+def test_step4_refuses_a_test_file_its_step1_report_does_not_describe(tiny_model_dir, tmp_path):
+    from conftest import SAMPLE
+    from src.common.errors import BadFile
+    from src.evaluate.records import load_records
+    from src.prepare import test_dev
+
+    def step1(out, *more):
+        argv = ["--model", str(tiny_model_dir), "--bench", str(SAMPLE / "bench_test.json"), "--dev",
+                str(SAMPLE / "bench_dev.json"), "--out", str(out), *more]
+        assert test_dev.main(argv) == 0
+        return out
+
+    three, zero = step1(tmp_path / "k3"), step1(tmp_path / "k0", "--shots", "0")
+    assert len(load_records(three / "test.jsonl")) > 0
+    shutil.copyfile(zero / "test.jsonl", three / "test.jsonl")  # what an interrupted rerun with --shots 0 left
+    with pytest.raises(BadFile, match=rf"{three / 'test.jsonl'}: not the file the report.json beside it describes"):
+        load_records(three / "test.jsonl")
+    (zero / "report.json").unlink()  # stopped before its report.json was written
+    with pytest.raises(BadFile, match=rf"{zero / 'test.jsonl'}: step 1 did not finish writing {zero}"):
+        load_records(zero / "test.jsonl")
+    lone = tmp_path / "elsewhere" / "test.jsonl"  # the same file moved out of a step 1 folder: read as it is
+    lone.parent.mkdir()
+    shutil.copyfile(zero / "test.jsonl", lone)
+    assert len(load_records(lone)) > 0

@@ -242,6 +242,14 @@ class JsonLinesWriter(_StreamWriter):
         self._finish()
 
 
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, streamed (hashlib.file_digest reads it in blocks)."""
+    import hashlib
+
+    with Path(path).open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def dumps(obj) -> str:
     """The one JSON spelling used for outputs: UTF-8 text, stable key order as built, no trailing spaces."""
     return json.dumps(obj, ensure_ascii=False)

@@ -9,11 +9,10 @@ modification time stay the same, so a stage that checks a folder early and loads
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from src.common.errors import BadFile
+from src.common.io import file_sha256
 
 STATE_FILE = "trainer_state.json"  # a step 3 checkpoint's state: written last, so its presence marks a complete one
 STATE_VERSION = 2  # 1: no digests (checkpoints written before them, still read); 2: DIGESTS_KEY
@@ -36,11 +35,6 @@ def check_safetensors(path: Path) -> None:
         reason = str(e).removeprefix("Error while deserializing header: ")
         raise BadFile(path, f"damaged or incomplete safetensors file ({reason}; {size:,} bytes): an interrupted "
                             f"copy or download? Copy it again from where it came from") from None
-
-
-def file_sha256(path: Path) -> str:
-    with Path(path).open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def weight_digests(folder: Path) -> dict[str, str]:
