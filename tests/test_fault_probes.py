@@ -555,3 +555,120 @@ def test_step4_refuses_a_test_file_its_step1_report_does_not_describe(tiny_model
     lone.parent.mkdir()
     shutil.copyfile(zero / "test.jsonl", lone)
     assert len(load_records(lone)) > 0
+
+
+# ------------------------------------------------------------- every entry point: a bad folder or file is one line
+def _model_cases(tiny_model_dir, root):
+    """A data folder, an empty file and a folder with a truncated safetensors file, each given as a model."""
+    data = root / "data"
+    data.mkdir()
+    (data / "test.jsonl").write_text('{"id": "1"}\n')
+    empty = root / "empty.safetensors"
+    empty.write_bytes(b"")
+    cut = root / "truncated"
+    shutil.copytree(tiny_model_dir, cut)
+    _truncate(cut / "model.safetensors", 1000)
+    return {"data folder": data, "empty file": empty, "truncated weights": cut}
+
+
+ENTRY_POINTS = {  # name: (module, argv given the model M, out folder O and the context's files)
+    "step 1": ("src.prepare.test_dev", lambda m, o, c: ["--model", m, "--bench", c["bench"], "--out", o]),
+    "step 2": ("src.prepare.train_data", lambda m, o, c: ["--model", m, "--data", c["train"], "--out", o,
+                                                          "--num-proc", "1"]),
+    "step 3": ("src.train.train", lambda m, o, c: ["--model", m, "--train", c["rows"], "--out", o]),
+    "step 4": ("src.evaluate.eval", lambda m, o, c: ["--model", m, "--input", c["input"], "--out", o]),
+    "chat": ("src.evaluate.cli_demo", lambda m, o, c: ["--model", m]),
+    "web chat": ("src.evaluate.web_demo", lambda m, o, c: ["--model", m, "--port", "0"]),
+    "serve": ("src.serving.launch", lambda m, o, c: ["--model", m, "--port", "9", "--timeout", "5"]),
+    "upcycle": ("src.models.upcycle", lambda m, o, c: ["--model", m, "--out", o]),
+    "moe export": ("src.models.moe_export", lambda m, o, c: ["--model", m, "--out", o]),
+    "merge lora": ("util.merge_lora", lambda m, o, c: ["--adapter", m, "--out", o]),
+    "import apollo-moe": ("util.import_apollo_moe", lambda m, o, c: ["--src", m, "--out", o]),
+    "average": ("util.average_checkpoints", lambda m, o, c: ["--ckpt", m, "--ckpt", c["model"], "--out", o]),
+    "routing": ("util.routing_analysis", lambda m, o, c: ["--model", m, "--input", c["input"], "--out", o]),
+    "make_qa": ("src.prepare.make_qa", lambda m, o, c: ["--model", m, "--input", c["text"], "--out", o]),
+}
+
+TOKENIZER_ONLY = ("step 1", "step 2")
+
+FILE_INPUTS = {  # name: (module, argv given an input file F, out folder O and the context's files)
+    "step 1 --bench": ("src.prepare.test_dev", lambda f, o, c: ["--model", c["model"], "--bench", f, "--out", o]),
+    "step 2 --data": ("src.prepare.train_data", lambda f, o, c: ["--model", c["model"], "--data", f, "--out", o,
+                                                                 "--num-proc", "1"]),
+    "step 3 --train": ("src.train.train", lambda f, o, c: ["--model", c["model"], "--train", f, "--out", o]),
+    "step 4 --input": ("src.evaluate.eval", lambda f, o, c: ["--model", c["model"], "--input", f, "--out", o]),
+    "lm-eval export": ("util.export_lm_eval", lambda f, o, c: ["--input", f, "--out", o]),
+    "decontaminate --bench": ("src.prepare.decontaminate", lambda f, o, c: ["--bench", f, "--data", c["train"],
+                                                                            "--out", o]),
+    "decontaminate --data": ("src.prepare.decontaminate", lambda f, o, c: ["--bench", c["bench"], "--data", f,
+                                                                           "--out", o]),
+    "collect results": ("util.collect_results", lambda f, o, c: [f, "--out", o]),
+    "compare predictions": ("util.compare_predictions", lambda f, o, c: [f, c["input"]]),
+    "make_qa --input": ("src.prepare.make_qa", lambda f, o, c: ["--model", c["model"], "--input", f, "--out", o]),
+}
+
+
+@pytest.fixture(scope="module")
+def probe_context(tiny_model_dir, step1_records, rows, tmp_path_factory):
+    from conftest import SAMPLE
+
+    root = tmp_path_factory.mktemp("probe")
+    return {"model": str(tiny_model_dir), "bench": str(SAMPLE / "bench_test.json"),
+            "train": str(SAMPLE / "train.json"), "rows": str(rows), "text": str(SAMPLE / "text" / "medicalGuideline_en_text.json"),
+            "input": str(_write_jsonl(root / "test.jsonl", step1_records[:2])),
+            "models": _model_cases(tiny_model_dir, root)}
+
+
+def _run_entry(module: str, argv: list, capsys, monkeypatch) -> tuple[int, str]:
+    import importlib
+
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO(""))  # the chat reads nothing
+    capsys.readouterr()
+    code = cli.run(importlib.import_module(module).main, [str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["data folder", "empty file", "truncated weights"])
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_every_entry_point_refuses_a_bad_model_in_one_line(entry, case, probe_context, tmp_path, capsys,
+                                                           monkeypatch):
+    module, argv = ENTRY_POINTS[entry]
+    if case == "truncated weights" and entry in TOKENIZER_ONLY:
+        pytest.skip(f"{entry} reads the model's tokenizer and config, not its weights")
+    model = probe_context["models"][case]
+    code, err = _run_entry(module, argv(model, tmp_path / "out", probe_context), capsys, monkeypatch)
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2 and lines, err[-2000:]
+    assert "Traceback" not in err and "internal error" not in err, err[-2000:]
+    assert str(model) in lines[-1], lines[-1]  # the folder, or the file in it
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("entry", list(FILE_INPUTS))
+def test_every_entry_point_refuses_an_empty_input_file_in_one_line(entry, probe_context, tmp_path, capsys,
+                                                                   monkeypatch):
+    module, argv = FILE_INPUTS[entry]
+    empty = tmp_path / "empty.json"
+    empty.write_bytes(b"")
+    code, err = _run_entry(module, argv(empty, tmp_path / "out", probe_context), capsys, monkeypatch)
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2 and lines, err[-2000:]
+    assert "Traceback" not in err and "internal error" not in err, err[-2000:]
+    assert str(empty) in lines[-1], lines[-1]
+
+
+# ------------------------------------------------------------ model tools: --out never over or inside an input
+def test_model_tools_refuse_an_out_that_is_their_input(tiny_model_dir, tmp_path, capsys):
+    from src.models import upcycle
+
+    model = tmp_path / "dense"
+    shutil.copytree(tiny_model_dir, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    for out in (model, model / "moe"):
+        assert cli.run(upcycle.main, ["--model", str(model), "--out", str(out), "--overwrite"]) == 2
+        assert _one_error_line(capsys).startswith(f"error: --out: {out} ")
+    assert cli.run(upcycle.main, ["--model", str(model), "--out", str(tmp_path / "moe"), "--export-qwen2-moe",
+                                  str(tmp_path / "moe")]) == 2
+    assert _one_error_line(capsys).startswith("error: --export-qwen2-moe: ")
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before  # the dense model was not replaced
+    assert not (tmp_path / "moe").exists()

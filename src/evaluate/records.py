@@ -61,6 +61,8 @@ def load_records(path: Path, required=STEP4_FIELDS) -> list[dict]:
             raise DataError(path, n, "id", f"duplicate id {rec['id']!r}")
         seen.add(rec["id"])
         records.append(rec)
+    if not records:
+        raise BadFile(path, "no records: the file is empty (step 1 writes one prompt per line)")
     return records
 
 

@@ -36,11 +36,7 @@ def load_rows(path, *, tokenizer=None, model_name=None, vocab_size: int | None =
     ``allow_tokenizer_mismatch``) and ``vocab_size`` (every id must have an embedding) are the model's."""
     import datasets
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: training rows not found (step 2 writes them: 2.data_process_train.sh)")
-    if (path / "train" / ROWS_MARKER).is_file() or ((path / MIXTURE_FILE).is_file() and (path / "train").is_dir()):
-        path = path / "train"  # step 2's output folder given instead of its train/ subfolder
+    path = rows_folder(path)
     mixture = check_step2_folder(path)
     if tokenizer is not None:
         note = check_tokenizer(mixture, path, tokenizer, model_name, allow_tokenizer_mismatch)
@@ -64,6 +60,19 @@ def load_rows(path, *, tokenizer=None, model_name=None, vocab_size: int | None =
         require_ids_in_vocabulary(ds, vocab_size, path)
     keep = [c for c in ("input_ids", "labels", "position_ids", "language_ids") if c in ds.column_names]
     return ds.select_columns(keep)
+
+
+def rows_folder(path) -> Path:
+    """The folder of the rows: ``path``, or its train/ subfolder when ``path`` is step 2's output folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: training rows not found (step 2 writes them: 2.data_process_train.sh)")
+    if not path.is_dir():
+        raise BadFile(path, "not a folder: step 3 reads the folder of rows step 2 writes (its --out, or the train/ "
+                            "in it)")
+    if (path / "train" / ROWS_MARKER).is_file() or ((path / MIXTURE_FILE).is_file() and (path / "train").is_dir()):
+        path = path / "train"  # step 2's output folder given instead of its train/ subfolder
+    return path
 
 
 def check_step2_folder(train_dir: Path) -> dict | None:

@@ -107,8 +107,19 @@ def single_process_env() -> None:
                       MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
 
 
+def check_inputs(args) -> None:
+    """The model folder and step 2's rows, checked before any process group, accelerator or output folder exists:
+    a wrong path is one line, not a failure deep in DeepSpeed's setup (the trainer checks them in full again)."""
+    from src.models.loading import check_model_source
+    from src.train.data import rows_folder
+
+    check_model_source(args.model, weights=True)
+    rows_folder(args.train)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_inputs(args)
     single_process_env()
     from src.train.trainer import Trainer
 
