@@ -672,3 +672,26 @@ def test_model_tools_refuse_an_out_that_is_their_input(tiny_model_dir, tmp_path,
     assert _one_error_line(capsys).startswith("error: --export-qwen2-moe: ")
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before  # the dense model was not replaced
     assert not (tmp_path / "moe").exists()
+
+
+def test_data_tools_refuse_an_out_where_their_output_would_replace_their_input(probe_context, tmp_path, capsys):
+    from conftest import SAMPLE
+    from src.prepare import decontaminate
+    from util import export_lm_eval
+
+    data = tmp_path / "raw" / "train.json"
+    data.parent.mkdir()
+    shutil.copyfile(SAMPLE / "train.json", data)
+    before = data.read_bytes()
+    argv = ["--bench", probe_context["bench"], "--data", str(data), "--out", str(data.parent), "--overwrite"]
+    assert cli.run(decontaminate.main, argv) == 2
+    assert _one_error_line(capsys) == f"error: --out: {data.parent} holds the input {data}: its screened copy " \
+                                      f"would replace it; choose another --out"
+    assert data.read_bytes() == before
+    inp = tmp_path / "export" / "data" / "test.jsonl"
+    inp.parent.mkdir(parents=True)
+    shutil.copyfile(probe_context["input"], inp)
+    argv = ["--input", str(inp), "--out", str(inp.parent.parent), "--overwrite"]
+    assert cli.run(export_lm_eval.main, argv) == 2
+    assert _one_error_line(capsys).startswith(f"error: --out: {inp.parent.parent} holds the input {inp}")
+    assert inp.is_file()
