@@ -271,23 +271,6 @@ def _train(model, rows, out, *more, check=True):
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory):
-    import random
-
-    import datasets
-
-    rng = random.Random(1)
-    vocab = [rng.randrange(200, 4000) for _ in range(30)]
-    out = []
-    for _ in range(16):
-        doc = [rng.choice(vocab) for _ in range(rng.randint(10, 20))]
-        out.append({"input_ids": doc, "labels": [-100] * 2 + doc[2:], "position_ids": list(range(len(doc)))})
-    path = tmp_path_factory.mktemp("rows") / "train"
-    datasets.Dataset.from_list(out).save_to_disk(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
 def trained(tiny_model_dir, rows, tmp_path_factory):
     """checkpoint-2 and checkpoint-4 of a 4-step run (read only: tests copy what they change)."""
     out = tmp_path_factory.mktemp("trained") / "ckpts"
