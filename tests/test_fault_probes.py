@@ -414,8 +414,8 @@ def test_step3_refuses_rows_of_another_tokenizer_and_ids_beyond_the_vocabulary(s
     from src.train.data import load_rows
 
     tok_a, tok_b = load_tokenizer(tiny_model_dir), load_tokenizer(other_tokenizer_model)
-    with pytest.raises(BadFile, match=r"mixture.json: the rows were tokenized with .* tokenizer \(fingerprint [0-9a-f]{12}"
-                                      r"\), but --model .* has another one \(fingerprint [0-9a-f]{12}\)"):
+    with pytest.raises(BadFile, match=r"mixture.json: the rows were tokenized with .* tokenizer \(fingerprint "
+                                      r"[0-9a-f]{12}\), but --model .* has another one \(fingerprint [0-9a-f]{12}\)"):
         load_rows(step2_runs["a"], tokenizer=tok_b, model_name=other_tokenizer_model, vocab_size=len(tok_b))
     # the rare deliberate case: the vocabulary is a superset
     assert len(load_rows(step2_runs["a"], tokenizer=tok_b, model_name=other_tokenizer_model, vocab_size=len(tok_b),
@@ -597,7 +597,8 @@ def probe_context(tiny_model_dir, step1_records, rows, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("probe")
     return {"model": str(tiny_model_dir), "bench": str(SAMPLE / "bench_test.json"),
-            "train": str(SAMPLE / "train.json"), "rows": str(rows), "text": str(SAMPLE / "text" / "medicalGuideline_en_text.json"),
+            "train": str(SAMPLE / "train.json"), "rows": str(rows),
+            "text": str(SAMPLE / "text" / "medicalGuideline_en_text.json"),
             "input": str(_write_jsonl(root / "test.jsonl", step1_records[:2])),
             "models": _model_cases(tiny_model_dir, root)}
 

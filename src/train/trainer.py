@@ -416,8 +416,9 @@ class Trainer:
 
     def save(self, step: int) -> None:
         args = self.args
-        state = {"step": step, **self._data_position(step), "signature": self.signature, "model": str(args.model), "train": str(args.train), "lr": self.lr,
-                 "is_moe": self.is_moe, "seed": args.seed, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        state = {"step": step, **self._data_position(step), "signature": self.signature, "model": str(args.model),
+                 "train": str(args.train), "lr": self.lr, "is_moe": self.is_moe, "seed": args.seed,
+                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         ckpt.save_checkpoint(self.accelerator, self.model, self.tokenizer, self.out_dir, step, state,
                              is_moe=self.is_moe, max_ckpts=args.max_ckpts, renamer=self.renamer, log=self.log)
 
