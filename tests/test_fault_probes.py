@@ -679,3 +679,20 @@ def test_data_tools_refuse_an_out_where_their_output_would_replace_their_input(p
     assert cli.run(export_lm_eval.main, argv) == 2
     assert _one_error_line(capsys).startswith(f"error: --out: {inp.parent.parent} holds the input {inp}")
     assert inp.is_file()
+
+
+@pytest.mark.parametrize("keep", [0, 200])
+def test_a_truncated_state_file_is_one_line_naming_it(keep, tmp_path):
+    """What --resume reads from state/ (every torch.load there goes through the weights-only loader)."""
+    import torch
+
+    from src.common.errors import BadFile
+    from src.train.weights_only import forced_weights_only, load_weights_only
+
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(1000)}}, path)
+    _truncate(path, keep)
+    with pytest.raises(BadFile, match=rf"{path}: damaged or incomplete checkpoint file"):
+        load_weights_only(path)
+    with forced_weights_only(), pytest.raises(BadFile, match=rf"{path}: damaged or incomplete checkpoint file"):
+        torch.load(path, map_location="cpu")

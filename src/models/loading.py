@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from src.models import integrity
 
@@ -136,19 +137,27 @@ def load_model(name_or_path, torch_dtype: torch.dtype | str | None = None, devic
     """Load a causal LM for inference or training, in the dtype ``resolve_dtype`` gives; MoE checkpoints of ours are
     detected from their config, LoRA adapter folders from their adapter_config.json (loaded on their base and merged,
     see adapter.py)."""
-    from src.models import adapter, moe
-
     check_model_source(name_or_path, weights=True)
     dtype = resolve_dtype(torch_dtype, name_or_path, device)
-    if adapter.is_adapter_dir(name_or_path):
-        model = adapter.load_adapter(name_or_path, torch_dtype=dtype)
-    elif Path(str(name_or_path)).is_dir() and moe.is_moe_checkpoint(name_or_path):
-        model = moe.load_moe(name_or_path, dtype)
-    else:
-        from transformers import AutoModelForCausalLM
+    try:
+        model = _load(name_or_path, dtype)
+    except SafetensorError as e:  # a hub id's cached file (local folders were checked file by file above)
+        from src.common.errors import BadFile
 
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
+        raise BadFile(name_or_path, f"damaged safetensors weights ({e}): download or copy the model again") from None
     return model.to(device) if device is not None else model
+
+
+def _load(name_or_path, dtype: torch.dtype):
+    from src.models import adapter, moe
+
+    if adapter.is_adapter_dir(name_or_path):
+        return adapter.load_adapter(name_or_path, torch_dtype=dtype)
+    if Path(str(name_or_path)).is_dir() and moe.is_moe_checkpoint(name_or_path):
+        return moe.load_moe(name_or_path, dtype)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
 
 
 def resolve_dtype(requested: torch.dtype | str | None, name_or_path, device=None) -> torch.dtype:

@@ -45,6 +45,8 @@ def load_weights_only(path, map_location="cpu"):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(_refusal(path, e)) from None
+    except (RuntimeError, EOFError) as e:
+        raise _damaged(path, e) from None
 
 
 def _refusal(path, error) -> str:
@@ -57,6 +59,17 @@ def _refusal(path, error) -> str:
     detail = f" ({found.group(1).strip()})" if found and found.group(1).strip() else ""
     return (f"{path}: refused to load: it holds objects other than tensors and plain data{detail}, and loading it "
             f"could run code")
+
+
+def _damaged(path, error: BaseException) -> BaseException:
+    """A state file cut short or damaged (torch's zip reader: "failed finding central directory"; an empty file: EOF)
+    as one line naming it; any other RuntimeError is passed on unchanged."""
+    from src.common.errors import BadFile
+
+    if isinstance(error, EOFError) or "PytorchStreamReader" in str(error):
+        return BadFile(path, "damaged or incomplete checkpoint file (an interrupted copy?); resume from another "
+                             "checkpoint")
+    return error
 
 
 @contextmanager
@@ -75,6 +88,8 @@ def forced_weights_only():
                 return original(f, map_location=map_location, **kwargs)
         except pickle.UnpicklingError as e:
             raise UnsafeCheckpointError(_refusal(f, e)) from None
+        except (RuntimeError, EOFError) as e:
+            raise _damaged(f, e) from None
 
     torch.load = load
     try:
