@@ -14,7 +14,7 @@ EXP=sample_SmolLM2-135M-Instruct
 [ -f "data/$EXP/test.jsonl" ] || bash 1.data_process_test_dev.sh --out "data/$EXP"
 [ -f "data/$EXP/mixture.json" ] || bash 2.data_process_train.sh --out "data/$EXP"
 bash scripts/upcycle_moe.sh --model models/SmolLM2-135M-Instruct --out models/SmolLM2-135M-MoE \
-  --experts 7 --top-k 2 --moe-layers 2
+  --experts 7 --top-k 2 --moe-layers 2 --overwrite
 bash 3.single_node_train.sh --model models/SmolLM2-135M-MoE --expect moe --train "data/$EXP/train" \
   --dev "data/$EXP/dev.jsonl" --out "ckpts/${EXP}_moe" --max-steps 3 --batch-size 1 --grad-accum 1 \
   --save-every 0 --max-ckpts 1 --eval-every 0 --dev-limit 7 --dev-batch-size 7 --dev-max-new-tokens 8 --overwrite

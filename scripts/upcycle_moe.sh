@@ -8,6 +8,6 @@ if [ "$#" -eq 0 ]; then
     echo "models/SmolLM2-135M-Instruct is missing: run ./0.download_data.sh first (it converts the embedded model)" >&2
     exit 1
   fi
-  set -- --model models/SmolLM2-135M-Instruct --out models/SmolLM2-135M-MoE
+  set -- --model models/SmolLM2-135M-Instruct --out models/SmolLM2-135M-MoE --overwrite  # the same model again
 fi
 exec python -m src.models.upcycle "$@"

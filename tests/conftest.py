@@ -102,3 +102,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def rows(tmp_path_factory) -> Path:
+    """16 packed rows drawn from a 30-token vocabulary (step 3 runs of the fault tests: a tiny model learns them)."""
+    import random
+
+    import datasets
+
+    rng = random.Random(1)
+    vocab = [rng.randrange(200, 4000) for _ in range(30)]
+    out = []
+    for _ in range(16):
+        doc = [rng.choice(vocab) for _ in range(rng.randint(10, 20))]
+        out.append({"input_ids": doc, "labels": [-100] * 2 + doc[2:], "position_ids": list(range(len(doc)))})
+    path = tmp_path_factory.mktemp("rows") / "train"
+    datasets.Dataset.from_list(out).save_to_disk(str(path))
+    return path

@@ -52,23 +52,6 @@ def _kill9(proc: subprocess.Popen) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-@pytest.fixture(scope="module")
-def rows(tmp_path_factory) -> Path:
-    import random
-
-    import datasets
-
-    rng = random.Random(1)
-    vocab = [rng.randrange(200, 4000) for _ in range(30)]
-    out = []
-    for _ in range(16):
-        doc = [rng.choice(vocab) for _ in range(rng.randint(10, 20))]
-        out.append({"input_ids": doc, "labels": [-100] * 2 + doc[2:], "position_ids": list(range(len(doc)))})
-    path = tmp_path_factory.mktemp("rows") / "train"
-    datasets.Dataset.from_list(out).save_to_disk(str(path))
-    return path
-
-
 def test_kill9_during_save_and_mid_training_then_resume_gives_the_same_losses(tiny_model_dir, rows, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from src.common.errors import DataError  # noqa: E402
+from src.common.errors import DataError, UsageError  # noqa: E402
 from src.models import moe  # noqa: E402
 from src.models.loading import load_model  # noqa: E402
 from util import import_apollo_moe  # noqa: E402
@@ -148,7 +148,7 @@ def test_weights_decide_the_moe_layers_and_bad_checkpoints_fail_cleanly(tmp_path
     assert import_apollo_moe.main(["--src", str(src), "--out", str(tmp_path / "ours")]) == 0
     assert "mlp_only_layers=[]" in capsys.readouterr().out
     assert moe.moe_settings(load_model(tmp_path / "ours")).moe_layers == (1, 2)
-    with pytest.raises(SystemExit):  # never overwrites
+    with pytest.raises(UsageError, match="is not empty"):  # never overwrites without --overwrite
         import_apollo_moe.main(["--src", str(src), "--out", str(tmp_path / "ours")])
 
     bad = tmp_path / "bad"

@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from test_moe import VOCAB, batch, tiny_moe  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from src.common.errors import UsageError  # noqa: E402
 from src.models import loading, moe, moe_export  # noqa: E402
 from src.models.loading import load_model  # noqa: E402
 
@@ -138,7 +139,7 @@ def test_export_cli_reads_our_folder_and_refuses_to_overwrite(tmp_path, capsys):
     assert moe_export.main(["--model", str(source), "--out", str(tmp_path / "hf")]) == 0
     assert "Qwen2MoeForCausalLM" in capsys.readouterr().out
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.model_type == "qwen2_moe"
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="is not empty"):  # never overwrites without --overwrite
         moe_export.main(["--model", str(source), "--out", str(tmp_path / "hf")])
     with pytest.raises(SystemExit):
         moe_export.main(["--model", str(tmp_path / "hf"), "--out", str(tmp_path / "again")])  # not ours

@@ -129,7 +129,9 @@ def test_step3_refuses_rows_without_label_tokens_and_takes_step2_folders(tmp_pat
         load_rows(_rows(tmp_path / "empty", [[-100] * 4] * 3))
     step2 = tmp_path / "step2"
     _rows(step2 / "train", [[-100, 6, 7, 8], [-100] * 4])
-    (step2 / "mixture.json").write_text("{}")
+    # a mixture.json as step 2's first format wrote it: its rows digest begins with the fingerprint in state.json
+    digest = json.loads((step2 / "train" / "state.json").read_text())["_fingerprint"]
+    (step2 / "mixture.json").write_text(json.dumps({"format_version": 1, "rows_sha256": digest}))
     assert len(load_rows(step2)) == 2  # step 2's output folder, as well as its train/ subfolder
 
 
@@ -375,7 +377,7 @@ def other_writer(tmp_path):
     proc.wait(timeout=60)
 
 
-def test_a_second_writer_of_one_out_is_refused(other_writer, tiny_model_dir, smollm2_dir, tiny_recs, tmp_path):
+def test_a_second_writer_of_one_out_is_refused(other_writer, tiny_model_dir, smollm2_dir, tiny_recs, rows, tmp_path):
     from src.evaluate import eval as step4
     from src.prepare import train_data
 
@@ -386,7 +388,7 @@ def test_a_second_writer_of_one_out_is_refused(other_writer, tiny_model_dir, smo
     assert not (out / "predictions.jsonl").exists()
     with pytest.raises(UsageError, match=rf"--out: {out} is being written by another process \(step 4, pid {pid},"):
         train_data.main(["--data", str(SAMPLE / "train.json"), "--model", str(smollm2_dir), "--out", str(out)])
-    r = _run("src.train.train", "--model", tiny_model_dir, "--train", tmp_path / "rows", "--out", out)
+    r = _run("src.train.train", "--model", tiny_model_dir, "--train", rows, "--out", out)
     assert r.returncode == 2 and _last_line_only(r).startswith(f"error: --out: {out} is being written by another")
 
 

@@ -1,12 +1,16 @@
 """Average the weights of several checkpoints of the same architecture (model soup / checkpoint averaging).
 
     python -m util.average_checkpoints --ckpt ckpts/run/checkpoint-200 --ckpt ckpts/run/checkpoint-300 \
-        --out models/run-avg [--weights 0.3 0.7]
+        --out models/run-avg [--weights 0.3 0.7] [--overwrite]
 
 The result is the element-wise (optionally weighted) mean, computed in float32 and stored in the first checkpoint's
 dtype, saved as a loadable checkpoint: the first checkpoint's config, tokenizer and other small files are copied
 beside the averaged ``model.safetensors``. Works for dense and Post-MoE checkpoints alike (both are safetensors
 folders). Tensors are read one at a time, so memory stays near the size of one model.
+
+Every input is checked first (whole safetensors files; a step 3 checkpoint's recorded digests). --out must lie apart
+from the inputs and from any step 3 checkpoint (src/common/outputs.py); it is written into a temporary sibling and
+renamed into place when complete, and an --out that holds files is replaced only with --overwrite.
 """
 from __future__ import annotations
 
@@ -68,24 +72,38 @@ def average(ckpts: list[Path], weights: list[float] | None = None) -> dict[str, 
     return out
 
 
-def save_average(ckpts: list[Path], out_dir: Path, weights: list[float] | None = None) -> Path:
+def save_average(ckpts: list[Path], out_dir: Path, weights: list[float] | None = None, *,
+                 overwrite: bool = False) -> Path:
+    from src.common.outputs import check_out, staged_folder
+    from src.models.loading import check_model_source
+
+    for ckpt in ckpts:
+        check_model_source(ckpt, weights=True, flag="--ckpt")
+    check_out(out_dir, ckpts, overwrite=overwrite)
     tensors = average(ckpts, weights)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for f in Path(ckpts[0]).iterdir():  # config, tokenizer, generation config: everything but weights
-        # not the weights, and not a training checkpoint's trainer_state.json: it describes another model
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in NOT_COPIED:
-            shutil.copyfile(f, out_dir / f.name)
-    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    with staged_folder(out_dir) as tmp:
+        for f in Path(ckpts[0]).iterdir():  # config, tokenizer, generation config: everything but weights
+            # not the weights, and not a training checkpoint's trainer_state.json: it describes another model
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name not in NOT_COPIED:
+                shutil.copyfile(f, tmp / f.name)
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m util.average_checkpoints", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=Path, action="append", required=True, help="a checkpoint folder (repeat)")
     p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per checkpoint (normalised)")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-    save_average(args.ckpt, args.out, args.weights)
+    p.add_argument("--out", type=Path, required=True,
+                   help="new folder for the averaged model, apart from the inputs and from checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that already holds files")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    save_average(args.ckpt, args.out, args.weights, overwrite=args.overwrite)
     print(f"[average] {len(args.ckpt)} checkpoints -> {args.out}")
     return 0
 

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
-from src.common.io import iter_jsonl
+from src.common.io import iter_jsonl, read_json
 from src.common.languages import major_languages, minor_languages
 from src.evaluate.scoring import score as score_predictions
 
@@ -32,8 +31,8 @@ def load_scores(dirs: list[Path], exclude_sources=()) -> list[dict]:
         path = d / "score.json" if d.is_dir() else d
         if not path.is_file():
             raise SystemExit(f"{path}: no score.json (run 4.eval.sh with --out {d})")
-        score = json.loads(path.read_text(encoding="utf-8"))
-        if "languages" not in score:
+        score = read_json(path)
+        if not isinstance(score, dict) or "languages" not in score:
             raise SystemExit(f"{path}: not a step 4 score.json (no 'languages')")
         if score.get("benchmark") == "mmedbench":
             raise SystemExit(f"{path}: an MMedBench score (its score.md is the table, docs/mmedbench.md); this tool "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from src.common.errors import DataError
+from src.common.errors import BadFile, DataError
 from src.common.io import iter_jsonl
 
 SHOWN = 5  # differing ids listed in the report
@@ -26,6 +26,8 @@ def letters(path: Path) -> dict[str, str | None]:
         if pred["id"] in out:
             raise DataError(path, n, "id", f"{pred['id']!r} appears twice")
         out[pred["id"]] = pred["letter"]
+    if not out:
+        raise BadFile(path, "no predictions: the file is empty (step 4 writes one per line)")
     return out
 
 
@@ -56,4 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from src.common import cli
+
+    sys.exit(cli.run(main))

@@ -29,7 +29,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from src.common.errors import DataError
+from src.common.errors import DataError, UsageError
 from src.common.io import write_jsonl
 from src.common.languages import score_method
 from src.evaluate.records import load_records
@@ -88,6 +88,9 @@ def export(input_path: Path, out: Path, overwrite: bool = False) -> dict:
     if not by_lang:
         raise SystemExit(f"{input_path}: no records")
     data_dir = (out / "data").resolve()
+    if input_path.resolve().parent == data_dir:
+        raise UsageError("--out", f"{out} holds the input {input_path} in its data/ folder, which an export "
+                                  f"rewrites; choose another --out")
     _remove_earlier_export(out, data_dir)  # --overwrite: no task of an earlier export may be run by mistake
     data_dir.mkdir(parents=True, exist_ok=True)
 

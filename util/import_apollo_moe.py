@@ -157,22 +157,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.out and not args.export_stock:
         parser.error("give --out, --export-stock or both")
+    from src.common.outputs import check_out, staged_folder
+
     src = Path(args.src)
     targets = [Path(t) for t in (args.out, args.export_stock) if t]
-    for target in targets:
-        if (target / "config.json").exists() and not args.overwrite:
-            parser.error(f"{target} already holds a model (pass --overwrite to replace it)")
+    for flag, target in (("--out", args.out), ("--export-stock", args.export_stock)):
+        if target:
+            check_out(target, [src] + [t for t in targets if t != Path(target)], overwrite=args.overwrite, flag=flag)
 
     config = read_config(src)
     model, settings, notes = build_model(config, src)
     for note in notes:
         print(f"[import] note: {note}")
     if args.out:
-        moe.save_moe(model, None, args.out)
-        copy_data_files(src, Path(args.out))
+        with staged_folder(args.out) as tmp:  # whole or not at all
+            moe.save_moe(model, None, tmp)
+            copy_data_files(src, tmp)
     if args.export_stock:
-        moe_export.export_qwen2_moe(model, args.export_stock)
-        copy_data_files(src, Path(args.export_stock))
+        with staged_folder(args.export_stock) as tmp:
+            moe_export.export_qwen2_moe(model, tmp)
+            copy_data_files(src, tmp)
     skipped = sorted(p.name for p in src.iterdir()
                      if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", *DATA_FILES))
     print(f"[import] read {src}/config.json and {len(weight_files(src))} safetensors file(s): {settings.num_experts} "
@@ -184,4 +188,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from src.common import cli
+
+    sys.exit(cli.run(main))

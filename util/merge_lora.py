@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="folder for the merged checkpoint (must not exist or be empty)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype the merge is computed and stored in")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that holds files")
     return p.parse_args(argv)
 
 
@@ -47,11 +47,17 @@ def merge(adapter_dir, out_dir, dtype: torch.dtype = torch.float32) -> Path:
 
 
 def main(argv=None) -> int:
+    from src.common.outputs import check_out, staged_folder
+    from src.models.adapter import adapter_base, is_adapter_dir
+    from src.models.loading import check_model_source
+
     args = parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError("--out", f"{out} is not empty (pass --overwrite to write into it)")
-    merge(args.adapter, out, getattr(torch, args.dtype))
+    check_model_source(args.adapter, weights=True, flag="--adapter")
+    if not is_adapter_dir(args.adapter):
+        raise UsageError("--adapter", f"{args.adapter}: not an adapter folder (no adapter_config.json)")
+    out = check_out(args.out, [args.adapter, adapter_base(args.adapter)], overwrite=args.overwrite)
+    with staged_folder(out) as tmp:  # whole or not at all
+        merge(args.adapter, tmp, getattr(torch, args.dtype))
     print(f"[merge_lora] merged {args.adapter} into {out}")
     return 0
 

@@ -17,9 +17,12 @@ import argparse
 import errno
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 
 from src.common.errors import DataError, UsageError
 
@@ -63,6 +66,25 @@ def run(main, argv: list[str] | None = None) -> int:
     finally:
         argparse.ArgumentParser.error = original_error
     return int(code or 0)
+
+
+@contextmanager
+def ctrl_c_deferred():
+    """Ctrl-C waits until the block is done, then takes effect: for a few renames that must happen together (step
+    2 swapping its outputs). Where Python does not turn Ctrl-C into KeyboardInterrupt (ignored, another handler, not
+    the main thread), nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pressed = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def _flag_error(parser, message: str):
@@ -123,14 +145,23 @@ def describe(e: BaseException) -> tuple[str, int]:
 
 
 def no_space_path(e: BaseException) -> str | None:
-    """The path of a write that failed on a full disk, or None when ``e`` (or its causes) is no such failure.
-    torch and DeepSpeed report it as a RuntimeError from their C++ writers, hence the message check."""
+    """The path of a write that failed on a full disk ("?" when nothing named it), or None when ``e`` (or its causes)
+    is no such failure. ``io.writing`` names the file for writers whose errors carry no file name."""
+    failure = space_failure(e)
+    if failure is None:
+        return None
+    return str(getattr(failure, "filename", None) or getattr(failure, "apollo_path", "") or "?")
+
+
+def space_failure(e: BaseException) -> BaseException | None:
+    """The exception in ``e``'s chain that reports a full disk. torch and DeepSpeed report it as a RuntimeError from
+    their C++ writers, pyarrow as an OSError without a file name, hence the message check."""
     seen = 0
     while e is not None and seen < 5:
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return str(e.filename or getattr(e, "apollo_path", "") or "?")
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
         if "No space left on device" in str(e) or "file write failed" in str(e):
-            return str(getattr(e, "apollo_path", "") or "?")
+            return e
         e, seen = e.__cause__ or e.__context__, seen + 1
     return None
 

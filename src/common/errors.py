@@ -1,4 +1,5 @@
-"""One error type for bad input: it always names the file, the record and the field."""
+"""Error types for bad input: a bad record names the file, the record and the field; a bad flag names the flag; a bad
+whole file names the file."""
 from __future__ import annotations
 
 
@@ -24,3 +25,12 @@ def require_at_least(args, minimums: dict[str, int]) -> None:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and value < least:
             raise UsageError(flag, f"must be at least {least}, got {value}")
+
+
+class BadFile(ValueError):
+    """A whole file that is wrong (empty, truncated, damaged, of an unknown version, not what its place says it is):
+    the message starts with the file."""
+
+    def __init__(self, path, message: str):
+        self.path, self.reason = str(path), message
+        super().__init__(f"{path}: {message}")

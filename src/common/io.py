@@ -5,6 +5,7 @@ import json
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -175,6 +176,24 @@ def iter_json_array(path, chunk_chars: int = 1 << 20) -> Iterator[object]:
         stream.close()
 
 
+@contextmanager
+def writing(path):
+    """Name ``path`` in a full-disk error raised inside the block that names no file (pyarrow's writers, json.dump
+    into an open file, a plain write): the one-line error then says which file could not be written."""
+    try:
+        yield
+    except BaseException as e:
+        from src.common.cli import space_failure
+
+        failure = space_failure(e)
+        if failure is not None and not getattr(failure, "filename", None) and not hasattr(failure, "apollo_path"):
+            try:
+                failure.apollo_path = str(path)
+            except AttributeError:  # an exception type without a __dict__: the error says "?"
+                pass
+        raise
+
+
 class _StreamWriter:
     """A file written piece by piece beside its target and renamed into place on close (``abort`` drops it)."""
 
@@ -186,7 +205,8 @@ class _StreamWriter:
         self.count = 0
 
     def _finish(self) -> None:
-        self._f.close()
+        with writing(self.path):
+            self._f.close()
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
@@ -202,7 +222,8 @@ class JsonArrayWriter(_StreamWriter):
         self._f.write("[")
 
     def write(self, obj) -> None:
-        self._f.write((",\n" if self.count else "\n") + dumps(obj))
+        with writing(self.path):
+            self._f.write((",\n" if self.count else "\n") + dumps(obj))
         self.count += 1
 
     def close(self) -> None:
@@ -214,11 +235,20 @@ class JsonLinesWriter(_StreamWriter):
     """Write JSON Lines row by row (``write_jsonl`` for rows that come one at a time), atomically on close."""
 
     def write(self, row) -> None:
-        self._f.write(dumps(row) + "\n")
+        with writing(self.path):
+            self._f.write(dumps(row) + "\n")
         self.count += 1
 
     def close(self) -> None:
         self._finish()
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, streamed (hashlib.file_digest reads it in blocks)."""
+    import hashlib
+
+    with Path(path).open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def dumps(obj) -> str:
@@ -231,7 +261,7 @@ def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        with writing(path), os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:

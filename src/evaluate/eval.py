@@ -81,8 +81,9 @@ def _dtype(name: str, device):
 def _check_resume(out: Path, settings: dict, overwrite: bool) -> None:
     run_file = out / "run.json"
     has_preds = (out / PRED).is_file() or (out / PARTS).is_dir()
-    if overwrite:
-        (out / PRED).unlink(missing_ok=True)
+    if overwrite:  # the earlier run's predictions, scores and record go: they would describe other settings
+        for name in (PRED, "run.json", "score.json", "score.md"):
+            (out / name).unlink(missing_ok=True)
         if (out / PARTS).is_dir():
             for f in (out / PARTS).iterdir():
                 f.unlink()
@@ -197,9 +198,18 @@ def select_records(args) -> list[dict]:
     return records
 
 
-def check_model_path(model_path: str) -> None:
+def check_models(args) -> None:
+    """Every model folder holds a model whose weight files are whole, before anything is written to --out (a failed
+    start leaves no run.json). With --backend openai the server has the weights; --model gives the tokenizer."""
+    from src.models.loading import check_model_source
+
+    model_path = str(args.model)
     if not Path(model_path).exists() and model_path.startswith(("models/", "ckpts/", "./", "../", "/")):
         raise SystemExit(f"[step 4] no such model folder: {model_path} (run 0.download_data.sh, or step 3)")
+    check_model_source(model_path, weights=args.backend != "openai")
+    for flag, path in (("--proxy-tuned", args.proxy_tuned), ("--proxy-raw", args.proxy_raw)):
+        if path:
+            check_model_source(path, weights=True, flag=flag)
 
 
 def run_settings(args, dtype) -> dict:
@@ -215,14 +225,12 @@ def run_settings(args, dtype) -> dict:
 
 def prepare_out(out: Path, settings: dict, overwrite: bool, state) -> None:
     """Take --out (one run at a time: OUT/.lock), refuse predictions made with other settings (or start afresh with
-    --overwrite)."""
+    --overwrite). Nothing is written yet: run.json is written once predicting starts (``write_status``)."""
     from src.common.locks import hold_for_launch
 
     hold_for_launch(out, "step 4", main_process=state.is_main_process, world_size=state.num_processes)
     if state.is_main_process:
         _check_resume(out, settings, overwrite)
-        if overwrite or not (out / "run.json").is_file():  # so an interrupted run is resumed with its settings
-            write_json(out / "run.json", {"settings": settings, "status": "running"})
     state.wait_for_everyone()
 
 
@@ -381,6 +389,50 @@ def engine_totals(all_stats: list[dict]) -> dict:
     return {**totals, "stops": dict(stops)}
 
 
+def predict_pending(args, state, tokenizer, out: Path, records: list[dict], pending: list[dict], mine: list[dict],
+                    dtype, fps: dict, whole_answer: bool = False) -> tuple[str | None, list[dict], int]:
+    """Predict this process's share (``mine``) of the items without a reusable prediction, appending each to --out
+    (``whole_answer``: MMedBench, no stop at the first line). Returns the chat format's name, every process's engine
+    counters and the batch size."""
+    world = state.num_processes
+    batch_size = args.batch_size or (64 if state.device.type == "cuda" else 16)
+    stats: dict = {}
+    fmt_name = None
+    if mine and args.backend == "openai":  # generation on a server; same records, predictions and files
+        from src.evaluate.openai_backend import predict_through_server
+
+        if world > 1:
+            raise SystemExit("[step 4] --backend openai runs in one process (use --concurrency for parallel requests)")
+        fmt_name = predict_through_server(args, tokenizer, mine, out / PRED, stats, progress=not args.no_progress,
+                                          fingerprints=fps)
+    elif mine:
+        counts = {"items": len(records), "done": len(records) - len(pending), "pending": len(pending)}
+        fmt_name = predict_mine(args, mine, tokenizer, out, state, counts, batch_size, dtype, stats, fps,
+                                whole_answer)
+    elif state.is_main_process:
+        print(f"[step 4] all {len(records)} items already predicted in {out}", flush=True)
+        fmt_name = format_name(args, tokenizer)  # run.json names it on every run (scripts read it back)
+    all_stats = gather_stats(stats, world)
+    state.wait_for_everyone()
+    return fmt_name, all_stats, batch_size
+
+
+def write_status(out: Path, settings: dict, status: str, records: list[dict], fps: dict, state,
+                 error: BaseException | None = None) -> None:
+    """run.json while predicting ("running") and after a run that stopped before scoring ("interrupted" by Ctrl-C,
+    or "failed"), with how many items have a prediction so far. The finished run's run.json replaces it."""
+    if not state.is_main_process:
+        return
+    from src.common.cli import describe
+
+    predicted = len(done_ids(out, fps, main_proc=False))
+    entry = {"settings": settings, "status": status, "items": len(records), "predicted": predicted,
+             "to_go": len(records) - predicted}
+    if status == "failed":
+        entry["error"] = str(error.code) if isinstance(error, SystemExit) else describe(error)[0]
+    write_json(out / "run.json", entry)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -402,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     whole_answer = mmedlm.configure_run(args, records)  # MMedBench: its defaults and checks
     if args.max_new_tokens is None:
         args.max_new_tokens = XMEDBENCH_MAX_NEW_TOKENS
-    check_model_path(args.model)
+    check_models(args)
     dtype = _dtype(args.dtype, state.device)
     tokenizer = load_tokenizer(args.model, padding_side="left")
     args.engine = choose_engine(args.engine, state.device)  # run.json records the engine that ran
@@ -417,25 +469,14 @@ def main(argv: list[str] | None = None) -> int:
     mine = shard(pending, world, state.process_index)
     state.wait_for_everyone()  # every process has read the same done ids before any of them appends new ones
 
-    batch_size = args.batch_size or (64 if state.device.type == "cuda" else 16)
-    stats: dict = {}
-    fmt_name = None
-    if mine and args.backend == "openai":  # generation on a server; same records, predictions and files
-        from src.evaluate.openai_backend import predict_through_server
-
-        if world > 1:
-            raise SystemExit("[step 4] --backend openai runs in one process (use --concurrency for parallel requests)")
-        fmt_name = predict_through_server(args, tokenizer, mine, out / PRED, stats, progress=not args.no_progress,
-                                          fingerprints=fps)
-    elif mine:
-        counts = {"items": len(records), "done": len(records) - len(pending), "pending": len(pending)}
-        fmt_name = predict_mine(args, mine, tokenizer, out, state, counts, batch_size, dtype, stats, fps,
-                                whole_answer)
-    elif state.is_main_process:
-        print(f"[step 4] all {len(records)} items already predicted in {out}", flush=True)
-        fmt_name = format_name(args, tokenizer)  # run.json names it on every run (scripts read it back)
-    all_stats = gather_stats(stats, world)
-    state.wait_for_everyone()
+    write_status(out, settings, "running", records, fps, state)  # after every check: a failed start writes none
+    try:
+        fmt_name, all_stats, batch_size = predict_pending(args, state, tokenizer, out, records, pending, mine, dtype,
+                                                          fps, whole_answer)
+    except BaseException as e:  # Ctrl-C or an error: run.json says so, with the counts; the same command resumes
+        write_status(out, settings, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed", records, fps,
+                     state, error=e)
+        raise
     if not state.is_main_process:
         return 0
 

@@ -4,7 +4,8 @@ A prediction is reusable only when its item's prompt and letters, the model's we
 answers are the same. The model part is content-based, not the path: a checkpoint retrained into the same folder
 gets a new fingerprint, a copied folder keeps its own. Reading every weight byte of a 7B model would take minutes,
 so each safetensors file contributes its header (tensor names, dtypes, shapes, offsets), its size and 16 blocks of
-64 KiB spread over its data: retraining changes every tensor, so the sampled blocks change too.
+64 KiB spread over its data: retraining changes every tensor, so the sampled blocks change too. A LoRA adapter's
+fingerprint includes its base model's, so does a proxy-tuned run's (each of its models counts).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
-CONFIG_FILES = ("config.json", "model.safetensors.index.json")
+CONFIG_FILES = ("config.json", "model.safetensors.index.json", "adapter_config.json")
 SAMPLES, BLOCK = 16, 1 << 16
 # Settings of step 4 that change a prediction (the others, e.g. batch size, only change speed).
 ANSWER_SETTINGS = ("mode", "max_new_tokens", "min_new_tokens", "format", "dtype")
@@ -41,9 +42,12 @@ def safetensors_digest(path: Path) -> str:
     return _sha(header, str(size).encode(), *blocks)
 
 
-def model_fingerprint(name_or_path) -> str:
-    """A local folder: its config and index files and every safetensors file's digest. A hub id: the id (its
-    revision is pinned by the local cache; nothing more can be known offline)."""
+def model_fingerprint(name_or_path, _seen: tuple = ()) -> str:
+    """A local folder: its config and index files and every safetensors file's digest; a LoRA adapter folder also
+    its base model's fingerprint (the adapter alone does not make the model: its base can be replaced at the same
+    path). A hub id: the id (its revision is pinned by the local cache; nothing more can be known offline)."""
+    from src.models import adapter
+
     path = Path(str(name_or_path))
     if not path.is_dir():
         return _sha(b"hub", str(name_or_path).encode())
@@ -53,6 +57,8 @@ def model_fingerprint(name_or_path) -> str:
             parts += [name.encode(), (path / name).read_bytes()]
     for f in sorted(path.glob("*.safetensors")):
         parts += [f.name.encode(), safetensors_digest(f).encode()]
+    if adapter.is_adapter_dir(path) and path.resolve() not in _seen:  # _seen: an adapter naming itself as base
+        parts += [b"base", model_fingerprint(adapter.adapter_base(path), (*_seen, path.resolve())).encode()]
     return _sha(*parts)
 
 

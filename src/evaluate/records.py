@@ -6,17 +6,24 @@ strings. An MMedBench record (``task: "mmedbench"``, src/prepare/mmedbench_step1
 its ``answers`` (distinct option letters) joined by "," are its ``answer``; it also carries the gold ``rationale``
 and ``answer_idx`` (strings) and the booleans ``with_rationale``, ``human_checked`` and ``human_check_passed``. A defect is a DataError naming the file, the record (counted from 1, blank lines skipped, as the lines of a
 JSON Lines file) and the field, so a hand-edited or foreign file fails with one clear line, never mid-run.
+
+A file inside a step 1 folder must also be the one the folder's report.json describes: step 1 writes report.json
+last, with the sha256 of test.jsonl and dev.jsonl (``check_step1_file``), so a folder that step 1 left half
+rewritten, or an edited file, is refused instead of scored.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from src.common.errors import DataError
-from src.common.io import iter_jsonl
+from src.common.errors import BadFile, DataError
+from src.common.io import file_sha256, iter_jsonl, read_json
 from src.evaluate.extract import ALL_LETTERS
 from src.prepare.mmedbench import TASK as MMEDBENCH
 
 STEP4_FIELDS = ("id", "source", "prompt", "answer", "letters")
+# Step 1's folder: report.json is written last and lists the digests of the files below (format_version 1; step 1
+# wrote no format_version and no digests before, and such folders are still read).
+STEP1_REPORT, STEP1_FORMAT_VERSION, STEP1_FILES = "report.json", 1, ("test.jsonl", "dev.jsonl")
 _STRINGS = ("id", "source", "prompt", "answer", "language", "answer_phrase")
 
 
@@ -71,6 +78,7 @@ def load_records(path: Path, required=STEP4_FIELDS) -> list[dict]:
     """Every record of ``path``, checked; a repeated id is an error too (it would be scored twice)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: input not found (make it with 1.data_process_test_dev.sh)")
+    check_step1_file(path)
     records, seen = [], set()
     for n, rec in enumerate(iter_jsonl(path), 1):
         check_record(rec, path, n, required)
@@ -78,4 +86,33 @@ def load_records(path: Path, required=STEP4_FIELDS) -> list[dict]:
             raise DataError(path, n, "id", f"duplicate id {rec['id']!r}")
         seen.add(rec["id"])
         records.append(rec)
+    if not records:
+        raise BadFile(path, "no records: the file is empty (step 1 writes one prompt per line)")
     return records
+
+
+def check_step1_file(path: Path) -> None:
+    """Refuse a test.jsonl or dev.jsonl of a step 1 folder that step 1 did not finish writing (no report.json beside
+    the rejects.jsonl it also writes) or that its report.json does not describe (another run's, or edited); accept
+    a file outside a step 1 folder, and one of a step 1 version that recorded no digests."""
+    path = Path(path)
+    report_file = path.parent / STEP1_REPORT
+    if path.name not in STEP1_FILES:
+        return
+    if not report_file.is_file():
+        if (path.parent / "rejects.jsonl").is_file():
+            raise BadFile(path, f"step 1 did not finish writing {path.parent}: there is no {STEP1_REPORT} (step 1 "
+                                f"writes it last); rerun step 1 with the same command")
+        return
+    report = read_json(report_file)
+    if not isinstance(report, dict) or "settings" not in report:
+        return  # a report.json of something else than step 1
+    version = report.get("format_version", 0)
+    if not isinstance(version, int) or not 0 <= version <= STEP1_FORMAT_VERSION:
+        raise BadFile(report_file, f"format_version {version!r} is not one this code reads (up to "
+                                   f"{STEP1_FORMAT_VERSION}): written by a newer version of the project, or edited")
+    entry = (report.get("files") or {}).get(path.name)
+    if isinstance(entry, dict) and entry.get("sha256") != file_sha256(path):
+        raise BadFile(path, f"not the file the {STEP1_REPORT} beside it describes (step 1 writes that last): step 1 "
+                            f"was stopped while rewriting {path.parent}, or the file was edited since; rerun step 1, "
+                            f"or move the file out of the folder to use it as it is")

@@ -209,6 +209,12 @@ def _ci(ci) -> str:
     return f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
+def _cell(text) -> str:
+    """A name as one markdown table cell or list item: a "|" would end the cell and a line break the row (score.json
+    keeps the name as it is)."""
+    return "<br>".join(str(text).replace("\\", "\\\\").replace("|", "\\|").splitlines())
+
+
 def format_table(score: dict) -> str:
     """score.json as markdown: the averages, one row per language (paper order, then minor ones), one per source."""
     lines = ["| average | accuracy % | 95% CI | languages |", "|---|---:|---|---|"]
@@ -222,23 +228,23 @@ def format_table(score: dict) -> str:
     lines += ["", "| language | method | sources | right/total | accuracy % | 95% CI |",
               "|---|---|---:|---:|---:|---|"]
     for lg, e in score["languages"].items():
-        lines.append(f"| {lg}{'' if e['major'] else ' (minor)'} | {e['method']} | {len(e['sources'])} | "
+        lines.append(f"| {_cell(lg)}{'' if e['major'] else ' (minor)'} | {e['method']} | {len(e['sources'])} | "
                      f"{e['right']}/{e['total']} | {_pct(e['accuracy'])} | {_ci(e['ci95'])} |")
     lines += ["", "| source | language | right/total | accuracy % | 95% CI | no letter |",
               "|---|---|---:|---:|---|---:|"]
     for s, e in score["sources"].items():
-        lines.append(f"| {s} | {e['language']} | {e['right']}/{e['total']} | {_pct(e['accuracy'])} | "
+        lines.append(f"| {_cell(s)} | {_cell(e['language'])} | {e['right']}/{e['total']} | {_pct(e['accuracy'])} | "
                      f"{_ci(e['ci95'])} | {e['no_letter']} |")
     notes = []
     if score.get("zero_correct_sources"):
-        notes.append(f"sources with zero correct: {', '.join(score['zero_correct_sources'])}")
+        notes.append(f"sources with zero correct: {', '.join(map(_cell, score['zero_correct_sources']))}")
     if score.get("rules"):
         notes.append("rules: " + ", ".join(f"{k} {v}" for k, v in score["rules"].items()))
     if score.get("ties_broken"):
         notes.append(f"ties broken by first vote: {score['ties_broken']}")
     if score.get("excluded_sources"):
         notes.append("excluded sources (predictions left out): "
-                     + ", ".join(f"{k} {v}" for k, v in score["excluded_sources"].items()))
+                     + ", ".join(f"{_cell(k)} {v}" for k, v in score["excluded_sources"].items()))
     if score.get("duplicates_dropped"):
         notes.append(f"duplicate ids dropped: {score['duplicates_dropped']}")
     if notes:

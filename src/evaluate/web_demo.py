@@ -93,4 +93,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from src.common import cli
+
+    sys.exit(cli.run(main))

@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+
+from src.models import integrity
 
 
 def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
@@ -36,16 +39,20 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def check_model_source(name_or_path, *, weights: bool, flag: str = "--model") -> None:
-    """One-line errors instead of transformers' ("Repo id must be in the form ...") for a model that cannot load:
-    a missing folder, a hub id while offline and not cached, or (``weights``) a folder without safetensors weights:
-    pickled weights (pytorch_model.bin) are never loaded, since unpickling can run code."""
+    """One-line errors instead of transformers' ("Repo id must be in the form ...", "Couldn't instantiate the backend
+    tokenizer") for a model that cannot load: a missing folder, a folder that holds no model (a data or results
+    folder), a hub id while offline and not cached, or (``weights``) a folder without safetensors weights (pickled
+    weights, pytorch_model.bin, are never loaded, since unpickling can run code), with a truncated weight file, or
+    whose weight files differ from the digests its checkpoint recorded (integrity.py)."""
     from src.common.errors import UsageError
 
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_dir():
+        require_model_folder(path, flag, weights=weights)
         if weights:
             require_safetensors(path, flag)
+            integrity.check_weights(path)
         return
     if path.exists():
         raise UsageError(flag, f"{name}: not a folder (a model is an HF folder or a hub id ORG/NAME)")
@@ -55,6 +62,20 @@ def check_model_source(name_or_path, *, weights: bool, flag: str = "--model") ->
     if _offline() and not _in_hub_cache(name):
         raise UsageError(flag, f"{name}: not a local folder, and the hub is offline (HF_HUB_OFFLINE=1) with no "
                                f"cached copy of it")
+
+
+MODEL_FILES = ("config.json", "adapter_config.json")  # a model folder, or a LoRA adapter folder
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")  # enough where only the tokenizer is read
+
+
+def require_model_folder(path: Path, flag: str = "--model", *, weights: bool = True) -> None:
+    """A folder given as a model must hold one (a data or results folder fails here, not deep in transformers)."""
+    from src.common.errors import UsageError
+
+    wanted = MODEL_FILES + (() if weights else TOKENIZER_FILES)
+    if not any((path / name).is_file() for name in wanted):
+        raise UsageError(flag, f"not a model folder: no config.json / {'weights' if weights else 'tokenizer'} in "
+                               f"{path}")
 
 
 def require_safetensors(path: Path, flag: str = "--model") -> None:
@@ -100,23 +121,43 @@ def load_tokenizer(name_or_path, padding_side: str = "left"):
     return tokenizer
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What the tokenizer's ids mean: a sha256 of its vocabulary (every token with its id, added tokens included)
+    and of its BOS, EOS and unknown-token ids. Step 2 records it in mixture.json, step 3 compares it with its
+    --model's: rows of another vocabulary would train on ids that mean other tokens. (The pad token is left out:
+    ``load_tokenizer`` sets one where the tokenizer has none, without changing any id.)"""
+    import hashlib
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    special = [getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "unk")]
+    return hashlib.sha256(json.dumps([vocab, special], ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 def load_model(name_or_path, torch_dtype: torch.dtype | str | None = None, device=None):
     """Load a causal LM for inference or training, in the dtype ``resolve_dtype`` gives; MoE checkpoints of ours are
     detected from their config, LoRA adapter folders from their adapter_config.json (loaded on their base and merged,
     see adapter.py)."""
-    from src.models import adapter, moe
-
     check_model_source(name_or_path, weights=True)
     dtype = resolve_dtype(torch_dtype, name_or_path, device)
-    if adapter.is_adapter_dir(name_or_path):
-        model = adapter.load_adapter(name_or_path, torch_dtype=dtype)
-    elif Path(str(name_or_path)).is_dir() and moe.is_moe_checkpoint(name_or_path):
-        model = moe.load_moe(name_or_path, dtype)
-    else:
-        from transformers import AutoModelForCausalLM
+    try:
+        model = _load(name_or_path, dtype)
+    except SafetensorError as e:  # a hub id's cached file (local folders were checked file by file above)
+        from src.common.errors import BadFile
 
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
+        raise BadFile(name_or_path, f"damaged safetensors weights ({e}): download or copy the model again") from None
     return model.to(device) if device is not None else model
+
+
+def _load(name_or_path, dtype: torch.dtype):
+    from src.models import adapter, moe
+
+    if adapter.is_adapter_dir(name_or_path):
+        return adapter.load_adapter(name_or_path, torch_dtype=dtype)
+    if Path(str(name_or_path)).is_dir() and moe.is_moe_checkpoint(name_or_path):
+        return moe.load_moe(name_or_path, dtype)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
 
 
 def resolve_dtype(requested: torch.dtype | str | None, name_or_path, device=None) -> torch.dtype:

@@ -119,15 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     if not moe.is_moe_checkpoint(args.model):
         parser.error(f"{args.model} is not a Post-MoE checkpoint of this project (its config.json has no "
                      f"'{moe.MOE_CONFIG_KEY}' field)")
-    out = Path(args.out)
-    if (out / "config.json").exists() and not args.overwrite:
-        parser.error(f"{out} already holds a model (pass --overwrite to replace it)")
+    from src.common.outputs import check_out, staged_folder
     from src.models.loading import load_model
 
+    out = check_out(args.out, [args.model], overwrite=args.overwrite)
     model = load_model(args.model, torch_dtype="auto")  # exported in the checkpoint's own dtype
     tokenizer = AutoTokenizer.from_pretrained(args.model, config=moe.base_config(args.model))
     try:
-        export_qwen2_moe(model, out, tokenizer)
+        with staged_folder(out) as tmp:  # whole or not at all
+            export_qwen2_moe(model, tmp, tokenizer)
     except ValueError as e:
         print(f"[export] ERROR: {args.model}: {e}")
         return 1
@@ -142,4 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from src.common import cli
+
+    sys.exit(cli.run(main))

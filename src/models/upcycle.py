@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=42, help="seed of the router initialisation")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="dtype to upcycle and save in (default: the checkpoint's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --out (or export folder) that holds files")
     parser.add_argument("--export-qwen2-moe", "--export-stock", metavar="DIR", dest="export_qwen2_moe",
                         help="also write a stock transformers Qwen2MoeForCausalLM copy (Qwen2- and Llama-based "
                              "models; refused, naming the setting, when it cannot be exact)")
@@ -87,9 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{source} is not a local model folder (run 0.download_data.sh to fetch or convert models)")
     if moe.is_moe_checkpoint(source):
         parser.error(f"{source} is already an MoE checkpoint")
-    from src.models.loading import load_model, require_safetensors
+    from src.common.outputs import check_out, staged_folder
+    from src.models.loading import check_model_source, load_model
 
-    require_safetensors(source)  # never unpickle a pytorch_model.bin
+    check_model_source(source, weights=True)  # whole safetensors weights only: never unpickle a pytorch_model.bin
+    check_out(args.out, [source], overwrite=args.overwrite)
+    if args.export_qwen2_moe:
+        check_out(args.export_qwen2_moe, [source, args.out], overwrite=args.overwrite, flag="--export-qwen2-moe")
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = load_model(source, torch_dtype=args.dtype).eval()  # "auto": the checkpoint's own dtype
@@ -123,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.norm_topk_prob:
         print("[upcycle] raw top-k probabilities (--no-norm-topk): the output differs from the dense model by design")
 
-    out = moe.save_moe(model, tokenizer, args.out)
+    with staged_folder(args.out) as tmp:  # whole or not at all
+        moe.save_moe(model, tokenizer, tmp)
+    out = Path(args.out)
     moe_params = sum(p.numel() for p in model.parameters())
     print(f"[upcycle] {source} -> {out}: {settings.num_experts} experts, top-{settings.top_k}, MoE layers "
           f"{list(settings.moe_layers)}, norm_topk_prob={settings.norm_topk_prob}, "
@@ -133,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.export_qwen2_moe:
         try:
-            exported_dir = moe_export.export_qwen2_moe(model, args.export_qwen2_moe, tokenizer)
+            with staged_folder(args.export_qwen2_moe) as tmp:
+                moe_export.export_qwen2_moe(model, tmp, tokenizer)
+            exported_dir = Path(args.export_qwen2_moe)
         except ValueError as e:
             print(f"[upcycle] ERROR: export refused: {e} (the MoE checkpoint {out} was written)")
             return 1

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from src.common.defaults import ROOT, SAMPLE_DIR
-from src.common.errors import DataError
+from src.common.errors import DataError, UsageError
 from src.common.io import dumps, iter_json_array, write_json, write_jsonl
 from src.prepare.leak_index import MIN_CHARS, BenchIndex, normalise
 from src.prepare.records import Input, data_input, parsed_elements, text_input
@@ -265,6 +265,10 @@ def run(args) -> dict:
     if len(set(names)) < len(names) or {"leaks.jsonl", "report.json"} & set(names):
         raise ValueError(f"--data/--text file names must be distinct and not leaks.jsonl/report.json: {names}")
     out = Path(args.out)
+    for inp in args.inputs:  # the screened copy of an input in --out would replace the input itself
+        if (out / inp.path.name).resolve() == inp.path.resolve():
+            raise UsageError("--out", f"{out} holds the input {inp.path}: its screened copy would replace it; "
+                                      f"choose another --out")
     if not args.overwrite and any((out / n).exists() for n in names + ["report.json", "leaks.jsonl"]):
         raise FileExistsError(f"{out} already holds the outputs of a run; pass --overwrite or another --out")
     out.mkdir(parents=True, exist_ok=True)

@@ -471,6 +471,10 @@ def run(args) -> dict:
     checks = Checks(args.min_question_chars, args.min_answer_chars, args.min_script_share, args.copy_share)
     measure = _measure(args)
     next(iter_blocks(args, measure), None)  # bad inputs (names, formats) fail here, before a model is loaded
+    if not args.api_base:  # and a bad model folder, before --out is created
+        from src.models.loading import check_model_source
+
+        check_model_source(args.model, weights=True)
 
     from src.common.locks import hold, release
 

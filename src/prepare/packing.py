@@ -24,6 +24,12 @@ import numpy as np
 import pyarrow as pa
 
 from src.common.defaults import IGNORE_INDEX
+from src.common.io import writing
+
+# Step 2's output folder as step 3 reads it: train/ (these rows) and mixture.json beside it, which is written last
+# (it marks a complete folder); train/step2_rows.json and mixture.json record the same rows digest. Versions: 1
+# (before the marker and the tokenizer fingerprint, still read), 2.
+MIXTURE_FILE, ROWS_MARKER, STEP2_FORMAT_VERSION = "mixture.json", "step2_rows.json", 2
 
 ROW_SCHEMA = pa.schema([
     ("input_ids", pa.list_(pa.int32())),
@@ -121,7 +127,9 @@ def write_rows(tokenized: pa.Table, order: np.ndarray, bounds: np.ndarray, doc_l
     names = [f"data-{i:05d}-of-{n_shards:05d}.arrow" for i in range(n_shards)]
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, s0, s1 in zip(names, shard_rows, shard_rows[1:]):
-        with pa.OSFile(str(out_dir / name), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        # writing(): pyarrow's full-disk error names no file
+        with writing(out_dir / name), pa.OSFile(str(out_dir / name), "wb") as sink, \
+                pa.ipc.new_stream(sink, schema) as writer:
             r0 = s0
             while r0 < s1:
                 # as many rows as fit in the token budget of one batch (at least one)
@@ -152,10 +160,10 @@ def write_dataset_metadata(out_dir: Path, shard_names: list[str], fingerprint: s
     state = {"_data_files": [{"filename": n} for n in shard_names], "_fingerprint": fingerprint,
              "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
              "_split": None}
-    with (out_dir / "state.json").open("w", encoding="utf-8") as f:
+    with writing(out_dir / "state.json"), (out_dir / "state.json").open("w", encoding="utf-8") as f:
         json.dump(state, f, indent=2, sort_keys=True)
     info = asdict(DatasetInfo(features=row_features()))
-    with (out_dir / "dataset_info.json").open("w", encoding="utf-8") as f:
+    with writing(out_dir / "dataset_info.json"), (out_dir / "dataset_info.json").open("w", encoding="utf-8") as f:
         json.dump({key: info[key] for key in sorted(info)}, f, indent=2)
 
 

@@ -27,10 +27,11 @@ from tqdm import tqdm
 from src.common.chat_formats import FORMAT_NAMES, tokenizer_and_format
 from src.common.defaults import DEFAULT_MODEL, ROOT, SAMPLE_DIR
 from src.common.errors import UsageError, require_at_least
-from src.common.io import write_json, write_jsonl
+from src.common.io import file_sha256, write_json, write_jsonl
 from src.common.rerun import check_rerun, normalised
 from src.common.languages import family_id
 from src.prepare import mmedbench, mmedbench_step1, mmedlm_prompts
+from src.evaluate.records import STEP1_FILES, STEP1_FORMAT_VERSION, STEP1_REPORT
 from src.prepare.bench_items import BenchItem, load_bench
 from src.prepare.prompts import PAPER_MAX_CHARS, STYLES, PromptBuilder, candidate_shots
 
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = "sample" if args.bench == SAMPLE_DIR / "bench_test.json" else args.bench.stem
     out = args.out or ROOT / "data" / f"{stem}_{Path(args.model).name}"
     settings = _settings(args)
-    check_rerun(out, "report.json", settings, args.overwrite, "step 1")
+    check_rerun(out, STEP1_REPORT, settings, args.overwrite, "step 1")
     t0 = time.time()
 
     tokenizer, fmt = tokenizer_and_format(args.model, args.format)
@@ -219,10 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("--max-tokens", f"no test item fits in {args.max_tokens} tokens, even with zero shots")
 
     out.mkdir(parents=True, exist_ok=True)
+    (out / STEP1_REPORT).unlink(missing_ok=True)  # the mark of a complete folder goes until the new files are in
     write_jsonl(out / "test.jsonl", test_rec)
     write_jsonl(out / "dev.jsonl", dev_rec)
     write_jsonl(out / "rejects.jsonl", rejects)
     report = {
+        "format_version": STEP1_FORMAT_VERSION,
         "settings": normalised(settings),
         "bench": str(args.bench), "dev_file": str(args.dev) if args.dev else None, "model": str(args.model),
         "format": fmt.to_dict(), "prompt_style": args.prompt_style, "shots": args.shots, "shot_mode": args.shot_mode,
@@ -232,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         "dev_is_subset_of_test": not args.dev,
         "rejected_malformed": malformed,
         "test": test_rep, "dev": dev_rep,
+        # what step 4 and step 3's dev evaluation check that they read (src/evaluate/records.py)
+        "files": {name: {"sha256": file_sha256(out / name)} for name in STEP1_FILES},
     }
-    write_json(out / "report.json", report)
+    write_json(out / STEP1_REPORT, report)  # last: it marks a complete folder
     print_summary(args, fmt, out, report, bool(rejects), time.time() - t0)
     return 0
 

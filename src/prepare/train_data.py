@@ -14,6 +14,12 @@ family; priorities, epochs, seed, truncations, rejects, packing efficiency, the 
 pretrain-QA vs SFT tokens from the start to the end of training) and train_rejects.jsonl (records left out, with
 reasons; not rejects.jsonl, which step 1 writes into the same folder).
 The same inputs and seed give identical files, whatever --num-proc.
+
+The outputs change as one unit: they are written into a scratch folder inside --out and moved into place at the end,
+the earlier run's mixture.json (the mark of a complete folder) first out and the new one last in, with Ctrl-C held
+back until all are in place. train/step2_rows.json and mixture.json record the same rows digest, and mixture.json
+the tokenizer's fingerprint: step 3 refuses rows whose mixture.json is missing or belongs to other rows, and rows of
+another tokenizer than its model's (src/train/data.py).
 """
 from __future__ import annotations
 
@@ -30,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from src.common import cli
 from src.common.chat_formats import FORMAT_NAMES, ChatFormat, tokenizer_and_format
 from src.common.defaults import DEFAULT_MODEL, IGNORE_INDEX, ROOT, SAMPLE_DIR, repo_relative
-from src.common.io import write_json, write_jsonl
+from src.common.io import write_json, write_jsonl, writing
 from src.common.rerun import check_rerun, normalised
 from src.common.languages import (
     PAD_LANGUAGE_ID,
@@ -43,9 +50,19 @@ from src.common.languages import (
     parse_train_source,
     train_source_kind,
 )
+from src.models.loading import tokenizer_fingerprint
 from src.prepare import mixture as mx
 from src.prepare import mmedlm_prompts
-from src.prepare.packing import ROW_SCHEMA, ListColumn, plan_rows, write_dataset_metadata, write_rows
+from src.prepare.packing import (
+    MIXTURE_FILE,
+    ROW_SCHEMA,
+    ROWS_MARKER,
+    STEP2_FORMAT_VERSION,
+    ListColumn,
+    plan_rows,
+    write_dataset_metadata,
+    write_rows,
+)
 from src.prepare.records import Input, ReadResult, data_input, read_records, text_input
 from src.prepare.tokenize_chat import ChatEncoder
 
@@ -56,6 +73,12 @@ TOKENIZE_BATCH = 1000
 MAX_EXAMPLES = 20  # truncated records listed by name in mixture.json (all are counted)
 CLASS_OF_KIND = {"text": "text", "qa": "pretrain_qa", "sft": "sft"}  # mixture.json's by_class names
 CLASS_LABELS = {"text": "text", "qa": "pretrain-QA", "sft": "SFT"}  # the curriculum plot's
+TMP_PREFIX = ".step2-tmp-"
+# What a run puts into --out, in the order it is moved into place: mixture.json last, it marks a complete folder.
+OUTPUTS = ("train", "train_rejects.jsonl", "train_leaks.jsonl", "curriculum.png", MIXTURE_FILE)
+# Test hook: stop while the outputs are being moved into place, right after train/ ("ctrl-c": as if Ctrl-C were
+# pressed then; "crash": die there, as kill -9 would), to check that the folder changes as one unit.
+STOP_IN_PUBLISH_ENV = "APOLLO_STEP2_STOP_IN_PUBLISH"
 
 
 def default_num_proc() -> int:
@@ -150,10 +173,13 @@ def run(args) -> dict:
     hold(out, "step 2")  # one writer per --out
     tmp = None
     try:
-        check_rerun(out, "mixture.json", _settings(args, inputs, max_len), args.overwrite, "step 2")
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".step2-tmp-"))
+        check_rerun(out, MIXTURE_FILE, _settings(args, inputs, max_len), args.overwrite, "step 2")
+        _remove_stale(out)
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=TMP_PREFIX))
         timings = {"load tokenizer": time.time() - t0}
-        report = _build(Build(args, inputs, out, tmp, max_len, table, tokenizer, fmt, encoder, timings))
+        with writing(out):  # a full disk in a writer that names no file is reported as --out at least
+            report = _build(Build(args, inputs, out, tmp, max_len, table, tokenizer, fmt, encoder, timings))
+        _publish(tmp / "outputs", out, tmp / "previous")
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -170,7 +196,7 @@ class Build:
     args: argparse.Namespace
     inputs: list[Input]  # the input files: --data ones in order, then --text ones
     out: Path
-    tmp: Path  # scratch folder inside out, removed at the end
+    tmp: Path  # scratch folder inside out, removed at the end; the outputs are built in tmp/outputs
     max_len: int
     table: mx.PriorityTable
     tokenizer: object
@@ -178,6 +204,11 @@ class Build:
     encoder: ChatEncoder
     timings: dict  # step name -> seconds, filled by lap()
     clock: float = field(default_factory=time.time)
+
+    @property
+    def stage(self) -> Path:
+        """Where the outputs are written before they are moved into --out as one unit (``_publish``)."""
+        return self.tmp / "outputs"
 
     @property
     def data(self) -> list[Path]:
@@ -248,7 +279,9 @@ def _read(ctx: Build) -> Records:
     if ctx.args.decontaminate_against:
         from src.prepare.decontaminate import Screen, load_bench
         screen = Screen(load_bench(ctx.args.decontaminate_against), ctx.args.leak_min_chars)
-    read = read_records(ctx.inputs, ctx.tmp / "records.arrow", skip_errors=ctx.args.on_error == "skip", screen=screen)
+    with writing(ctx.tmp / "records.arrow"):
+        read = read_records(ctx.inputs, ctx.tmp / "records.arrow", skip_errors=ctx.args.on_error == "skip",
+                            screen=screen)
     if read.records == 0:
         raise ValueError(f"no valid training records in {', '.join(map(str, ctx.data))}")
     rules = ctx.table.resolve(read.sources)
@@ -265,10 +298,11 @@ def _tokenize(ctx: Build, recs: Records) -> Tokens:
     records = datasets.Dataset(MemoryMappedTable.from_file(str(ctx.tmp / "records.arrow")),
                                fingerprint="step2-records")
     num_proc = ctx.args.num_proc if ctx.args.num_proc > 1 else None
-    tokenized = records.with_format("arrow").map(
-        ctx.encoder, batched=True, batch_size=TOKENIZE_BATCH, num_proc=num_proc,
-        remove_columns=records.column_names,  # a text document may become several rows (pieces)
-        cache_file_name=str(ctx.tmp / "tokenized.arrow"), new_fingerprint="step2-tokenized", desc="tokenizing")
+    with writing(ctx.tmp / "tokenized.arrow"):
+        tokenized = records.with_format("arrow").map(
+            ctx.encoder, batched=True, batch_size=TOKENIZE_BATCH, num_proc=num_proc,
+            remove_columns=records.column_names,  # a text document may become several rows (pieces)
+            cache_file_name=str(ctx.tmp / "tokenized.arrow"), new_fingerprint="step2-tokenized", desc="tokenizing")
     ctx.lap("tokenize")
     rec = _per_record(tokenized.data.table)
     truncated = rec["full_length"] > rec["length"]
@@ -306,20 +340,51 @@ def _order(ctx: Build, recs: Records, tok: Tokens) -> Order:
 
 
 def _pack(ctx: Build, tok: Tokens, order: Order) -> Rows:
-    """Pack the entries next-fit in order and write the rows as out/train (renamed into place when complete)."""
+    """Pack the entries next-fit in order and write the rows as train/ (moved into --out by ``_publish``), with the
+    rows' digest in train/step2_rows.json (mixture.json records it too: step 3 checks that the two belong together)."""
     lengths = tok.rec["length"][order.order]
     bounds = plan_rows(lengths, ctx.max_len)
     hasher = hashlib.sha256()
-    partial = ctx.out / ".train.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    shards = write_rows(tok.table, order.order, bounds, order.src_lang_id[tok.rec["source"]], partial,
-                        hasher=hasher)
+    train = ctx.stage / "train"
+    shards = write_rows(tok.table, order.order, bounds, order.src_lang_id[tok.rec["source"]], train, hasher=hasher)
     digest = hasher.hexdigest()
-    write_dataset_metadata(partial, shards, fingerprint=digest[:32])
-    shutil.rmtree(ctx.out / "train", ignore_errors=True)
-    partial.rename(ctx.out / "train")
+    write_dataset_metadata(train, shards, fingerprint=digest[:32])
+    write_json(train / ROWS_MARKER, {"format_version": STEP2_FORMAT_VERSION, "rows_sha256": digest})
     ctx.lap("pack + write rows")
     return Rows(lengths, bounds, digest)
+
+
+def _remove_stale(out: Path) -> None:
+    """Scratch folders of an earlier run of step 2 that was killed (this run holds --out's lock: none is in use)."""
+    for stale in [*out.glob(f"{TMP_PREFIX}*"), out / ".train.partial"]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _publish(stage: Path, out: Path, previous: Path) -> None:
+    """Move the new outputs into --out as one unit. The earlier run's mixture.json goes first and the new one comes
+    last: in between, --out holds no complete run (a kill -9 there leaves train/ without its mixture.json, which
+    step 3 refuses). Ctrl-C waits until every file is in place. The earlier run's files go to ``previous`` (removed
+    with the scratch folder), so no stale file of it stays beside the new ones (a train_leaks.jsonl, say)."""
+    previous.mkdir()
+    with cli.ctrl_c_deferred():
+        (out / MIXTURE_FILE).unlink(missing_ok=True)
+        for name in OUTPUTS:
+            if (out / name).exists():
+                os.replace(out / name, previous / name)
+            if (stage / name).exists():
+                os.replace(stage / name, out / name)
+            if name == "train" and os.environ.get(STOP_IN_PUBLISH_ENV):
+                _stop_in_publish(os.environ[STOP_IN_PUBLISH_ENV])
+
+
+def _stop_in_publish(how: str) -> None:
+    import signal
+
+    print(f"[step 2] {STOP_IN_PUBLISH_ENV}={how}: stopping while the outputs are moved into place", flush=True)
+    if how == "crash":
+        os._exit(17)
+    signal.raise_signal(signal.SIGINT)  # as if Ctrl-C were pressed now
 
 
 def _by_source(recs: Records, tok: Tokens, order: Order) -> dict:
@@ -400,11 +465,12 @@ def _report(ctx: Build, recs: Records, tok: Tokens, order: Order, rows: Rows) ->
     args, read, tokenizer = ctx.args, recs.read, ctx.tokenizer
     by_source = _by_source(recs, tok, order)
     return {
-        "format_version": 1,
+        "format_version": STEP2_FORMAT_VERSION,
         "settings": normalised(_settings(args, ctx.inputs, ctx.max_len)),
         "inputs": [{"file": str(i.path), "kind": i.kind, "records_read": n}
                    for i, n in zip(ctx.inputs, read.read_per_file)],
         "model": repo_relative(args.model),
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "size": len(tokenizer)},
         "chat_format": ctx.fmt.to_dict(),
         "stop_token_id": ctx.fmt.stop_token(tokenizer),
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
@@ -441,9 +507,9 @@ def _report(ctx: Build, recs: Records, tok: Tokens, order: Order, rows: Rows) ->
 
 
 def _write_report(ctx: Build, recs: Records, report: dict, order: Order, rows: Rows) -> None:
-    """mixture.json, train_rejects.jsonl, train_leaks.jsonl (with a screen) and curriculum.png."""
-    out, by_source = ctx.out, report["by_source"]
-    write_json(out / "mixture.json", report)
+    """mixture.json, train_rejects.jsonl, train_leaks.jsonl (with a screen) and curriculum.png, into the stage."""
+    out, by_source = ctx.stage, report["by_source"]
+    write_json(out / MIXTURE_FILE, report)
     write_jsonl(out / "train_rejects.jsonl", recs.read.rejects)
     if recs.screen is not None:
         write_jsonl(out / "train_leaks.jsonl", recs.read.leaks)
@@ -456,10 +522,11 @@ def _write_report(ctx: Build, recs: Records, report: dict, order: Order, rows: R
     pretrain_share = sum(report["by_class"].get(CLASS_OF_KIND[k], {}).get("tokens", 0) for k in ("text", "qa"))
     label = "pretrain-QA (*_qa)" if "text" not in kinds else \
         "raw text (*_text)" if "qa" not in kinds else "pretraining (*_text, *_qa)"
-    mx.plot_curriculum(report["curriculum"], out / "curriculum.png",
-                       f"Token share over training: seed {ctx.args.seed}, {len(order.order)} entries, "
-                       f"{tot_tokens:,} tokens\n{classes}", overall_qa_share=pretrain_share / tot_tokens,
-                       label=label)
+    with writing(out / "curriculum.png"):
+        mx.plot_curriculum(report["curriculum"], out / "curriculum.png",
+                           f"Token share over training: seed {ctx.args.seed}, {len(order.order)} entries, "
+                           f"{tot_tokens:,} tokens\n{classes}", overall_qa_share=pretrain_share / tot_tokens,
+                           label=label)
 
 
 def _require_loss_tokens(rec: dict, truncated: np.ndarray, max_len: int) -> None:

@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if Path(args.model).parts[:1] in (("models",), ("ckpts",)) and not Path(args.model).exists():
         p.error(f"model folder {args.model!r} not found (run 0.download_data.sh, or step 3)")
+    from src.models.loading import check_model_source
+
+    check_model_source(args.model, weights=True)  # a bad folder is one line here, not a server that never starts
     engine = choose_engine(args.engine)
     if engine == "vllm" and importlib.util.find_spec("vllm") is None:
         p.error("--engine vllm: vLLM is not installed (pip install vllm on a GPU node)")
@@ -182,4 +185,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from src.common import cli
+
+    sys.exit(cli.run(main))

@@ -5,7 +5,8 @@ Layout of ``OUT/checkpoint-<step>/``:
 - the model in Hugging Face format (``config.json``, ``model.safetensors``, ``generation_config.json``) and the
   tokenizer: ``AutoModelForCausalLM.from_pretrained(OUT/checkpoint-<step>)`` loads a dense one, the project's loader
   (``src.models.loading.load_model``) an MoE one, and step 4 evaluates either unchanged;
-- ``trainer_state.json``: the optimizer step, epoch, data position and the settings that must match on resume;
+- ``trainer_state.json``: the optimizer step, epoch, data position, the settings that must match on resume and the
+  sha256 of every weight file (``weights_sha256``; every loader checks them, src/models/integrity.py);
 - ``state/``: ``accelerator.save_state`` (the DeepSpeed engine's weights and optimizer partitions, the LR scheduler and
   every process's RNG states).
 
@@ -17,17 +18,18 @@ and never the one just written. Re-saving a step renames the old copy to ``.old-
 before the new copy is in place leaves that, which the next run puts back. A fresh run refuses an --out that holds
 checkpoints (``--resume latest`` continues them, ``--overwrite`` deletes them first).
 
-Resume loads ``state/`` without unpickling anything (``weights_only.py``).
+Resume loads ``state/`` without unpickling anything (``weights_only.py``), and checks that the step in
+trainer_state.json is the one the restored scheduler and optimizer counted (``saved_step_counters``).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import time
 from pathlib import Path
 
+from src.models import integrity
 from src.train import lora
 
 PREFIX = "checkpoint-"
@@ -35,7 +37,7 @@ TMP_PREFIX = ".tmp-" + PREFIX
 TRASH_PREFIX = ".trash-" + PREFIX
 OLD_PREFIX = ".old-" + PREFIX  # a checkpoint being replaced by a new save of the same step (restored if orphaned)
 EVAL_TMP_PREFIX = ".tmp-eval-"  # ZeRO-3 dev evaluation: a temporary full copy of the weights
-STATE_FILE = "trainer_state.json"
+STATE_FILE = integrity.STATE_FILE
 STATE_DIR = "state"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Test hook: crash (os._exit) in the middle of the save at this step ("N"), after the files are written but before
@@ -98,7 +100,21 @@ def resolve_resume(spec: str | None, out_dir) -> Path | None:
 
 
 def read_trainer_state(path) -> dict:
-    return json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+    """trainer_state.json of a checkpoint, of a format_version this code reads."""
+    return integrity.read_state(path)
+
+
+def saved_step_counters(scheduler, engine) -> dict[str, int]:
+    """The optimizer steps counted by the state restored from ``state/``: the LR scheduler's ``last_epoch`` (one per
+    optimizer step here; accelerate's wrapper keeps torch's scheduler as ``.scheduler``) and the DeepSpeed engine's
+    ``global_steps`` (accelerate 1.15, DeepSpeed 0.19; pinned by tests/test_fault_probes.py's resume tests)."""
+    counters = {}
+    inner = getattr(scheduler, "scheduler", scheduler)
+    if isinstance(getattr(inner, "last_epoch", None), int):
+        counters["scheduler"] = inner.last_epoch
+    if isinstance(getattr(engine, "global_steps", None), int):
+        counters["optimizer"] = engine.global_steps
+    return counters
 
 
 def check_out_dir(out_dir, resume_from: Path | None, *, overwrite: bool) -> list[Path]:
@@ -210,6 +226,9 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, step: int, trainer_s
     if renamer:
         from src.common.io import write_json
 
+        # the weight files' digests, read back while they are still in the page cache; every loader checks them
+        trainer_state = {"format_version": integrity.STATE_VERSION, **trainer_state,
+                         integrity.DIGESTS_KEY: integrity.weight_digests(tmp)}
         write_json(tmp / STATE_FILE, trainer_state)  # last file written: its presence marks a complete checkpoint
         _replace_dir(tmp, final)
         for p in rotate(out_dir, max_ckpts, keep=final):

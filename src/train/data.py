@@ -20,20 +20,28 @@ from pathlib import Path
 import torch
 
 from src.common.defaults import IGNORE_INDEX
+from src.common.errors import BadFile
+from src.common.io import read_json
 from src.common.languages import PAD_LANGUAGE_ID
+from src.prepare.packing import MIXTURE_FILE, ROWS_MARKER, STEP2_FORMAT_VERSION
 
 REQUIRED_COLUMNS = ("input_ids", "labels")
 
 
-def load_rows(path):
-    """Step 2's training rows as a ``datasets.Dataset`` (Arrow, memory-mapped), with a clear error when malformed."""
+def load_rows(path, *, tokenizer=None, model_name=None, vocab_size: int | None = None,
+              allow_tokenizer_mismatch: bool = False, log=print):
+    """Step 2's training rows as a ``datasets.Dataset`` (Arrow, memory-mapped), with a clear error when malformed,
+    left incomplete or mixed with another run's mixture.json by an interrupted step 2, or made for another vocabulary
+    than the model's: ``tokenizer`` (compared with the fingerprint step 2 recorded, unless
+    ``allow_tokenizer_mismatch``) and ``vocab_size`` (every id must have an embedding) are the model's."""
     import datasets
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: training rows not found (step 2 writes them: 2.data_process_train.sh)")
-    if (path / "mixture.json").is_file() and (path / "train").is_dir():
-        path = path / "train"  # step 2's output folder given instead of its train/ subfolder
+    path = rows_folder(path)
+    mixture = check_step2_folder(path)
+    if tokenizer is not None:
+        note = check_tokenizer(mixture, path, tokenizer, model_name, allow_tokenizer_mismatch)
+        if note:
+            log(f"[train] note: {note}")
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # a folder that is not a saved dataset
@@ -48,8 +56,104 @@ def load_rows(path):
     if len(ds) == 0:
         raise ValueError(f"{path}: the training set has no rows")
     require_label_tokens(ds, path)
+    if vocab_size is not None:
+        require_ids_in_vocabulary(ds, vocab_size, path)
     keep = [c for c in ("input_ids", "labels", "position_ids", "language_ids") if c in ds.column_names]
     return ds.select_columns(keep)
+
+
+def rows_folder(path) -> Path:
+    """The folder of the rows: ``path``, or its train/ subfolder when ``path`` is step 2's output folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: training rows not found (step 2 writes them: 2.data_process_train.sh)")
+    if not path.is_dir():
+        raise BadFile(path, "not a folder: step 3 reads the folder of rows step 2 writes (its --out, or the train/ "
+                            "in it)")
+    if (path / "train" / ROWS_MARKER).is_file() or ((path / MIXTURE_FILE).is_file() and (path / "train").is_dir()):
+        path = path / "train"  # step 2's output folder given instead of its train/ subfolder
+    return path
+
+
+def check_step2_folder(train_dir: Path) -> dict | None:
+    """Step 2's mixture.json beside ``train_dir``, checked: present (step 2 writes it last, so its absence beside
+    rows step 2 marked means step 2 did not finish), of a format_version this code reads, and describing these very
+    rows (the digest in train/step2_rows.json; for folders of step 2's version 1, the prefix datasets' state.json
+    holds). None for rows that step 2 did not write there (a dataset saved by other means)."""
+    mixture_file, marker_file = train_dir.parent / MIXTURE_FILE, train_dir / ROWS_MARKER
+    if marker_file.is_file():
+        held = _digest_field(read_json(marker_file), "rows_sha256", marker_file)
+        if not mixture_file.is_file():
+            raise BadFile(train_dir, f"step 2 did not finish writing {train_dir.parent}: there is no {MIXTURE_FILE} "
+                                     f"beside train/ (step 2 writes it last); rerun step 2 with the same command")
+    elif train_dir.name == "train" and mixture_file.is_file():
+        held = None
+    else:
+        return None
+    mixture = read_json(mixture_file)
+    if not isinstance(mixture, dict):
+        raise BadFile(mixture_file, f"expected a JSON object, got {type(mixture).__name__}")
+    version = mixture.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= STEP2_FORMAT_VERSION:
+        raise BadFile(mixture_file, f"format_version {version!r} is not one this code reads (1 to "
+                                    f"{STEP2_FORMAT_VERSION}): written by another version of the project, or edited")
+    recorded = _digest_field(mixture, "rows_sha256", mixture_file)
+    if held is None:  # version 1: datasets' state.json holds the first 32 digits of the digest
+        held, recorded = str(read_json(train_dir / "state.json").get("_fingerprint")), recorded[:32]
+    if held != recorded:
+        raise BadFile(mixture_file, f"does not belong with {train_dir}: it describes the rows {recorded[:12]}..., "
+                                    f"train/ holds the rows {held[:12]}... (step 2 was stopped while replacing them, "
+                                    f"or the folders were mixed by hand); rerun step 2 into {train_dir.parent}")
+    return mixture
+
+
+def _digest_field(entry, field: str, file: Path) -> str:
+    value = entry.get(field) if isinstance(entry, dict) else None
+    if not isinstance(value, str) or not value:
+        raise BadFile(file, f"field {field!r}: expected the rows' sha256, got {value!r}")
+    return value
+
+
+def check_tokenizer(mixture: dict | None, train_dir: Path, tokenizer, model_name, allow: bool) -> str | None:
+    """Refuse rows step 2 tokenized with another tokenizer than the model's (their ids would mean other tokens),
+    unless ``allow``; returns a note where the tokenizer cannot be checked or the mismatch is allowed."""
+    from src.models.loading import tokenizer_fingerprint
+
+    mixture_file = train_dir.parent / MIXTURE_FILE
+    if mixture is None:
+        return (f"{train_dir}: no {MIXTURE_FILE} beside it (rows not written there by step 2): their tokenizer is not "
+                f"checked, only that every id has an embedding")
+    recorded = (mixture.get("tokenizer") or {}).get("fingerprint")
+    if not recorded:
+        return (f"{mixture_file}: an older step 2 recorded no tokenizer fingerprint: the rows' tokenizer is not "
+                f"checked, only that every id has an embedding")
+    mine = tokenizer_fingerprint(tokenizer)
+    if recorded == mine:
+        return None
+    problem = (f"the rows were tokenized with {mixture.get('model')}'s tokenizer (fingerprint {recorded[:12]}), but "
+               f"--model {model_name} has another one (fingerprint {mine[:12]}): the ids would mean other tokens")
+    if allow:
+        return f"{mixture_file}: {problem}; training on them anyway (--allow-tokenizer-mismatch)"
+    raise BadFile(mixture_file, f"{problem}; run step 2 with --model {model_name}, or pass --allow-tokenizer-mismatch "
+                                f"if the vocabularies are meant to differ")
+
+
+def require_ids_in_vocabulary(ds, vocab_size: int, path) -> None:
+    """Every input id and label must have a row in the model's embedding (else an IndexError mid-training, or a
+    silent wrong lookup on some kernels). Arrow compute over the columns, no Python loop over rows."""
+    import pyarrow.compute as pc
+
+    for column in ("input_ids", "labels"):
+        values = pc.list_flatten(ds.data.table.column(column))
+        if column == "labels":
+            values = pc.filter(values, pc.not_equal(values, IGNORE_INDEX))
+        low, high = (pc.min_max(values).as_py() or {}).values()
+        if high is not None and high >= vocab_size:
+            raise BadFile(path, f"column {column!r} holds token ids up to {high}, but the model's vocabulary has "
+                                f"{vocab_size} ids (0 to {vocab_size - 1}): the rows were made with another "
+                                f"tokenizer; run step 2 with this --model")
+        if low is not None and low < 0:
+            raise BadFile(path, f"column {column!r} holds the negative token id {low}")
 
 
 def require_label_tokens(ds, path) -> int:

@@ -9,7 +9,9 @@ from src.train.runtime import moe_module, no_zero3_init
 
 def load_dev(path, limit: int | None) -> list[dict]:
     from src.common.io import iter_jsonl
+    from src.evaluate.records import check_step1_file
 
+    check_step1_file(Path(path))  # a dev.jsonl that step 1 left half rewritten, or another run's, is refused
     records = list(iter_jsonl(path))
     if limit is not None and 0 < limit < len(records):
         # Evenly spread, so that a small limit still covers every language of the (language-grouped) dev set.

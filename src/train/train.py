@@ -29,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--train", required=True, help="step 2 output folder (datasets.save_to_disk rows)")
     g.add_argument("--dev", default=None, help="step 1 dev.jsonl for in-training evaluation (optional)")
     g.add_argument("--out", required=True, help="checkpoint folder: OUT/checkpoint-<step>/")
+    g.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="train on step 2 rows made with another tokenizer than --model's (refused without it: the ids "
+                        "would mean other tokens); ids beyond the model's vocabulary are refused even so")
     g.add_argument("--expect", choices=["any", "dense", "moe"], default="any",
                    help="fail early unless --model is of this kind (the MoE launch script passes moe)")
     g = p.add_argument_group("optimisation")
@@ -146,8 +149,19 @@ def single_process_env() -> None:
                       MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
 
 
+def check_inputs(args) -> None:
+    """The model folder and step 2's rows, checked before any process group, accelerator or output folder exists:
+    a wrong path is one line, not a failure deep in DeepSpeed's setup (the trainer checks them in full again)."""
+    from src.models.loading import check_model_source
+    from src.train.data import rows_folder
+
+    check_model_source(args.model, weights=True)
+    rows_folder(args.train)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_inputs(args)
     single_process_env()
     from src.train.trainer import Trainer
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 from src.common.defaults import IGNORE_INDEX
+from src.common.errors import BadFile
+from src.models import integrity
 from src.train import checkpoint as ckpt
 from src.train import lora
 from src.train.dev_eval import evaluate_dev, format_dev, load_dev, materialize_copy
@@ -207,7 +209,9 @@ class Trainer:
         from src.train.data import BatchPlan, Collator, load_rows
 
         args = self.args
-        self.rows = load_rows(args.train)
+        self.rows = load_rows(args.train, tokenizer=self.tokenizer, model_name=args.model,
+                              vocab_size=self.model.get_input_embeddings().num_embeddings,
+                              allow_tokenizer_mismatch=args.allow_tokenizer_mismatch, log=self.log)
         self.plan = BatchPlan(len(self.rows), self.world, args.batch_size, args.grad_accum)
         self.total_steps = args.max_steps or self.plan.steps_per_epoch * args.epochs
         if self.plan.dropped_rows_per_epoch:
@@ -245,7 +249,9 @@ class Trainer:
                           "lora": lora.settings(args)}
 
     def _resume(self) -> int:
-        """Weights, optimizer, scheduler and RNG states from ``--resume``; returns the step to continue from."""
+        """Weights, optimizer, scheduler and RNG states from ``--resume``; returns the step to continue from. Refused
+        when the checkpoint's weight files differ from their recorded digests, or when the step it records is past
+        this run's end or disagrees with its data position or with the restored scheduler and optimizer."""
         if self.resume_from is None:
             return 0
         state = ckpt.read_trainer_state(self.resume_from)
@@ -254,16 +260,59 @@ class Trainer:
         if diff:
             raise SystemExit(f"--resume {self.resume_from}: the run's settings differ from the checkpoint's, an exact "
                              "resume is impossible: " + ", ".join(f"{k} was {a}, now {b}" for k, (a, b) in diff.items()))
+        step = self._recorded_step(state)
+        integrity.verify_weights(self.resume_from)
         from src.train.weights_only import load_training_state
 
         # accelerate/DeepSpeed would unpickle these files: they are read with torch.load(weights_only=True) instead
         load_training_state(self.accelerator, self.resume_from / ckpt.STATE_DIR, self.accelerator.process_index,
                             **lora.state_load_kwargs(self.unwrapped))
-        step = int(state["step"])
+        self._check_restored_counters(step)
         self.log(f"[train] resumed from {self.resume_from} at step {step} (weights, optimizer, scheduler, RNG, data "
                  f"position: epoch {step // self.plan.steps_per_epoch}, row "
                  f"{(step % self.plan.steps_per_epoch) * self.args.grad_accum * self.plan.rows_per_micro_step})")
         return step
+
+    def _data_position(self, step: int) -> dict:
+        """What trainer_state.json records about the data position of ``step`` (see save)."""
+        epoch, in_epoch = divmod(step, self.plan.steps_per_epoch)
+        return {"epoch": epoch, "step_in_epoch": in_epoch,
+                "rows_consumed_in_epoch": in_epoch * self.args.grad_accum * self.plan.rows_per_micro_step}
+
+    def _run_end(self) -> str:
+        if self.args.max_steps:
+            return f"--max-steps {self.args.max_steps}"
+        return f"--epochs {self.args.epochs} of {self.plan.steps_per_epoch} steps"
+
+    def _recorded_step(self, state: dict) -> int:
+        """The checkpoint's step, checked against this run's end and against the data position recorded with it."""
+        file = self.resume_from / ckpt.STATE_FILE
+        step = state.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise BadFile(file, f"field 'step': expected a whole number >= 0, got {step!r}")
+        if step > self.total_steps:
+            raise BadFile(file, f"step {step} is past the end of this run ({self._run_end()}): nothing to train; the "
+                                f"file was edited, or the checkpoint belongs to a longer run")
+        want = self._data_position(step)
+        got = {k: state.get(k) for k in want}
+        if got != want:
+            raise BadFile(file, f"step {step}, but its data position disagrees ("
+                                + ", ".join(f"{k} {v}" for k, v in got.items()) + f"; at step {step} they are "
+                                + ", ".join(map(str, want.values())) + "): the file was edited")
+        return step
+
+    def _check_restored_counters(self, step: int) -> None:
+        """The scheduler and optimizer restored from state/ must have counted ``step`` optimizer steps: an edited
+        trainer_state.json would otherwise resume "at" its step on another step's learning-rate schedule."""
+        wrong = {k: v for k, v in ckpt.saved_step_counters(self.scheduler, self.model).items() if v != step}
+        if not wrong:
+            return
+        values = set(wrong.values())
+        where = (f"the {' and '.join(wrong)} state saved beside it ({ckpt.STATE_DIR}/) "
+                 f"{'are' if len(wrong) > 1 else 'is'} at step {values.pop()}" if len(values) == 1 else
+                 ", ".join(f"the {k} state saved beside it at step {v}" for k, v in wrong.items()))
+        raise BadFile(self.resume_from / ckpt.STATE_FILE, f"step {step}, but {where}: the file was edited, or "
+                                                         f"{ckpt.STATE_DIR}/ comes from another checkpoint")
 
     def _setup_logging(self) -> None:
         from src.common.io import iter_jsonl, write_jsonl
@@ -387,12 +436,10 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def save(self, step: int) -> None:
-        epoch, in_epoch = divmod(step, self.plan.steps_per_epoch)
         args = self.args
-        state = {"step": step, "epoch": epoch, "step_in_epoch": in_epoch,
-                 "rows_consumed_in_epoch": in_epoch * args.grad_accum * self.plan.rows_per_micro_step,
-                 "signature": self.signature, "model": str(args.model), "train": str(args.train), "lr": self.lr,
-                 "is_moe": self.is_moe, "seed": args.seed, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        state = {"step": step, **self._data_position(step), "signature": self.signature, "model": str(args.model),
+                 "train": str(args.train), "lr": self.lr, "is_moe": self.is_moe, "seed": args.seed,
+                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         ckpt.save_checkpoint(self.accelerator, self.model, self.tokenizer, self.out_dir, step, state,
                              is_moe=self.is_moe, max_ckpts=args.max_ckpts, renamer=self.renamer, log=self.log)
 
@@ -411,6 +458,8 @@ class Trainer:
 
         args, total = self.args, self.total_steps
         stop_at = min(total, args.stop_at_step) if args.stop_at_step else total
+        if self._already_at_end(stop_at):
+            return
         bar = tqdm(total=total, initial=self.start_step, desc="train", unit="step",
                    disable=not self.main_proc or args.no_progress, dynamic_ncols=True)
         step, last_eval = self.start_step, -1
@@ -446,6 +495,17 @@ class Trainer:
             self.evaluate(step)
         self._summary(step, window)
         self.accelerator.end_training()
+
+    def _already_at_end(self, stop_at: int) -> bool:
+        """A resumed checkpoint already where this run ends: say so in one line (exit code 0); nothing is trained,
+        saved or evaluated."""
+        if self.start_step < stop_at:
+            return False
+        end = f"--stop-at-step {stop_at}" if stop_at < self.total_steps else self._run_end()
+        self.log(f"[train] {self.resume_from} is at step {self.start_step}, the end of this run ({end}): nothing to "
+                 f"train")
+        self.accelerator.end_training()
+        return True
 
     def _summary(self, step: int, window: Throughput) -> None:
         if window.seconds <= 0:

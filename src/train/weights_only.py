@@ -10,6 +10,7 @@ error naming it; nothing outside the allowlist is ever constructed.
 from __future__ import annotations
 
 import pickle
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,15 +45,31 @@ def load_weights_only(path, map_location="cpu"):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(_refusal(path, e)) from None
+    except (RuntimeError, EOFError) as e:
+        raise _damaged(path, e) from None
 
 
 def _refusal(path, error) -> str:
-    # torch's message is a page of advice; its "WeightsUnpickler error: ..." line names the offending global
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    first = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("WeightsUnpickler error")),
-                 lines[0] if lines else type(error).__name__).split(" Please use")[0]
-    return (f"{path}: refused to load: it holds objects other than tensors and plain data, and loading it could run "
-            f"code ({first})")
+    """Our own line: torch's message advises retrying with ``weights_only=False``, which is exactly what must never
+    be done with a file of unknown origin. Only the object it stopped at is kept from it (``Unsupported global:
+    GLOBAL io.open ...``, or the pickle opcode it cannot read)."""
+    text = " ".join(str(error).split())
+    found = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global by default| Please use| Check the "
+                      r"documentation|$)", text)
+    detail = f" ({found.group(1).strip()})" if found and found.group(1).strip() else ""
+    return (f"{path}: refused to load: it holds objects other than tensors and plain data{detail}, and loading it "
+            f"could run code")
+
+
+def _damaged(path, error: BaseException) -> BaseException:
+    """A state file cut short or damaged (torch's zip reader: "failed finding central directory"; an empty file: EOF)
+    as one line naming it; any other RuntimeError is passed on unchanged."""
+    from src.common.errors import BadFile
+
+    if isinstance(error, EOFError) or "PytorchStreamReader" in str(error):
+        return BadFile(path, "damaged or incomplete checkpoint file (an interrupted copy?); resume from another "
+                             "checkpoint")
+    return error
 
 
 @contextmanager
@@ -71,6 +88,8 @@ def forced_weights_only():
                 return original(f, map_location=map_location, **kwargs)
         except pickle.UnpicklingError as e:
             raise UnsafeCheckpointError(_refusal(f, e)) from None
+        except (RuntimeError, EOFError) as e:
+            raise _damaged(f, e) from None
 
     torch.load = load
     try:
