@@ -30,8 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def merge(adapter_dir, out_dir, dtype: torch.dtype = torch.float32) -> Path:
     from src.models import moe
-    from src.models.adapter import is_adapter_dir, load_adapter
-    from src.models.loading import load_tokenizer
+    from src.models.adapter import is_adapter_dir
+    from src.models.loading import load_adapter, load_tokenizer
 
     if not is_adapter_dir(adapter_dir):
         raise FileNotFoundError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")

@@ -69,6 +69,9 @@ RELEASE_FORMATS: dict[str, ChatFormat] = {
 }
 FORMAT_NAMES = [*RELEASE_FORMATS, "release", "template", "raw"]
 
+# A config field naming the chat format a checkpoint was made for, where its model type would select another one
+# (the stock Qwen2MoeForCausalLM export of a SmolLM2- or Llama-based Post-MoE model: src/models/moe_export.py).
+RECORDED_FORMAT = "apollo_chat_format"
 # model_type -> release format. Llama-3 is told apart from other Llama-architecture models by its BOS token.
 _BY_MODEL_TYPE = {"qwen2": "qwen2", "qwen2_moe": "qwen2", "gemma": "gemma2", "gemma2": "gemma2", "phi3": "phi3"}
 
@@ -129,8 +132,9 @@ def from_chat_template(tokenizer) -> ChatFormat:
 
 
 def resolve_format(tokenizer, config=None, name: str | None = None) -> ChatFormat:
-    """Pick the chat format: an explicit ``name`` wins; else the release format for the model type; else the
-    tokenizer's chat template; else the release layout with the tokenizer's EOS."""
+    """Pick the chat format: an explicit ``name`` wins; else the one the config records (``RECORDED_FORMAT``); else
+    the release format for the model type; else the tokenizer's chat template; else the release layout with the
+    tokenizer's EOS."""
     if name:
         if name in RELEASE_FORMATS:
             return RELEASE_FORMATS[name]
@@ -141,6 +145,9 @@ def resolve_format(tokenizer, config=None, name: str | None = None) -> ChatForma
         if name == "raw":
             return raw_layout(tokenizer)
         raise ValueError(f"unknown chat format {name!r}; choose from {', '.join(FORMAT_NAMES)}")
+    recorded = getattr(config, RECORDED_FORMAT, None)
+    if recorded:  # a stock export of a Post-MoE model: its source's format, not its model type's
+        return resolve_format(tokenizer, None, recorded)
     model_type = getattr(config, "model_type", None)
     if model_type in _BY_MODEL_TYPE:
         return RELEASE_FORMATS[_BY_MODEL_TYPE[model_type]]
@@ -150,19 +157,3 @@ def resolve_format(tokenizer, config=None, name: str | None = None) -> ChatForma
         return from_chat_template(tokenizer)
     return release_layout(tokenizer)
 
-
-def tokenizer_and_format(model, name: str | None = None):
-    """Load a model folder's (or hub id's) tokenizer and resolve its chat format from the tokenizer and config.
-
-    Used by the stages that only need text layout and token counts (steps 1 and 2), not the weights."""
-    from transformers import AutoTokenizer
-
-    from src.models.loading import check_model_source, load_config
-
-    check_model_source(model, weights=False)
-    try:
-        config = load_config(model)  # also reads our Post-MoE folders, which AutoConfig refuses
-    except (OSError, ValueError):  # a tokenizer-only folder: the format comes from the tokenizer alone
-        config = None
-    tokenizer = AutoTokenizer.from_pretrained(model, **({"config": config} if config is not None else {}))
-    return tokenizer, resolve_format(tokenizer, config, name)

@@ -37,11 +37,9 @@ def convert_gguf(out_dir: Path) -> bool:
     out_dir = Path(out_dir)
     if is_converted(out_dir):
         return False
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from src.models.loading import load_gguf
 
-    src = gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
+    model, tokenizer = load_gguf(gguf_path())
     _forget_gguf_quantizer(model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))

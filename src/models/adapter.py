@@ -1,5 +1,5 @@
-"""LoRA adapter folders (written by step 3 with ``--lora-r``, or any peft LoRA adapter): recognise one, find its base,
-load it as a plain model with the adapter merged into the weights.
+"""LoRA adapter folders (written by step 3 with ``--lora-r``, or any peft LoRA adapter): recognise one and find its base.
+Loading one (its base with the adapter merged into the weights) is ``src.models.loading``'s job, like every model's.
 
 An adapter folder holds ``adapter_config.json`` (peft's; ``base_model_name_or_path`` names the base: an HF folder,
 a hub id or a Post-MoE checkpoint), ``adapter_model.safetensors`` and, from step 3, the tokenizer. Step 4, the chat
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -37,19 +35,3 @@ def adapter_base(path) -> str:
 def has_tokenizer(path) -> bool:
     return (Path(path) / "tokenizer_config.json").is_file()
 
-
-def load_adapter(path, torch_dtype: torch.dtype | None = None, merge: bool = True):
-    """The adapter's base (through ``loading.load_model``, so Post-MoE bases work) with the adapter applied; merged into
-    plain weights by default (no LoRA cost at inference, and the result is an ordinary transformers model)."""
-    if not (Path(path) / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{path}: no {ADAPTER_WEIGHTS} beside {ADAPTER_CONFIG}")
-    from peft import PeftModel
-
-    from src.models.loading import load_model
-
-    base = load_model(adapter_base(path), torch_dtype=torch_dtype)
-    model = PeftModel.from_pretrained(base, str(path), is_trainable=False)
-    if merge:
-        model = model.merge_and_unload()
-    model.eval()
-    return model

@@ -1,6 +1,15 @@
 """One way to load any checkpoint the project handles: a dense HF model (local folder or hub id), a Post-MoE
-checkpoint written by ``src.models.moe`` or a LoRA adapter folder (``src.models.adapter``). Every stage (step 4,
-training, chat, tools) loads through here."""
+checkpoint written by ``src.models.moe``, its stock export (``src.models.moe_export``), a LoRA adapter folder
+(``src.models.adapter``), a merged or averaged checkpoint. Every stage (steps 1-4, training, the chats, the server
+launcher, the tools) reads configs, tokenizers and weights through here:
+
+* ``load_config``: the transformers config (our Post-MoE folders: the base config with its post_moe field; an adapter
+  folder: its base's);
+* ``load_tokenizer``: the tokenizer, with a pad token (an adapter folder without one: its base's);
+* ``load_tokenizer_and_format``: the tokenizer and the chat format resolved for the model (steps 1 and 2, the chats,
+  the serving backend);
+* ``load_model``: the weights (safetensors only, checked whole first: integrity.py), in the one dtype policy.
+"""
 from __future__ import annotations
 
 import json
@@ -29,9 +38,14 @@ def _moe_config_kwargs(name_or_path) -> dict:
 
 
 def load_config(name_or_path):
-    """The model's transformers config; for our MoE folders the base model's config (with its post_moe field)."""
+    """The model's transformers config; for our MoE folders the base model's config (with its post_moe field), for an
+    adapter folder its base's."""
     from transformers import AutoConfig
 
+    from src.models import adapter
+
+    if adapter.is_adapter_dir(name_or_path):
+        return load_config(adapter.adapter_base(name_or_path))
     return _moe_config_kwargs(name_or_path).get("config") or AutoConfig.from_pretrained(name_or_path)
 
 
@@ -121,6 +135,20 @@ def load_tokenizer(name_or_path, padding_side: str = "left"):
     return tokenizer
 
 
+def load_tokenizer_and_format(name_or_path, fmt_name: str | None = None):
+    """(tokenizer, chat format) of a model folder or hub id, without its weights: the format named by ``fmt_name``,
+    else the one recorded in the config or derived from the model type and tokenizer (``resolve_format``). A
+    tokenizer-only folder gets its format from the tokenizer alone."""
+    from src.common.chat_formats import resolve_format
+
+    tokenizer = load_tokenizer(name_or_path)
+    try:
+        config = load_config(name_or_path)
+    except (OSError, ValueError):  # a tokenizer-only folder
+        config = None
+    return tokenizer, resolve_format(tokenizer, config, fmt_name)
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """What the tokenizer's ids mean: a sha256 of its vocabulary (every token with its id, added tokens included)
     and of its BOS, EOS and unknown-token ids. Step 2 records it in mixture.json, step 3 compares it with its
@@ -133,14 +161,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps([vocab, special], ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def load_model(name_or_path, torch_dtype: torch.dtype | str | None = None, device=None):
+def load_model(name_or_path, torch_dtype: torch.dtype | str | None = None, device=None, **kwargs):
     """Load a causal LM for inference or training, in the dtype ``resolve_dtype`` gives; MoE checkpoints of ours are
     detected from their config, LoRA adapter folders from their adapter_config.json (loaded on their base and merged,
-    see adapter.py)."""
+    ``load_adapter``). ``kwargs`` go to transformers' ``from_pretrained`` for a dense model (QLoRA's
+    ``quantization_config`` and ``device_map``)."""
     check_model_source(name_or_path, weights=True)
     dtype = resolve_dtype(torch_dtype, name_or_path, device)
     try:
-        model = _load(name_or_path, dtype)
+        model = _load(name_or_path, dtype, **kwargs)
     except SafetensorError as e:  # a hub id's cached file (local folders were checked file by file above)
         from src.common.errors import BadFile
 
@@ -148,16 +177,46 @@ def load_model(name_or_path, torch_dtype: torch.dtype | str | None = None, devic
     return model.to(device) if device is not None else model
 
 
-def _load(name_or_path, dtype: torch.dtype):
+def _load(name_or_path, dtype: torch.dtype, **kwargs):
     from src.models import adapter, moe
 
     if adapter.is_adapter_dir(name_or_path):
-        return adapter.load_adapter(name_or_path, torch_dtype=dtype)
+        return load_adapter(name_or_path, torch_dtype=dtype)
     if Path(str(name_or_path)).is_dir() and moe.is_moe_checkpoint(name_or_path):
+        if kwargs:
+            raise ValueError(f"{name_or_path}: a Post-MoE checkpoint is loaded whole (no {', '.join(kwargs)})")
         return moe.load_moe(name_or_path, dtype)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True, **kwargs)
+
+
+def load_adapter(path, torch_dtype: torch.dtype | None = None, merge: bool = True):
+    """A LoRA adapter folder: its base (through ``load_model``, so Post-MoE bases work) with the adapter applied;
+    merged into plain weights by default (no LoRA cost at inference, and the result is an ordinary transformers
+    model)."""
+    from peft import PeftModel
+
+    from src.models import adapter
+
+    if not (Path(path) / adapter.ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path}: no {adapter.ADAPTER_WEIGHTS} beside {adapter.ADAPTER_CONFIG}")
+    base = load_model(adapter.adapter_base(path), torch_dtype=torch_dtype)
+    model = PeftModel.from_pretrained(base, str(path), is_trainable=False)
+    if merge:
+        model = model.merge_and_unload()
+    model.eval()
+    return model
+
+
+def load_gguf(file: Path):
+    """(model, tokenizer) from a GGUF file (the embedded default's, step 0): transformers dequantises it to float32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    file = Path(file)
+    tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name)
+    return model, tokenizer
 
 
 def resolve_dtype(requested: torch.dtype | str | None, name_or_path, device=None) -> torch.dtype:

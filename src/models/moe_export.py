@@ -101,6 +101,12 @@ def export_qwen2_moe(moe_model: nn.Module, out_dir: str | Path, tokenizer=None) 
         raise ValueError(f"export: the {STOCK_CLASS} copy differs from the source by {diff:.3g} in the logits "
                          f"(tolerance {tolerance:.3g}, {dtype}); nothing written")
     out = Path(out_dir)
+    if tokenizer is not None:
+        # The export's model type (qwen2_moe) would select the Qwen2 release format; the source model's own chat
+        # format is recorded so that step 4, the chats and serving keep using it (chat_formats.resolve_format).
+        from src.common.chat_formats import RECORDED_FORMAT, resolve_format
+
+        setattr(exported.config, RECORDED_FORMAT, resolve_format(tokenizer, moe_model.config).name)
     exported.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

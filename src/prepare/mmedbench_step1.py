@@ -17,11 +17,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from src.common.chat_formats import tokenizer_and_format
 from src.common.defaults import ROOT, SAMPLE_DIR
 from src.common.errors import UsageError
 from src.common.io import write_json, write_jsonl
 from src.common.languages import family_id
+from src.models.loading import load_tokenizer_and_format
 from src.common.rerun import check_rerun, normalised
 from src.prepare import mmedlm_prompts as prompts
 from src.prepare.mmedbench import LANGUAGES, TASK, MMedItem, load_split, split_files
@@ -101,7 +101,7 @@ def main(args) -> int:
                 "rationale": rationale, "max_tokens": args.max_tokens, "on_error": args.on_error}
     check_rerun(out, "report.json", settings, args.overwrite, "step 1")
     t0 = time.time()
-    tokenizer, fmt = tokenizer_and_format(args.model, args.format)
+    tokenizer, fmt = load_tokenizer_and_format(args.model, args.format)
     items, rejects = load_split(args.bench, "Test", args.on_error == "skip")
     records, too_long = build_records(items, fmt, tokenizer, style, rationale == "with", args.max_tokens)
     if items and not records:

@@ -24,12 +24,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from src.common.chat_formats import FORMAT_NAMES, tokenizer_and_format
+from src.common.chat_formats import FORMAT_NAMES
 from src.common.defaults import DEFAULT_MODEL, ROOT, SAMPLE_DIR
 from src.common.errors import UsageError, require_at_least
 from src.common.io import file_sha256, write_json, write_jsonl
 from src.common.rerun import check_rerun, normalised
 from src.common.languages import family_id
+from src.models.loading import load_tokenizer_and_format
 from src.prepare import mmedbench, mmedbench_step1, mmedlm_prompts
 from src.evaluate.records import STEP1_FILES, STEP1_FORMAT_VERSION, STEP1_REPORT
 from src.prepare.bench_items import BenchItem, load_bench
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     check_rerun(out, STEP1_REPORT, settings, args.overwrite, "step 1")
     t0 = time.time()
 
-    tokenizer, fmt = tokenizer_and_format(args.model, args.format)
+    tokenizer, fmt = load_tokenizer_and_format(args.model, args.format)
     builder = PromptBuilder(fmt, args.prompt_style)
     test, dev, pool, missing, rejects = load_items(args)
     fixed = args.shot_mode == "fixed"

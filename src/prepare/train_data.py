@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from src.common import cli
-from src.common.chat_formats import FORMAT_NAMES, ChatFormat, tokenizer_and_format
+from src.common.chat_formats import FORMAT_NAMES, ChatFormat
 from src.common.defaults import DEFAULT_MODEL, IGNORE_INDEX, ROOT, SAMPLE_DIR, repo_relative
 from src.common.io import write_json, write_jsonl, writing
 from src.common.rerun import check_rerun, normalised
@@ -50,7 +50,7 @@ from src.common.languages import (
     parse_train_source,
     train_source_kind,
 )
-from src.models.loading import tokenizer_fingerprint
+from src.models.loading import load_tokenizer_and_format, tokenizer_fingerprint
 from src.prepare import mixture as mx
 from src.prepare import mmedlm_prompts
 from src.prepare.packing import (
@@ -165,7 +165,7 @@ def run(args) -> dict:
     out = args.out or ROOT / "data" / f"{'sample' if sample else inputs[0].path.stem}_{Path(args.model).name}"
     table = mx.PriorityTable.load(args.priorities)
 
-    tokenizer, fmt = tokenizer_and_format(args.model, args.format)
+    tokenizer, fmt = load_tokenizer_and_format(args.model, args.format)
     encoder = ChatEncoder(tokenizer, fmt, max_len)
 
     from src.common.locks import hold, release

@@ -95,12 +95,13 @@ def load_4bit(name_or_path, dtype, device, *, is_moe: bool):
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise SystemExit("--qlora needs bitsandbytes on a CUDA machine: pip install bitsandbytes") from None
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
+
+    from src.models.loading import load_model
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, quantization_config=quant, dtype=dtype,
-                                                device_map={"": device})
+    return load_model(name_or_path, torch_dtype=dtype, quantization_config=quant, device_map={"": device})
 
 
 def _module_names(model) -> dict[int, str]:
