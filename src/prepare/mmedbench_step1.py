@@ -19,11 +19,12 @@ from pathlib import Path
 
 from src.common.defaults import ROOT, SAMPLE_DIR
 from src.common.errors import UsageError
-from src.common.io import write_json, write_jsonl
+from src.common.io import file_sha256, write_json, write_jsonl
 from src.common.languages import family_id
 from src.models.loading import load_tokenizer_and_format
 from src.common.rerun import check_rerun, normalised
 from src.prepare import mmedlm_prompts as prompts
+from src.evaluate.records import STEP1_FORMAT_VERSION, STEP1_REPORT
 from src.prepare.mmedbench import LANGUAGES, TASK, MMedItem, load_split, split_files
 
 SAMPLE_MMEDBENCH = SAMPLE_DIR / "mmedbench"  # step 0 copies assets/sample/mmedbench/ here
@@ -70,8 +71,8 @@ def build_records(items: list[MMedItem], fmt, tokenizer, style: str, with_ration
 def _report(records: list[dict], items: list[MMedItem], settings: dict, fmt, style, too_long, rejects) -> dict:
     by_language = Counter(r["language"] for r in records)
     return {
-        "settings": normalised(settings), "benchmark": "mmedbench",
-        "files": [str(f) for f in split_files(settings["bench"], "Test")], "model": str(settings["model"]),
+        "format_version": STEP1_FORMAT_VERSION, "settings": normalised(settings), "benchmark": "mmedbench",
+        "bench_files": [str(f) for f in split_files(settings["bench"], "Test")], "model": str(settings["model"]),
         "format": fmt.to_dict(), "prompt_style": style, "with_rationale": settings["rationale"] == "with",
         "shots": 0, "dev": None,
         "test": {
@@ -99,7 +100,7 @@ def main(args) -> int:
     out = args.out or default_out(args.bench, args.model)
     settings = {"bench": args.bench, "model": args.model, "format": args.format, "prompt_style": style,
                 "rationale": rationale, "max_tokens": args.max_tokens, "on_error": args.on_error}
-    check_rerun(out, "report.json", settings, args.overwrite, "step 1")
+    check_rerun(out, STEP1_REPORT, settings, args.overwrite, "step 1")
     t0 = time.time()
     tokenizer, fmt = load_tokenizer_and_format(args.model, args.format)
     items, rejects = load_split(args.bench, "Test", args.on_error == "skip")
@@ -107,10 +108,13 @@ def main(args) -> int:
     if items and not records:
         raise UsageError("--max-tokens", f"no test item fits in {args.max_tokens} tokens")
     out.mkdir(parents=True, exist_ok=True)
+    (out / STEP1_REPORT).unlink(missing_ok=True)  # the mark of a complete folder goes until the new files are in
     write_jsonl(out / "test.jsonl", records)
     write_jsonl(out / "rejects.jsonl", rejects + too_long)
     report = _report(records, items, settings, fmt, style, too_long, rejects)
-    write_json(out / "report.json", report)
+    # what step 4 checks that it reads (src/evaluate/records.py); MMedBench writes no dev.jsonl
+    report["files"] = {"test.jsonl": {"sha256": file_sha256(out / "test.jsonl")}}
+    write_json(out / STEP1_REPORT, report)  # last: it marks a complete folder
     t = report["test"]
     print(f"[step 1] MMedBench: format={fmt.name} prompts={style} rationale={rationale} zero-shot -> {out}")
     print(f"  test: read {t['read']}, wrote {t['written']}, over budget {t['over_budget']}, malformed "
