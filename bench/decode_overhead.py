@@ -71,16 +71,15 @@ def tiny_random_llama(tokenizer, layers: int, hidden: int, device):
 
 def decode_run(method: str, model, tokenizer, records, new_tokens: int, batch_size: int) -> dict:
     """One scoring run decoding exactly ``new_tokens`` per row; returns its forward calls and decoding steps."""
-    from src.evaluate.engine import predict
-    from src.evaluate.hf_engine import predict_hf
+    from src.evaluate.predict import predict
 
     stats: dict = {}
     common = dict(batch_size=batch_size, max_new_tokens=new_tokens, min_new_tokens=new_tokens, progress=False,
-                  stats=stats)
+                  stats=stats, early_stop=False)
     if method == "custom":
-        predict(model, tokenizer, records, early_stop=False, **common)
+        predict(model, tokenizer, records, **common)
         return {"forward_calls": stats["forward_calls"], "decode_steps": stats["decode_steps"]}
-    predict_hf(model, tokenizer, records, **common)
+    predict(model, tokenizer, records, engine="hf", **common)
     return {"forward_calls": stats["batches"] * new_tokens, "decode_steps": stats["batches"] * (new_tokens - 1)}
 
 

@@ -17,8 +17,8 @@ Methods (``--methods``; default floor custom reference-b4 fixed-floor fixed-cust
 
 * ``floor``: one forward pass over every prompt, one prompt at a time, logits of the last position only: the prefill
   no scorer avoids on a CPU;
-* ``custom``: step 4's engine (``src/evaluate/engine.py``), ``--batch-size``;
-* ``cb``: transformers' continuous batching under the same rules (``src/evaluate/cb_engine.py``), ``--cb-batch-size``;
+* ``custom``: step 4's engine (``src/generation/engine.py``), ``--batch-size``;
+* ``cb``: transformers' continuous batching under the same rules (``src/generation/cb.py``), ``--cb-batch-size``;
 * ``hf-b64``: HF ``generate``, batches of 64 sorted by length, 128 new tokens (``--engine hf``);
 * ``reference-b4``: the reference-style loop: HF ``generate`` in file order, batch 4, left padding with a mask,
   greedy, 256 max new tokens, min 2, the same stop tokens and extractor;
@@ -178,10 +178,11 @@ def floor_fixed(model, records, ids_list) -> None:
     """Each group's shared prefix once, then every item's suffix on a copy of the prefix cache."""
     import torch
 
-    from src.evaluate.engine import plan_groups
+    from src.evaluate.predict import prompt_group
+    from src.generation.engine import plan_groups
 
     with torch.no_grad():
-        for g in plan_groups(records, ids_list, "auto"):
+        for g in plan_groups(ids_list, [prompt_group(r) for r in records], "auto"):
             P = len(g.prefix)
             cache = None
             if P:
@@ -196,7 +197,7 @@ def floor_fixed(model, records, ids_list) -> None:
 
 def run_method(bench: dict, method: str, records: list[dict], model=None) -> tuple[list | None, dict]:
     """Score ``records`` with one method; returns (predictions or None, the engine's counters)."""
-    from src.evaluate.engines import predict_with
+    from src.evaluate.predict import predict
 
     args, tok, fmt = bench["args"], bench["tokenizer"], bench["fmt"]
     model = model if model is not None else bench["model"]
@@ -209,14 +210,16 @@ def run_method(bench: dict, method: str, records: list[dict], model=None) -> tup
             floor_fixed(model, records, ids)
         return None, {}
     if method == "server":
-        return _server_predictions(bench["server"], tok, records, args.concurrency), bench["server"]["target"].stats
+        stats = {}
+        preds = _server_predictions(bench["server"], tok, records, args.concurrency, stats)
+        return preds, stats
     engine, options = {"custom": ("custom", dict(batch_size=args.batch_size)),
                        "fixed-custom": ("custom", dict(batch_size=args.batch_size)),
                        "cb": ("cb", dict(batch_size=args.cb_batch_size)),
                        "hf-b64": ("hf", dict(batch_size=64)),
                        REFERENCE: ("hf", dict(batch_size=4, max_new_tokens=256, sort_by_length=False))}[method]
     options = {"max_new_tokens": 128, **options}
-    preds = predict_with(engine, model, tok, records, fmt=fmt, progress=False, stats=stats, **options)
+    preds = predict(model, tok, records, engine=engine, fmt=fmt, progress=False, stats=stats, **options)
     return preds, stats
 
 
@@ -479,7 +482,7 @@ def main(argv=None) -> int:
 # ----------------------------------------------------------------------------------------------- server
 def _open_server(args, tokenizer, head: dict) -> dict:
     """A server to time: the one at --api-base, or --serve ENGINE started here on --model (start-up timed apart)."""
-    from src.evaluate.openai_backend import open_server
+    from src.generation.backends import open_served
     from src.serving.launch import ServerProcess, engine_command
 
     proc = None
@@ -497,22 +500,26 @@ def _open_server(args, tokenizer, head: dict) -> dict:
         base = proc.base_url
         print(json.dumps({"bench": "eval_speed", "server_start_s": round(time.perf_counter() - t, 1),
                           "engine": args.serve, "url": base}), flush=True)
-    client, target, _ = open_server(base, args.api_model, args.model, tokenizer, None, 128, 2)
-    head.update(server_engine=target.engine, concurrency=args.concurrency)
-    return {"client": client, "target": target, "proc": proc}
+    backend = open_served(base, args.api_model, tokenizer, concurrency=args.concurrency)
+    head.update(server_engine=backend.engine, concurrency=args.concurrency)
+    return {"backend": backend, "proc": proc}
 
 
-def _server_predictions(server: dict, tokenizer, records: list[dict], concurrency: int) -> list[dict]:
-    from src.evaluate.openai_backend import iter_predictions
+def _server_predictions(server: dict, tokenizer, records: list[dict], concurrency: int, stats: dict) -> list[dict]:
+    from src.common.chat_formats import resolve_format
+    from src.evaluate.predict import generation_config, predict_records
+    from src.generation.stops import folder_stop_token_ids
+    from src.models.loading import load_config
 
-    out: list = [None] * len(records)
-    for i, pred in iter_predictions(server["client"], server["target"], tokenizer, records, "generate", concurrency):
-        out[i] = pred
-    return out
+    backend = server["backend"]
+    backend.concurrency = concurrency
+    fmt = resolve_format(tokenizer, load_config(backend.tokenizer.name_or_path))
+    config = generation_config(tokenizer, fmt, stop_ids=folder_stop_token_ids(tokenizer.name_or_path, tokenizer, fmt))
+    return predict_records(backend, tokenizer, records, config, progress=False, stats=stats)
 
 
 def _close_server(server: dict) -> None:
-    server["client"].close()
+    server["backend"].client.close()
     if server["proc"] is not None:
         server["proc"].stop()
 

@@ -1,4 +1,4 @@
-"""``--engine cb`` (src/evaluate/cb_engine.py): transformers' continuous batching under the custom engine's rules gives
+"""``--engine cb`` (src/generation/cb.py): transformers' continuous batching under the custom engine's rules gives
 the custom engine's predictions (text, letter, rule, new tokens, stop) on CPU, for a tiny model whose output favours
 newlines, brackets, letters and the stop token (every stopping rule fires) and for SmolLM2 on embedded sample items;
 the CLI records the engine, ``auto`` picks the custom engine on a CPU, our Post-MoE class is refused naming the
@@ -10,8 +10,7 @@ import torch
 from test_eval import _preds, _write, make_records
 
 from src.evaluate import eval as step4
-from src.evaluate.cb_engine import predict_cb
-from src.evaluate.engine import predict
+from src.evaluate.predict import predict
 
 FAVOURED = [" (", "A", "B", "C", ")", "(", ".", " The", " answer", "\n", "\n\n"]
 FIELDS = ("id", "raw", "letter", "rule", "new_tokens", "stop")
@@ -63,7 +62,7 @@ def test_cb_gives_the_custom_engine_predictions(favouring, records, min_new, max
     common = dict(batch_size=6, max_new_tokens=max_new, min_new_tokens=min_new, progress=False)
     ours = predict(model, tok, records, **common)
     stats: dict = {}
-    cb = predict_cb(model, tok, records, stats=stats, **common)
+    cb = predict(model, tok, records, engine="cb", stats=stats, **common)
     assert rows(cb) == rows(ours)
     assert stats["items"] == len(records) and stats["stops"] == {
         s: sum(p["stop"] == s for p in ours) for s in {p["stop"] for p in ours}}
@@ -86,7 +85,7 @@ def test_cb_on_smollm2_sample_items(smollm2_dir, smollm2_tokenizer):
     assert len(recs) == 3
     common = dict(fmt=fmt, batch_size=3, max_new_tokens=20, progress=False)
     ours = predict(model, smollm2_tokenizer, recs, **common)
-    assert rows(predict_cb(model, smollm2_tokenizer, recs, **common)) == rows(ours)
+    assert rows(predict(model, smollm2_tokenizer, recs, engine="cb", **common)) == rows(ours)
     assert "eos" in {p["stop"] for p in ours} and any(p["letter"] for p in ours)
 
 
@@ -112,7 +111,7 @@ def test_cb_refuses_our_post_moe_naming_the_export(favouring, tmp_path, capsys):
 
     upcycled = moe.upcycle(load_model(path), num_experts=2, top_k=1, moe_layers=1, norm_topk_prob=False)
     with pytest.raises(UsageError, match="moe_export"):
-        predict_cb(upcycled, tok, [{"id": "x", "prompt": "hi", "letters": ["A", "B"], "answer": "A"}])
+        predict(upcycled, tok, [{"id": "x", "prompt": "hi", "letters": ["A", "B"], "answer": "A"}], engine="cb")
     folder = moe.save_moe(upcycled, tok, tmp_path / "moe")
     capsys.readouterr()
     code = cli.run(step4.main, ["--model", str(folder), "--input", str(tmp_path / "none.jsonl"), "--out",

@@ -8,7 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from src.common.chat_formats import from_chat_template
-from src.evaluate.cli_demo import fit_history, stream_tokens
+from src.evaluate.chat_core import fit_history
+from src.generation.stream import stream_tokens
+from src.generation.types import GREEDY
 from src.models.proxy_tuning import ProxyTuned, check_same_tokenizer
 from tests.conftest import ROOT, make_tiny_llama
 from util.average_checkpoints import average, save_average
@@ -46,14 +48,14 @@ def test_greedy_decoding_follows_the_proxy_logits(trio, smollm2_tokenizer):
     base, tuned, raw = (_load(p) for p in trio)
     proxy = ProxyTuned(base, tuned, raw)
     ids = smollm2_tokenizer("The liver", return_tensors="pt").input_ids
-    got = list(stream_tokens(proxy, ids, max_new_tokens=6, stop_ids=set(), greedy=True, repetition_penalty=1.0))
+    got = list(stream_tokens(proxy, ids, max_new_tokens=6, stop_ids=set(), sampling=GREEDY))
     seq = ids
     with torch.no_grad():
         for token in got:
             logits = base(seq).logits + tuned(seq).logits - raw(seq).logits
             assert token == int(logits[0, -1].argmax())
             seq = torch.cat([seq, torch.tensor([[token]])], 1)
-    plain = list(stream_tokens(base, ids, max_new_tokens=6, stop_ids=set(), greedy=True, repetition_penalty=1.0))
+    plain = list(stream_tokens(base, ids, max_new_tokens=6, stop_ids=set(), sampling=GREEDY))
     assert got != plain  # the offset changes the decoding
 
 

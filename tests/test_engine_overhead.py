@@ -8,8 +8,9 @@ import random
 import pytest
 import torch
 
-from src.evaluate.engine import HFStepModel, completes_line, newline_tokens
-from src.evaluate.extract import line_complete
+from src.generation.engine import HFStepModel
+from src.generation.stops import completes_line, newline_tokens
+from src.generation.stops import line_complete
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -61,7 +62,7 @@ def test_line_check_on_newline_tokens_only_finds_the_same_step(smollm2_tokenizer
 
 def test_decode_step_mask_gives_transformers_logits(tiny_model_dir):
     """A padded decoding step through HFStepModel (its own 4D mask) equals the model called with the 2D mask."""
-    from src.evaluate.attention import decode_step_mask
+    from src.generation.attention import decode_step_mask
     from src.models.loading import load_model
 
     model = load_model(tiny_model_dir).eval()

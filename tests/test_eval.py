@@ -9,7 +9,10 @@ import torch
 
 from src.common.chat_formats import resolve_format
 from src.evaluate import eval as step4
-from src.evaluate.engine import Engine, HFStepModel, predict
+from src.common.errors import UsageError
+from src.evaluate import loglik
+from src.evaluate.predict import predict
+from src.generation.engine import HFStepModel
 from src.evaluate.extract import extract
 from src.prepare.bench_items import load_bench
 from src.prepare.prompts import PromptBuilder
@@ -234,7 +237,7 @@ def test_loglik_mode(tiny, records, monkeypatch):
             tid = tok(ctx + L, add_special_tokens=False).input_ids[-1]
             assert p["scores"][L] == pytest.approx(float(logp[tid]), abs=2e-3)
     # the general path (letters that are not single tokens) scores the same
-    monkeypatch.setattr(Engine, "_single_tokens", lambda self, rec: None)
+    monkeypatch.setattr(loglik, "_single_tokens", lambda tokenizer, rec: None)
     general = predict(model, tok, subset, fmt=fmt, mode="loglik", progress=False)
     for a, b in zip(preds, general):
         assert a["letter"] == b["letter"]
@@ -493,8 +496,6 @@ def test_hf_generate_engine_gives_the_custom_engine_letters(tiny, records):
     early-stopped text is a prefix of generate's full decode."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    from src.evaluate.hf_engine import predict_hf
-
     model, tok, fmt = tiny
     table = _bias_table(tok)
 
@@ -505,8 +506,8 @@ def test_hf_generate_engine_gives_the_custom_engine_letters(tiny, records):
 
     ours = predict(Biased(model, table), tok, records, fmt=fmt, batch_size=4, max_new_tokens=24, progress=False)
     stats: dict = {}
-    hf = predict_hf(model, tok, records, fmt=fmt, batch_size=1, max_new_tokens=24, progress=False, stats=stats,
-                    logits_processor=LogitsProcessorList([Proc()]))
+    hf = predict(model, tok, records, engine="hf", fmt=fmt, batch_size=1, max_new_tokens=24, progress=False,
+                 stats=stats, logits_processor=LogitsProcessorList([Proc()]))
     assert stats["items"] == len(records) and stats["batches"] == len(records)
     assert {p["rule"] for p in hf} - {"none"}, "the bias should make some letters appear"
     for a, b in zip(ours, hf):
@@ -525,5 +526,5 @@ def test_cli_engine_hf_writes_the_same_scores(tiny_model_dir, records, tmp_path)
     scores = [json.loads((tmp_path / d / "score.json").read_text()) for d in ("custom", "hf")]
     assert scores[0]["sources"] == scores[1]["sources"]
     assert json.loads((tmp_path / "hf" / "run.json").read_text())["settings"]["engine"] == "hf"
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--engine: hf generates with a plain transformers model"):
         step4.main(common + ["--out", str(tmp_path / "x"), "--engine", "hf", "--mode", "loglik"])

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from src.evaluate.extract import RULES, extract, first_line, line_complete, reference_extract
+from src.evaluate.extract import RULES, extract, first_line, reference_extract
+from src.generation.stops import line_complete
 
 ABCD, ABCDE, ABC, AB = "ABCD", "ABCDE", "ABC", "AB"
 A_TO_H = "ABCDEFGH"

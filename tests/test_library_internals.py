@@ -5,14 +5,14 @@ import torch
 
 
 def test_attention_dispatches_on_the_config_field_each_call(tiny_model_dir):
-    """src/evaluate/attention.py flips ``config._attn_implementation`` around one call: the model must read it per
+    """src/generation/attention.py flips ``config._attn_implementation`` around one call: the model must read it per
     forward and route to the registered function."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from src.evaluate import attention
+    from src.generation import attention
 
     calls = []
 
@@ -38,7 +38,7 @@ def test_attention_dispatches_on_the_config_field_each_call(tiny_model_dir):
 def test_cache_base_class_replicates_our_layer_lazily():
     """kvcache.SlotCache relies on ``Cache(layer_class_to_replicate=...)`` creating one layer per model layer on the
     first update."""
-    from src.evaluate.kvcache import SlotCache, SlotLayer
+    from src.generation.kvcache import SlotCache, SlotLayer
 
     cache = SlotCache(reserve=4)
     k = torch.zeros(1, 2, 3, 8)
@@ -129,7 +129,7 @@ def test_a_decoding_step_mask_is_what_sdpa_mask_builds_and_is_used_as_is(tiny_mo
     from transformers import AutoModelForCausalLM
     from transformers.masking_utils import create_causal_mask, sdpa_mask
 
-    from src.evaluate.attention import decode_step_mask
+    from src.generation.attention import decode_step_mask
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
@@ -148,7 +148,7 @@ def test_continuous_batching_manager_takes_an_added_logits_processor(tiny_model_
     the manager must then give it a tensor row (``fill_defaults``) when it sets up its tensors."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from src.evaluate.cb_engine import StopRules, _add_processor, cb_config
+    from src.generation.cb import StopRules, _add_processor, cb_config
     from src.models.loading import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

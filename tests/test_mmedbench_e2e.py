@@ -32,16 +32,16 @@ def _lines(path):
 
 
 def test_step4_generates_whole_answers_and_scores_six_languages(step1_out, tiny_model_dir, tmp_path, monkeypatch):
-    from src.evaluate import engine
+    from src.evaluate import predict
 
     seen = []
-    real = engine.predict
+    real = predict.predict_records
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("early_stop"))
-        return real(*args, **kwargs)
+    def spy(backend, tokenizer, records, config, **kwargs):
+        seen.append(config.stop_at_line)
+        return real(backend, tokenizer, records, config, **kwargs)
 
-    monkeypatch.setattr(engine, "predict", spy)
+    monkeypatch.setattr(predict, "predict_records", spy)
     out = tmp_path / "res"
     base = ["--model", str(tiny_model_dir), "--input", str(step1_out / "test.jsonl"), "--out", str(out),
             "--limit-per-source", "2", "--max-new-tokens", "6", "--no-progress"]

@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 
-import src.evaluate.attention as attention
-from src.evaluate.engine import MIN_PREFIX_TOKENS, plan_groups
+import src.generation.attention as attention
+from src.evaluate.predict import prompt_group
+from src.generation.engine import MIN_PREFIX_TOKENS, plan_groups
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +103,10 @@ def test_plan_groups_by_first_shot_then_source():
     add("a", ["s2", "s1"], [7])         # 2 \ first shots of their own: the source's prefix (head)
     add("a", ["s3", "s2"], [5, 6])      # 3 /
     add("b", ["s1", "s2"], [4])         # 4   alone in its source: no prefix
-    groups = plan_groups(recs, ids)
+    keys = [prompt_group(r) for r in recs]
+    groups = plan_groups(ids, keys)
     by_members = {tuple(g.members): len(g.prefix) for g in groups}
     assert by_members == {(0, 1): 1 + len(head) + 40, (2, 3): 1 + len(head), (4,): 0}
-    assert plan_groups(recs, ids, "off")[0].members == [0, 1, 2, 3, 4]
+    assert plan_groups(ids, keys, "off")[0].members == [0, 1, 2, 3, 4]
     for g in groups:  # a prefix is shared by every member and leaves each at least one token
         assert all(ids[i][:len(g.prefix)] == g.prefix and len(ids[i]) > len(g.prefix) for i in g.members)

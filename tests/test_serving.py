@@ -8,7 +8,8 @@ import pytest
 
 from conftest import free_port, serve
 from src.evaluate import eval as step4
-from src.evaluate.openai_backend import cut_first_line, needs_full_decode
+from src.generation.server import needs_full_decode
+from src.generation.stops import cut_first_line
 from src.serving.launch import ROOT_SCRIPT
 
 N_ITEMS = 12
@@ -101,10 +102,11 @@ def test_loglik_needs_prompt_logprobs(server, real_records, smollm2_dir, tmp_pat
                     "--no-progress", "--backend", "openai", "--api-base", server.base_url, "--mode", "loglik"])
 
 
-def test_openai_backend_needs_a_server_url(smollm2_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit):
+def test_openai_backend_needs_a_server_url(smollm2_dir, tmp_path):
+    from src.common.errors import UsageError
+
+    with pytest.raises(UsageError, match="--api-base"):
         step4.main(["--model", str(smollm2_dir), "--backend", "openai", "--out", str(tmp_path)])
-    assert "--api-base" in capsys.readouterr().err
 
 
 def test_serve_refuses_a_moe_checkpoint_it_cannot_export(tiny_model_dir, tmp_path):

@@ -190,7 +190,7 @@ def test_wrong_model_kind_fails_fast(tiny_model_dir, rows_dir, tmp_path):
 def test_moe_zero2_and_zero3_train_and_evaluate(tiny_model_dir, rows_dir, dev_file, tmp_path):
     moe = pytest.importorskip("src.models.moe")
     from src.common.io import iter_jsonl
-    from src.evaluate.engine import predict
+    from src.evaluate.predict import predict
     from src.models.loading import load_model, load_tokenizer
 
     moe_dir = tmp_path / "tiny-moe"

@@ -1,1 +1,2 @@
-"""Step 4: XMedBench scoring (generation engine, answer extraction, scores). CLI: ``python -m src.evaluate.eval``."""
+"""Step 4: XMedBench scoring (predictions through src/generation, answer extraction, scores), the chats. CLI:
+``python -m src.evaluate.eval``."""

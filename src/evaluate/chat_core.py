@@ -1,23 +1,25 @@
-"""The chat core shared by the terminal chat (``cli_demo.py``) and the web chat (``web_demo.py``).
+"""The chat core shared by the terminal chat (``cli_demo.py``), the web chat (``web_demo.py``) and the judge's answers
+(src/judge/answer.py).
 
-A chat is either *local* (a checkpoint the project loads, decoded here token by token in its chat format) or
-*served* (an OpenAI-compatible server, ``scripts/serve.sh``, streamed from ``/v1/chat/completions``). Both offer the
-same two calls:
+A chat runs on a backend of the generation interface (src/generation): *local* (any checkpoint the project makes,
+loaded by src/models/loading.py: dense, Post-MoE, a LoRA adapter folder, merged, averaged, a stock export, or a
+proxy-tuned trio; decoded token by token in its chat format) or *served* (an OpenAI-compatible server,
+``scripts/serve.sh``, streamed from ``/v1/chat/completions``). Either way the chat offers the same calls:
 
 * ``fit(history, message)``: the history kept within the context budget (oldest exchanges dropped first) and how many
   exchanges were dropped; ``ValueError`` when the message alone does not fit;
-* ``stream(history, message, sampling)``: the reply text so far, growing piece by piece.
+* ``stream(history, message, settings)``: the reply text so far, growing piece by piece;
+* ``reply(message, settings, seed)``: one whole reply with why it ended and its length (the judge's answers).
 
 The budget is counted with the checkpoint's tokenizer in its chat format (for a server, the ``--model`` folder names
 that tokenizer; the server renders the messages with its own chat template, the same layout for our checkpoints).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Iterator
 
-import torch
+from src.generation.types import GenerationConfig, Prompt, Sampling
 
 NOTICE = ("This is a research model: it makes mistakes and is NOT medical advice; follow your doctor's advice.")
 EXAMPLES = [
@@ -32,13 +34,19 @@ CLEAR, QUIT = {"clear", "/clear"}, {"quit", "exit", "stop", "/quit", "/exit"}
 
 
 @dataclass
-class Sampling:
-    """Apollo's demo defaults: temperature 0.3, top-p 0.7, repetition penalty 1.1."""
+class ChatSettings:
+    """A reply's settings, as the chats' controls set them; Apollo's demo defaults: temperature 0.3, top-p 0.7,
+    repetition penalty 1.1."""
     greedy: bool = False
     temperature: float = 0.3
     top_p: float = 0.7
     repetition_penalty: float = 1.1
     max_new_tokens: int = 512
+
+    def generation(self, stop_ids=(), seed: int | None = None) -> GenerationConfig:
+        sampling = Sampling(greedy=self.greedy, temperature=self.temperature, top_p=self.top_p,
+                            repetition_penalty=self.repetition_penalty, seed=seed)
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, stop_ids=tuple(stop_ids), sampling=sampling)
 
 
 def fit_history(fmt, tokenizer, history: list[tuple[str, str]], question: str, budget: int) -> tuple[str, int]:
@@ -53,45 +61,15 @@ def fit_history(fmt, tokenizer, history: list[tuple[str, str]], question: str, b
     raise ValueError(f"the message alone is longer than the context budget of {budget} tokens")
 
 
-@torch.no_grad()
-def stream_tokens(model, input_ids: torch.Tensor, *, max_new_tokens: int, stop_ids: set[int], greedy: bool = False,
-                  temperature: float = 0.3, top_p: float = 0.7, repetition_penalty: float = 1.1,
-                  generator: torch.Generator | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time (batch of one) with a KV cache, stopping on any of ``stop_ids``.
+class Chat:
+    """One checkpoint to chat with, on ``backend`` (in process, or a server when ``served``). ``tokenizer`` and
+    ``fmt`` count the context budget (a server renders the messages with its own chat template, the same layout for
+    our checkpoints); ``stop_ids`` end a reply (src/generation/stops.py, the one stop rule)."""
 
-    Works with anything called like a causal LM (a transformers model, ``ProxyTuned``). The sampling pieces are
-    transformers' own logits processors."""
-    from transformers import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    processors = LogitsProcessorList()
-    if repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-    if not greedy:
-        processors += [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]
-    seq, cache, step_input = input_ids, None, input_ids
-    for _ in range(max_new_tokens):
-        out = model(input_ids=step_input, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        scores = processors(seq, out.logits[:, -1, :].float())
-        if greedy:
-            token = int(scores.argmax(-1))
-        else:
-            token = int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
-        if token in stop_ids:
-            return
-        yield token
-        step_input = torch.tensor([[token]], device=seq.device)
-        seq = torch.cat([seq, step_input], dim=1)
-
-
-class _Chat:
-    def __init__(self, name: str, tokenizer, fmt, context: int, max_new_tokens: int):
-        self.name, self.tokenizer, self.fmt, self.context = name, tokenizer, fmt, context
+    def __init__(self, name: str, backend, tokenizer, fmt, stop_ids, context: int, max_new_tokens: int):
+        self.name, self.backend, self.tokenizer, self.fmt = name, backend, tokenizer, fmt
+        self.stop_ids, self.context = tuple(stop_ids), context
+        self.served = backend.name == "openai"
         self.budget = context - max_new_tokens
         if self.budget <= 0:
             raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room in a context of {context} tokens")
@@ -100,89 +78,50 @@ class _Chat:
         _, dropped = fit_history(self.fmt, self.tokenizer, history, message, self.budget)
         return history[dropped:], dropped
 
+    def prompt(self, history: list[tuple[str, str]], message: str) -> Prompt:
+        """The conversation as chat messages (a server) or as the token ids of its rendering (in process)."""
+        if self.served:
+            messages = []
+            for q, a in history:
+                messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            return Prompt(messages=messages + [{"role": "user", "content": message}])
+        text = self.fmt.render([t for pair in history for t in pair] + [message], open_last=True)
+        return Prompt(self.tokenizer(text, add_special_tokens=False).input_ids, text=text)
 
-class LocalChat(_Chat):
-    """A checkpoint decoded in this process (dense, Post-MoE or a proxy-tuning wrapper)."""
+    def stream(self, history, message: str, settings: ChatSettings, seed: int | None = None) -> Iterator[str]:
+        yield from self.backend.stream(self.prompt(history, message), settings.generation(self.stop_ids, seed))
 
-    def __init__(self, name, model, tokenizer, fmt, context: int, max_new_tokens: int):
-        super().__init__(name, tokenizer, fmt, context, max_new_tokens)
-        self.model = model
-        self.stop_ids = {i for i in (fmt.stop_token(tokenizer), tokenizer.eos_token_id) if i is not None}
-
-    def stream(self, history, message: str, s: Sampling) -> Iterator[str]:
-        prompt = self.fmt.render([t for pair in history for t in pair] + [message], open_last=True)
-        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(self.model.device)
-        tokens: list[int] = []
-        for token in stream_tokens(self.model, ids, max_new_tokens=s.max_new_tokens, stop_ids=self.stop_ids,
-                                   greedy=s.greedy, temperature=s.temperature, top_p=s.top_p,
-                                   repetition_penalty=s.repetition_penalty):
-            tokens.append(token)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                yield text
-        yield self.tokenizer.decode(tokens, skip_special_tokens=True)
-
-
-class ServedChat(_Chat):
-    """A model behind an OpenAI-compatible server, streamed from its chat endpoint."""
-
-    def __init__(self, name, client, tokenizer, fmt, context: int, max_new_tokens: int):
-        super().__init__(name, tokenizer, fmt, context, max_new_tokens)
-        self.client = client
-        self.engine = client.engine()
-
-    def params(self, s: Sampling) -> dict:
-        """Sampling fields in the form each server takes (transformers serve only follows a full generation config
-        for sampling; vLLM names the repetition penalty itself)."""
-        if self.engine == "transformers":
-            config = {"do_sample": not s.greedy, "max_new_tokens": s.max_new_tokens,
-                      "repetition_penalty": s.repetition_penalty,
-                      "eos_token_id": sorted({i for i in (self.fmt.stop_token(self.tokenizer),
-                                                          self.tokenizer.eos_token_id) if i is not None})}
-            if not s.greedy:
-                config.update(temperature=s.temperature, top_p=s.top_p)
-            return {"max_tokens": s.max_new_tokens, "generation_config": json.dumps(config)}
-        params = {"max_tokens": s.max_new_tokens, "temperature": 0 if s.greedy else s.temperature,
-                  "top_p": 1.0 if s.greedy else s.top_p}
-        if self.engine == "vllm":
-            params["repetition_penalty"] = s.repetition_penalty
-        return params
-
-    def stream(self, history, message: str, s: Sampling) -> Iterator[str]:
-        messages = []
-        for q, a in history:
-            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        messages.append({"role": "user", "content": message})
-        text = ""
-        for piece in self.client.chat_stream(messages, **self.params(s)):
-            text += piece
-            yield text
-        yield text
+    def reply(self, message: str, settings: ChatSettings, seed: int | None = None) -> tuple[str, str | None, int]:
+        """One reply to ``message`` alone: (text, "stop" or "length", new tokens)."""
+        config = settings.generation(self.stop_ids, seed)
+        prompt = self.prompt([], message)
+        if self.served:
+            g = self.backend.generate([prompt], config)[0]
+            return g.text.strip(), "length" if g.stop == "max_tokens" else "stop", g.new_tokens
+        tokens = list(self.backend.stream_ids(prompt, config))
+        finish = "length" if len(tokens) >= config.max_new_tokens else "stop"
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), finish, len(tokens)
 
 
 def open_chat(model: str, api_base: str | None = None, api_model: str | None = None, proxy_tuned: str | None = None,
               proxy_raw: str | None = None, fmt_name: str | None = None, max_context: int | None = None,
-              max_new_tokens: int = 512):
-    """A LocalChat for ``model`` (with proxy models if given), or a ServedChat for the server at ``api_base``
-    (``model`` then names the tokenizer/chat format used for the context budget)."""
-    from src.common.chat_formats import resolve_format
-    from src.models.loading import load_config, load_model, load_tokenizer
+              max_new_tokens: int = 512) -> Chat:
+    """A chat with ``model`` (with proxy models if given) in this process, or with the server at ``api_base``
+    (``model`` then names the tokenizer and chat format used for the context budget and the stop tokens)."""
+    import torch
 
-    tokenizer = load_tokenizer(model)
-    config = load_config(model)  # also reads our Post-MoE folders
-    fmt = resolve_format(tokenizer, config, fmt_name)
+    from src.generation.backends import open_backend, open_served
+    from src.generation.stops import folder_stop_token_ids, stop_token_ids
+    from src.models.loading import load_config, load_model, load_tokenizer_and_format
+
+    tokenizer, fmt = load_tokenizer_and_format(model, fmt_name)
+    config = load_config(model)
     context = max_context or min(getattr(config, "max_position_embeddings", 4096) or 4096, 8192)
     if api_base:
-        from src.common.openai_client import SERVER_DEFAULT, ApiError, OpenAIClient
-
-        client = OpenAIClient(api_base, api_model)
-        if client.model is None:
-            try:
-                client.default_model()
-            except ApiError:  # transformers serve offline lists nothing, and answers with its one model
-                client.model = SERVER_DEFAULT
-        return ServedChat(f"{client.model or model} at {client.base}", client, tokenizer, fmt, context,
-                          max_new_tokens)
+        backend = open_served(api_base, api_model, tokenizer)
+        name = f"{backend.client.model or model} at {backend.client.base}"
+        return Chat(name, backend, tokenizer, fmt, folder_stop_token_ids(model, tokenizer, fmt), context,
+                    max_new_tokens)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if proxy_tuned:
         from src.models.proxy_tuning import load_proxy_tuned
@@ -190,4 +129,5 @@ def open_chat(model: str, api_base: str | None = None, api_model: str | None = N
         net, tokenizer = load_proxy_tuned(model, proxy_tuned, proxy_raw, device=device)
     else:
         net = load_model(model, device=device).eval()
-    return LocalChat(model, net, tokenizer, fmt, context, max_new_tokens)
+    backend = open_backend("custom", net, tokenizer)  # the chat only streams: the token loop (src/generation/stream.py)
+    return Chat(model, backend, tokenizer, fmt, stop_token_ids(tokenizer, fmt, net), context, max_new_tokens)

@@ -19,15 +19,15 @@ import sys
 import torch
 
 from src.common.defaults import DEFAULT_MODEL_NAME
-from src.evaluate.chat_core import CLEAR, NOTICE, QUIT, Sampling, fit_history, open_chat, stream_tokens  # noqa: F401
+from src.evaluate.chat_core import CLEAR, NOTICE, QUIT, ChatSettings, open_chat
 
 BANNER = "Medical chat with {model}. " + NOTICE + "\nType 'clear' to forget the conversation, 'quit' to leave."
 
 
-def reply(chat, history, message: str, sampling: Sampling, out=sys.stdout) -> str:
+def reply(chat, history, message: str, settings: ChatSettings, out=sys.stdout) -> str:
     """Stream one reply to ``out`` and return its text."""
     shown = ""
-    for text in chat.stream(history, message, sampling):
+    for text in chat.stream(history, message, settings):
         out.write(text[len(shown):])
         out.flush()
         shown = text
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                          args.max_context, args.max_new_tokens)
     except ValueError as e:
         p.error(str(e))
-    sampling = Sampling(args.greedy, args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens)
+    settings = ChatSettings(args.greedy, args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens)
     interactive = sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):  # a bad byte must not end the chat and lose its history
         sys.stdin.reconfigure(errors="replace")
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if dropped:
             print(f"[dropped the {dropped} oldest exchange(s) to stay within {chat.context} tokens]", flush=True)
         print("Assistant: ", end="", flush=True)
-        history.append((message, reply(chat, history, message, sampling)))
+        history.append((message, reply(chat, history, message, settings)))
     return 0
 
 

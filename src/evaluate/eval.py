@@ -26,22 +26,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from src.common.defaults import DEFAULT_MODEL_NAME
-from src.common.errors import require_at_least
-from src.common.io import dumps, read_appended, write_json, write_jsonl, write_text
-from src.common.io import repair_tail as _repair_tail  # one place; openai_backend imports this name
+from src.common.defaults import repo_relative
+from src.common.io import dumps, read_appended, repair_tail, write_json, write_jsonl, write_text
 from src.evaluate import mmedlm, rationale
+from src.evaluate.config import XMEDBENCH_MAX_NEW_TOKENS, EvalConfig
 from src.evaluate.records import load_records
 
-DEFAULT_MODEL = f"models/{DEFAULT_MODEL_NAME}"  # relative to the working directory, as the scripts run from the root
-DEFAULT_INPUT = f"data/sample_{DEFAULT_MODEL_NAME}/test.jsonl"
-DEFAULT_OUT = f"results/sample_{DEFAULT_MODEL_NAME}"
-XMEDBENCH_MAX_NEW_TOKENS = 128  # the paper's
 PRED = "predictions.jsonl"
 PARTS = "parts"
-# Settings that change what a prediction is: a resumed run must use the same ones.
-RESUME_KEYS = ("model", "mode", "max_new_tokens", "min_new_tokens", "format", "dtype", "proxy_tuned", "proxy_raw",
-               "backend")
 
 
 def read_predictions(path: Path) -> list[dict]:
@@ -73,9 +65,7 @@ def _dtype(name: str, device):
 
     from src.models.loading import default_dtype
 
-    if name == "auto":
-        return default_dtype(device)
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return default_dtype(device) if name == "auto" else getattr(torch, name)
 
 
 def _check_resume(out: Path, settings: dict, overwrite: bool) -> None:
@@ -90,8 +80,10 @@ def _check_resume(out: Path, settings: dict, overwrite: bool) -> None:
         return
     if not has_preds or not run_file.is_file():
         return
-    old = json.loads(run_file.read_text(encoding="utf-8")).get("settings", {})
-    diff = [k for k in RESUME_KEYS if k in old and old[k] != settings[k]]
+    from src.common.rerun import normalised
+
+    old = normalised(json.loads(run_file.read_text(encoding="utf-8")).get("settings", {}))
+    diff = [k for k in EvalConfig.resume_keys() if k in old and old[k] != settings[k]]
     if diff:
         detail = ", ".join(f"{k}: {old[k]!r} -> {settings[k]!r}" for k in diff)
         raise SystemExit(f"[step 4] {out} holds predictions made with other settings ({detail}); "
@@ -101,9 +93,13 @@ def _check_resume(out: Path, settings: dict, overwrite: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="4.eval.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="HF folder, hub id or our MoE checkpoint")
-    p.add_argument("--input", type=Path, default=Path(DEFAULT_INPUT), help="step 1 test.jsonl or dev.jsonl")
-    p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="result folder")
+    defaults = EvalConfig()
+    p.add_argument("--model", default=defaults.model, help="HF folder, hub id or our MoE checkpoint (default: "
+                                                             f"{repo_relative(defaults.model)})")
+    p.add_argument("--input", type=Path, default=defaults.input,
+                   help=f"step 1 test.jsonl or dev.jsonl (default: {repo_relative(defaults.input)})")
+    p.add_argument("--out", type=Path, default=defaults.out,
+                   help=f"result folder (default: {repo_relative(defaults.out)})")
     p.add_argument("--limit", type=int, default=None, help="only the first N items of the input")
     p.add_argument("--limit-per-source", type=int, default=None, help="only the first N items of every source")
     p.add_argument("--batch-size", type=int, default=None,
@@ -155,72 +151,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = build_parser()
-    args = p.parse_args(argv)
-    if bool(args.proxy_tuned) != bool(args.proxy_raw):
-        p.error("--proxy-tuned and --proxy-raw go together")
-    if args.engine in ("hf", "cb") and (args.mode != "generate" or args.proxy_tuned):
-        p.error(f"--engine {args.engine} generates with a plain transformers model: no --mode loglik, no proxy-tuning")
-    if args.engine == "cb":
-        from src.models.moe import is_moe_checkpoint
-
-        if is_moe_checkpoint(args.model):
-            from src.evaluate.cb_engine import EXPORT_HINT
-
-            p.error(f"--engine cb runs stock transformers classes; {args.model} is a Post-MoE checkpoint of ours: "
-                    f"export it ({EXPORT_HINT}) and score the export, or use --engine custom")
-    if args.backend == "openai" and (not args.api_base or args.proxy_tuned or args.concurrency < 1):
-        p.error("--backend openai needs --api-base URL and --concurrency >= 1, and takes no proxy models")
-    check_flags(args)
-    return args
+def parse_config(argv: list[str] | None = None) -> EvalConfig:
+    return EvalConfig.from_args(build_parser().parse_args(argv))
 
 
-def check_flags(args) -> None:
-    """Counts that must be positive (``--limit -1`` used to drop the last item, ``--limit 0`` to score nothing)."""
-    require_at_least(args, {"--limit": 1, "--limit-per-source": 1, "--batch-size": 1, "--max-new-tokens": 1,
-                            "--prefill-batch": 1, "--threads": 1, "--min-new-tokens": 0})
-
-
-def select_records(args) -> list[dict]:
+def select_records(cfg: EvalConfig) -> list[dict]:
     """The input's records, cut to --limit-per-source and --limit."""
-    records = load_records(args.input)
-    if args.limit_per_source:
+    records = load_records(cfg.input)
+    if cfg.limit_per_source:
         seen = Counter()
         kept = []
         for r in records:
             seen[r["source"]] += 1
-            if seen[r["source"]] <= args.limit_per_source:
+            if seen[r["source"]] <= cfg.limit_per_source:
                 kept.append(r)
         records = kept
-    if args.limit is not None:
-        records = records[:args.limit]
+    if cfg.limit is not None:
+        records = records[:cfg.limit]
     return records
 
 
-def check_models(args) -> None:
+def check_models(cfg: EvalConfig) -> None:
     """Every model folder holds a model whose weight files are whole, before anything is written to --out (a failed
     start leaves no run.json). With --backend openai the server has the weights; --model gives the tokenizer."""
     from src.models.loading import check_model_source
 
-    model_path = str(args.model)
+    model_path = str(cfg.model)
     if not Path(model_path).exists() and model_path.startswith(("models/", "ckpts/", "./", "../", "/")):
         raise SystemExit(f"[step 4] no such model folder: {model_path} (run 0.download_data.sh, or step 3)")
-    check_model_source(model_path, weights=args.backend != "openai")
-    for flag, path in (("--proxy-tuned", args.proxy_tuned), ("--proxy-raw", args.proxy_raw)):
+    check_model_source(model_path, weights=cfg.backend != "openai")
+    for flag, path in (("--proxy-tuned", cfg.proxy_tuned), ("--proxy-raw", cfg.proxy_raw)):
         if path:
             check_model_source(path, weights=True, flag=flag)
 
 
-def run_settings(args, dtype) -> dict:
-    """What a prediction depends on, recorded in run.json (RESUME_KEYS must match on resume)."""
-    return {"model": str(args.model), "input": str(args.input), "mode": args.mode,
-            "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
-            "format": args.format, "dtype": str(dtype).replace("torch.", ""), "parsing": args.parsing,
-            "rationale_metric": args.rationale_metric,
-            "max_padding": args.max_padding, "prefix_cache": args.prefix_cache, "engine": args.engine,
-            "proxy_tuned": args.proxy_tuned, "proxy_raw": args.proxy_raw, "exclude_source": args.exclude_source,
-            "backend": args.backend}
+def run_settings(cfg: EvalConfig, dtype) -> dict:
+    """What the predictions depend on, recorded in run.json: the config's ``rerun`` fields with the dtype resolved,
+    paths inside the repository relative to it (rerun.normalised); a resumed run must share its ``resume`` fields."""
+    from src.common.rerun import normalised
+
+    settings = {**cfg.settings(), "dtype": str(dtype).replace("torch.", "")}
+    if cfg.backend == "openai":
+        settings.update(api_base=cfg.api_base, api_model=cfg.api_model, concurrency=cfg.concurrency)
+    return normalised(settings)
 
 
 def prepare_out(out: Path, settings: dict, overwrite: bool, state) -> None:
@@ -243,12 +216,12 @@ def read_all_predictions(out: Path) -> list[dict]:
     return preds
 
 
-def item_fingerprints(records: list[dict], settings: dict, model_path, args) -> dict:
+def item_fingerprints(records: list[dict], settings: dict, cfg: EvalConfig) -> dict:
     """id -> the fingerprint its prediction must carry to be reused (prompt, letters, weights, settings)."""
     from src.evaluate.fingerprint import item_fingerprint, run_fingerprint
 
-    run_fp = run_fingerprint(settings, {"model": model_path, "proxy_tuned": args.proxy_tuned,
-                                        "proxy_raw": args.proxy_raw})
+    run_fp = run_fingerprint(settings, {"model": cfg.model, "proxy_tuned": cfg.proxy_tuned,
+                                        "proxy_raw": cfg.proxy_raw})
     return {r["id"]: item_fingerprint(r, run_fp) for r in records}
 
 
@@ -263,60 +236,79 @@ def done_ids(out: Path, fps: dict, main_proc: bool) -> set:
     return done
 
 
-def format_name(args, tokenizer) -> str:
+def format_name(cfg: EvalConfig, tokenizer) -> str:
     """The chat format the predictions use, resolved as predicting resolves it, from the model's config (an adapter
     folder's: its base's), without loading the weights."""
     from src.common.chat_formats import resolve_format
-    from src.models import adapter
     from src.models.loading import load_config
 
-    path = adapter.adapter_base(args.model) if adapter.is_adapter_dir(args.model) else args.model
-    return resolve_format(tokenizer, load_config(path), args.format).name
+    return resolve_format(tokenizer, load_config(cfg.model), cfg.format).name
 
 
-def load_scoring_model(args, model_path: str, dtype, device):
+def load_scoring_model(cfg: EvalConfig, dtype, device):
+    """The model to decode in process: ``--model``, or its proxy-tuned wrapper (base + (tuned - raw) logits)."""
     from src.models.loading import load_model
 
-    if args.proxy_tuned:
+    if cfg.proxy_tuned:
         from src.models.proxy_tuning import load_proxy_tuned
 
-        model, _ = load_proxy_tuned(model_path, args.proxy_tuned, args.proxy_raw, torch_dtype=dtype, device=device)
+        model, _ = load_proxy_tuned(cfg.model, cfg.proxy_tuned, cfg.proxy_raw, torch_dtype=dtype, device=device)
         return model
-    return load_model(model_path, torch_dtype=dtype, device=device)
+    return load_model(cfg.model, torch_dtype=dtype, device=device)
 
 
-def predict_mine(args, mine: list[dict], tokenizer, out: Path, state, counts: dict, batch_size: int, dtype,
-                 stats: dict, fps: dict, whole_answer: bool = False) -> str:
-    """Predict this process's pending records, appending each prediction as it is made. Returns the format name."""
+def open_scoring_backend(cfg: EvalConfig, tokenizer, dtype, device, batch_size: int):
+    """(backend, chat format, stop ids) of this run: a server (--backend openai) or --engine's in-process backend
+    over the loaded model (src/generation/backends.py)."""
     from src.common.chat_formats import resolve_format
-    from src.evaluate.engine import stop_token_ids
-    from src.evaluate.engines import predict_with
+    from src.generation.backends import open_backend, open_served
+    from src.generation.stops import folder_stop_token_ids, stop_token_ids
+    from src.models.loading import load_config
 
-    model = load_scoring_model(args, args.model, dtype, state.device)
-    fmt = resolve_format(tokenizer, getattr(model, "config", None), args.format)
-    stops = stop_token_ids(tokenizer, fmt, model)
+    if cfg.backend == "openai":
+        fmt = resolve_format(tokenizer, load_config(cfg.model) if Path(cfg.model).is_dir() else None, cfg.format)
+        backend = open_served(cfg.api_base, cfg.api_model, tokenizer, timeout=cfg.api_timeout,
+                              concurrency=cfg.concurrency)
+        return backend, fmt, folder_stop_token_ids(cfg.model, tokenizer, fmt)
+    model = load_scoring_model(cfg, dtype, device)
+    fmt = resolve_format(tokenizer, getattr(model, "config", None), cfg.format)
+    backend = open_backend(cfg.engine, model, tokenizer, batch_size=batch_size, max_padding=cfg.max_padding,
+                           prefix_cache=cfg.prefix_cache, prefill_batch=cfg.prefill_batch)
+    return backend, fmt, stop_token_ids(tokenizer, fmt, model)
+
+
+def predict_mine(cfg: EvalConfig, mine: list[dict], tokenizer, out: Path, state, counts: dict, batch_size: int,
+                 dtype, stats: dict, fps: dict, whole_answer: bool = False) -> str:
+    """Predict this process's pending records with this run's backend, appending each prediction to --out as it is
+    made (``whole_answer``: MMedBench, no stop at the first line). Returns the chat format's name."""
+    from src.common.openai_client import ApiError
+    from src.evaluate.predict import generation_config, predict_records
+
+    backend, fmt, stops = open_scoring_backend(cfg, tokenizer, dtype, state.device, batch_size)
+    where = (f"through {backend.client.base} ({backend.engine}, model {backend.client.model or 'the server default'}, "
+             f"concurrency {cfg.concurrency})" if cfg.backend == "openai" else
+             f"on {state.num_processes} process(es); dtype={str(dtype).replace('torch.', '')} device={state.device} "
+             f"engine={cfg.engine}")
     if state.is_main_process:
-        print(f"[step 4] {args.model}: {counts['items']} items, {counts['done']} already done, "
-              f"{counts['pending']} to go on {state.num_processes} process(es); mode={args.mode} format={fmt.name} "
-              f"stop ids={stops} dtype={str(dtype).replace('torch.', '')} device={state.device} "
-              f"engine={args.engine}", flush=True)
+        print(f"[step 4] {cfg.model}: {counts['items']} items, {counts['done']} already done, {counts['pending']} to "
+              f"go {where}; mode={cfg.mode} format={fmt.name} stop ids={stops}", flush=True)
     world, rank = state.num_processes, state.process_index
     target = out / PRED if world == 1 else out / PARTS / f"predictions.rank{rank}.jsonl"
     target.parent.mkdir(parents=True, exist_ok=True)
-    _repair_tail(target)
+    repair_tail(target)
+    config = generation_config(tokenizer, fmt, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+                               whole_answer=whole_answer, stop_ids=stops)
     with target.open("a", encoding="utf-8") as fh:
         def append(pred: dict):
             pred["fingerprint"] = fps[pred["id"]]
             fh.write(dumps(pred) + "\n")
             fh.flush()
-
-        common = dict(fmt=fmt, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
-                      min_new_tokens=args.min_new_tokens, progress=not args.no_progress and state.is_main_process,
-                      callback=append, stats=stats)
-        # whole_answer (MMedBench): no stop at the first line, the rationale and the answer after it count
-        predict_with(args.engine, model, tokenizer, mine, mode=args.mode, max_padding=args.max_padding,
-                     prefix_cache=args.prefix_cache, prefill_batch=args.prefill_batch, early_stop=not whole_answer,
-                     **common)
+        try:
+            predict_records(backend, tokenizer, mine, config, mode=cfg.mode, callback=append,
+                            progress=not cfg.no_progress and state.is_main_process, stats=stats)
+        except ApiError as e:  # a server that failed for good: what it answered is kept and resumed
+            raise SystemExit(f"[step 4] {e} (predictions made so far are kept in {target}; rerun the same command to "
+                             f"resume)") from None
     return fmt.name
 
 
@@ -351,29 +343,29 @@ def merge_predictions(out: Path, records: list[dict], fps: dict) -> list[dict]:
     return selected
 
 
-def write_scores(out: Path, args, selected: list[dict], records: list[dict] | None = None) -> str:
+def write_scores(out: Path, cfg: EvalConfig, selected: list[dict], records: list[dict] | None = None) -> str:
     """score.json and score.md; returns the table. ``records``: the MMedBench records (None for XMedBench)."""
     if records is not None:
-        return write_mmedbench_scores(out, args, selected, records)
+        return write_mmedbench_scores(out, cfg, selected, records)
     from src.evaluate.scoring import format_table, score
 
-    result = score(selected, args.exclude_source)
+    result = score(selected, cfg.exclude_source)
     write_json(out / "score.json", result)
-    header = (f"# Step 4 scores: {args.model}\n\ninput: `{args.input}`, {len(selected)} items, mode {args.mode}, "
-              f"max_new_tokens {args.max_new_tokens}. Accuracy in %, 95% intervals ({result['ci_method']}).\n\n")
+    header = (f"# Step 4 scores: {cfg.model}\n\ninput: `{cfg.input}`, {len(selected)} items, mode {cfg.mode}, "
+              f"max_new_tokens {cfg.max_new_tokens}. Accuracy in %, 95% intervals ({result['ci_method']}).\n\n")
     table = format_table(result)
     write_text(out / "score.md", header + table)
     return table
 
 
-def write_mmedbench_scores(out: Path, args, selected: list[dict], records: list[dict]) -> str:
+def write_mmedbench_scores(out: Path, cfg: EvalConfig, selected: list[dict], records: list[dict]) -> str:
     from src.evaluate.mmedlm_scoring import format_table, score
 
-    result = score(selected, records, args.parsing, args.rationale_metric, progress=not args.no_progress)
+    result = score(selected, records, cfg.parsing, cfg.rationale_metric, progress=not cfg.no_progress)
     write_json(out / "score.json", result)
-    header = (f"# Step 4 scores (MMedBench): {args.model}\n\ninput: `{args.input}`, {len(selected)} items, "
-              f"max_new_tokens {args.max_new_tokens}, parsing {args.parsing}, rationale metric "
-              f"{args.rationale_metric}. Accuracy and similarity in %, 95% intervals (docs/mmedbench.md).\n\n")
+    header = (f"# Step 4 scores (MMedBench): {cfg.model}\n\ninput: `{cfg.input}`, {len(selected)} items, "
+              f"max_new_tokens {cfg.max_new_tokens}, parsing {cfg.parsing}, rationale metric "
+              f"{cfg.rationale_metric}. Accuracy and similarity in %, 95% intervals (docs/mmedbench.md).\n\n")
     table = format_table(result)
     write_text(out / "score.md", header + table)
     return table
@@ -389,29 +381,23 @@ def engine_totals(all_stats: list[dict]) -> dict:
     return {**totals, "stops": dict(stops)}
 
 
-def predict_pending(args, state, tokenizer, out: Path, records: list[dict], pending: list[dict], mine: list[dict],
-                    dtype, fps: dict, whole_answer: bool = False) -> tuple[str | None, list[dict], int]:
+def predict_pending(cfg: EvalConfig, state, tokenizer, out: Path, records: list[dict], pending: list[dict],
+                    mine: list[dict], dtype, fps: dict, whole_answer: bool = False) -> tuple[str | None, list[dict], int]:
     """Predict this process's share (``mine``) of the items without a reusable prediction, appending each to --out
     (``whole_answer``: MMedBench, no stop at the first line). Returns the chat format's name, every process's engine
     counters and the batch size."""
     world = state.num_processes
-    batch_size = args.batch_size or (64 if state.device.type == "cuda" else 16)
+    batch_size = cfg.batch_size or (64 if state.device.type == "cuda" else 16)
     stats: dict = {}
     fmt_name = None
-    if mine and args.backend == "openai":  # generation on a server; same records, predictions and files
-        from src.evaluate.openai_backend import predict_through_server
-
-        if world > 1:
-            raise SystemExit("[step 4] --backend openai runs in one process (use --concurrency for parallel requests)")
-        fmt_name = predict_through_server(args, tokenizer, mine, out / PRED, stats, progress=not args.no_progress,
-                                          fingerprints=fps)
-    elif mine:
+    if mine and cfg.backend == "openai" and world > 1:
+        raise SystemExit("[step 4] --backend openai runs in one process (use --concurrency for parallel requests)")
+    if mine:
         counts = {"items": len(records), "done": len(records) - len(pending), "pending": len(pending)}
-        fmt_name = predict_mine(args, mine, tokenizer, out, state, counts, batch_size, dtype, stats, fps,
-                                whole_answer)
+        fmt_name = predict_mine(cfg, mine, tokenizer, out, state, counts, batch_size, dtype, stats, fps, whole_answer)
     elif state.is_main_process:
         print(f"[step 4] all {len(records)} items already predicted in {out}", flush=True)
-        fmt_name = format_name(args, tokenizer)  # run.json names it on every run (scripts read it back)
+        fmt_name = format_name(cfg, tokenizer)  # run.json names it on every run (scripts read it back)
     all_stats = gather_stats(stats, world)
     state.wait_for_everyone()
     return fmt_name, all_stats, batch_size
@@ -434,15 +420,15 @@ def write_status(out: Path, settings: dict, status: str, records: list[dict], fp
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    cfg = parse_config(argv)
     import torch
     from accelerate import PartialState
 
-    from src.evaluate.engines import choose_engine
+    from src.generation.backends import choose_engine
     from src.models.loading import load_tokenizer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     kwargs = {}
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         kwargs["backend"] = "gloo"  # several CPU processes (tests, CI): accelerate needs gloo named explicitly
@@ -450,20 +436,18 @@ def main(argv: list[str] | None = None) -> int:
     world = state.num_processes
     t_start = time.time()
 
-    records = select_records(args)
-    whole_answer = mmedlm.configure_run(args, records)  # MMedBench: its defaults and checks
-    if args.max_new_tokens is None:
-        args.max_new_tokens = XMEDBENCH_MAX_NEW_TOKENS
-    check_models(args)
-    dtype = _dtype(args.dtype, state.device)
-    tokenizer = load_tokenizer(args.model, padding_side="left")
-    args.engine = choose_engine(args.engine, state.device)  # run.json records the engine that ran
-    settings = run_settings(args, dtype)
-    if args.backend == "openai":
-        settings.update(api_base=args.api_base, api_model=args.api_model, concurrency=args.concurrency)
-    out = args.out
-    prepare_out(out, settings, args.overwrite, state)
-    fps = item_fingerprints(records, settings, args.model, args)
+    records = select_records(cfg)
+    whole_answer = mmedlm.configure_run(cfg, records)  # MMedBench: its defaults and checks
+    if cfg.max_new_tokens is None:
+        cfg.max_new_tokens = XMEDBENCH_MAX_NEW_TOKENS
+    check_models(cfg)
+    dtype = _dtype(cfg.dtype, state.device)
+    tokenizer = load_tokenizer(cfg.model, padding_side="left")
+    cfg.engine = choose_engine(cfg.engine, state.device)  # run.json records the engine that ran
+    settings = run_settings(cfg, dtype)
+    out = cfg.out
+    prepare_out(out, settings, cfg.overwrite, state)
+    fps = item_fingerprints(records, settings, cfg)
     done = done_ids(out, fps, state.is_main_process)
     pending = [r for r in records if r["id"] not in done]
     mine = shard(pending, world, state.process_index)
@@ -471,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
 
     write_status(out, settings, "running", records, fps, state)  # after every check: a failed start writes none
     try:
-        fmt_name, all_stats, batch_size = predict_pending(args, state, tokenizer, out, records, pending, mine, dtype,
+        fmt_name, all_stats, batch_size = predict_pending(cfg, state, tokenizer, out, records, pending, mine, dtype,
                                                           fps, whole_answer)
     except BaseException as e:  # Ctrl-C or an error: run.json says so, with the counts; the same command resumes
         write_status(out, settings, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed", records, fps,
@@ -481,12 +465,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     selected = merge_predictions(out, records, fps)
-    table = write_scores(out, args, selected, records if whole_answer else None)
+    table = write_scores(out, cfg, selected, records if whole_answer else None)
     seconds = time.time() - t_start
     new_items = sum(s.get("items", 0) for s in all_stats)
     engine_seconds = max([s.get("seconds", 0.0) for s in all_stats] or [0.0])
     write_json(out / "run.json", {
-        "settings": {**settings, "format": args.format, "resolved_format": fmt_name, "batch_size": batch_size},
+        "settings": {**settings, "format": cfg.format, "resolved_format": fmt_name, "batch_size": batch_size},
         "status": "done", "processes": world, "device": str(state.device), "torch": torch.__version__,
         "items": len(records), "predicted_now": new_items, "resumed": len(records) - len(pending),
         "wall_seconds": round(seconds, 2), "engine_seconds": round(engine_seconds, 2),

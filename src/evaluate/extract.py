@@ -1,9 +1,10 @@
 """Answer extraction: an ordered list of named rules, read on the first line of a generation.
 
 **The first-line contract.** Only the first non-empty line of a generation is read: the first line with at least one
-character (as in the reference, a line of spaces counts), or the whole text when no line has one. ``FIRST_LINE``
-matches it, and it is complete once a newline follows it. ``first_line`` (what the rules read) and ``line_complete``
-(step 4's stopping rule: nothing generated after that point can change the letter) both use this one pattern.
+character (as in the reference, a line of spaces counts), or the whole text when no line has one.
+``src.generation.stops.FIRST_LINE`` matches it, and it is complete once a newline follows it. ``first_line`` (what
+the rules read) and ``stops.line_complete`` (step 4's stopping rule: nothing generated after that point can change the
+letter) both use this one pattern.
 
 **The rules** run in order on that line; each adds votes (letters, in the order counted). After a rule marked
 ``final``, if any votes were counted, the most-voted letter is the answer (a tie goes to the letter counted first,
@@ -37,6 +38,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
 
+from src.generation.stops import FIRST_LINE
+
 ALL_LETTERS = "ABCDEFGH"
 REFERENCE_LETTERS = "ABCDEF"
 # Arabic option letters per Latin letter. The reference has أ ب س|ك د; ج (the usual third letter) is added for C,
@@ -46,9 +49,6 @@ REFERENCE_ARABIC = {"A": "أ", "B": "ب", "C": "سك", "D": "د"}
 _OPEN, _CLOSE = "（(", "）)"
 _TATWEEL = "\u0640"  # the stretching stroke of "هـ", the usual way to write the letter he alone
 
-# The first-line contract (see the module docstring): optional leading newlines, the line, and the newline that
-# completes it. A text of newlines only has no such line (then the whole text is read).
-FIRST_LINE = re.compile(r"\n*([^\n]+)(\n)?")
 
 # Every value ``Extraction.rule`` can take.
 RULES = ("bracketed", "arabic", "bracketed+arabic", "out_of_range", "loose", "yes_no", "none")
@@ -67,13 +67,6 @@ def first_line(text: str) -> str:
     """What the rules read: the first line with at least one character, or the whole text when none has one."""
     m = FIRST_LINE.match(text)
     return m.group(1) if m else text
-
-
-def line_complete(text: str) -> bool:
-    """True once the first non-empty line of ``text`` is complete: nothing generated after this point can change what
-    ``extract`` reads. This is the stopping rule of step 4's generation."""
-    m = FIRST_LINE.match(text)
-    return bool(m and m.group(2))
 
 
 @dataclass(frozen=True)

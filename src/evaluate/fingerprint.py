@@ -15,8 +15,6 @@ from pathlib import Path
 
 CONFIG_FILES = ("config.json", "model.safetensors.index.json", "adapter_config.json")
 SAMPLES, BLOCK = 16, 1 << 16
-# Settings of step 4 that change a prediction (the others, e.g. batch size, only change speed).
-ANSWER_SETTINGS = ("mode", "max_new_tokens", "min_new_tokens", "format", "dtype")
 
 
 def _sha(*parts: bytes) -> str:
@@ -65,7 +63,10 @@ def model_fingerprint(name_or_path, _seen: tuple = ()) -> str:
 def run_fingerprint(settings: dict, models: dict) -> str:
     """The settings that change answers plus the fingerprint of every model involved (``{"model": path, ...}``:
     the proxy-tuning models too)."""
-    doc = {"settings": {k: settings.get(k) for k in ANSWER_SETTINGS},
+    from src.evaluate.config import EvalConfig
+
+    # the settings of step 4 that change a prediction (the others, e.g. batch size, only change speed)
+    doc = {"settings": {k: settings.get(k) for k in EvalConfig.answer_settings()},
            "models": {role: model_fingerprint(p) for role, p in sorted(models.items()) if p}}
     return _sha(json.dumps(doc, sort_keys=True).encode())
 

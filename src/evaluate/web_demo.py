@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from src.common.defaults import DEFAULT_MODEL_NAME
-from src.evaluate.chat_core import EXAMPLES, NOTICE, Sampling, open_chat
+from src.evaluate.chat_core import EXAMPLES, NOTICE, ChatSettings, open_chat
 
 TITLE = "Medical chat"
 
@@ -34,11 +34,12 @@ def _pairs(history: list) -> list[tuple[str, str]]:
     return pairs
 
 
-def build_page(chat, sampling: Sampling):
+def build_page(chat, sampling: ChatSettings):
     import gradio as gr
 
     def respond(message, history, greedy, temperature, top_p, repetition_penalty, max_new_tokens):
-        s = Sampling(bool(greedy), float(temperature), float(top_p), float(repetition_penalty), int(max_new_tokens))
+        s = ChatSettings(bool(greedy), float(temperature), float(top_p), float(repetition_penalty),
+                         int(max_new_tokens))
         try:
             kept, dropped = chat.fit(_pairs(history), message)
         except ValueError as e:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                          args.max_context, args.max_new_tokens)
     except ValueError as e:
         p.error(str(e))
-    page = build_page(chat, Sampling(max_new_tokens=args.max_new_tokens))
+    page = build_page(chat, ChatSettings(max_new_tokens=args.max_new_tokens))
     print(f"[web] {chat.name} on http://{args.host}:{args.port}", flush=True)
     page.queue().launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,
                         show_error=True)

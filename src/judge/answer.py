@@ -46,10 +46,10 @@ class Generation:
     format: str | None
 
     def sampling(self):
-        from src.evaluate.chat_core import Sampling
+        from src.evaluate.chat_core import ChatSettings
 
-        return Sampling(greedy=self.temperature == 0, temperature=self.temperature or 1.0, top_p=self.top_p,
-                        repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens)
+        return ChatSettings(greedy=self.temperature == 0, temperature=self.temperature or 1.0, top_p=self.top_p,
+                            repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens)
 
     def settings(self) -> dict:
         return asdict(self)
@@ -62,15 +62,6 @@ def parse_spec(text: str, flag: str) -> ModelSpec:
     folder = match["folder"]
     name = (match["name"] or Path(folder.rstrip("/")).name).strip()
     return ModelSpec(name, folder, match["url"])
-
-
-def served_model_name(client) -> str | None:
-    """The model field for a server: none (``SERVER_DEFAULT``) for ``transformers serve``, which answers with the
-    one model it serves and whose model list scans the hub cache (an error offline, retried for seconds); None
-    (look it up in the server's list) for any other."""
-    from src.common.openai_client import SERVER_DEFAULT
-
-    return SERVER_DEFAULT if client.engine() == "transformers" else None
 
 
 def question_seed(seed: int, key: str) -> int:
@@ -127,15 +118,9 @@ def answer_all(specs: list[ModelSpec], questions: list[Question], gen: Generatio
 
 def _answer_model(spec: ModelSpec, questions: list[Question], gen: Generation, progress: bool):
     """Yield (question, answer row) for each question, the model loaded once and released at the end."""
-    from src.common.openai_client import OpenAIClient
     from src.evaluate.chat_core import open_chat
 
-    api_model = None
-    if spec.api_base:
-        with OpenAIClient(spec.api_base) as probe:
-            api_model = served_model_name(probe)
-    chat = open_chat(spec.folder, api_base=spec.api_base, api_model=api_model, fmt_name=gen.format,
-                     max_new_tokens=gen.max_new_tokens)
+    chat = open_chat(spec.folder, api_base=spec.api_base, fmt_name=gen.format, max_new_tokens=gen.max_new_tokens)
     try:
         for q in tqdm(questions, desc=f"answers {spec.name}", unit="q", disable=not progress):
             try:
@@ -144,35 +129,12 @@ def _answer_model(spec: ModelSpec, questions: list[Question], gen: Generation, p
                 raise DataError(q.path, q.index, "query", f"{e} of {spec.name} with "
                                                           f"--max-new-tokens {gen.max_new_tokens}") from None
             seed = question_seed(gen.seed, q.key)
-            text, finish, tokens = (_served(chat, q.query, gen, seed) if spec.api_base
-                                    else _local(chat, q.query, gen, seed))
+            text, finish, tokens = chat.reply(q.query, gen.sampling(), seed)
             yield q, {"model": spec.name, "key": q.key, "id": q.id, "language": q.language, "label": q.label,
                       "query": q.query, "answer": text, "finish_reason": finish, "new_tokens": tokens}
     finally:
         del chat
         _release_memory()
-
-
-def _local(chat, query: str, gen: Generation, seed: int) -> tuple[str, str, int]:
-    """Decode with the chat demo's token loop (stream_tokens), its prompt rendered as LocalChat renders it."""
-    import torch
-
-    from src.evaluate.chat_core import stream_tokens
-
-    s = gen.sampling()
-    prompt = chat.fmt.render([query], open_last=True)
-    ids = chat.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(chat.model.device)
-    generator = torch.Generator(device=chat.model.device).manual_seed(seed)
-    tokens = list(stream_tokens(chat.model, ids, max_new_tokens=s.max_new_tokens, stop_ids=chat.stop_ids,
-                                greedy=s.greedy, temperature=s.temperature, top_p=s.top_p,
-                                repetition_penalty=s.repetition_penalty, generator=generator))
-    finish = "length" if len(tokens) >= s.max_new_tokens else "stop"
-    return chat.tokenizer.decode(tokens, skip_special_tokens=True).strip(), finish, len(tokens)
-
-
-def _served(chat, query: str, gen: Generation, seed: int) -> tuple[str, str | None, int | None]:
-    reply = chat.client.chat([{"role": "user", "content": query}], **chat.params(gen.sampling()), seed=seed)
-    return reply["text"].strip(), reply["finish_reason"], reply["usage"].get("completion_tokens")
 
 
 def _release_memory() -> None:

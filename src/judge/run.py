@@ -19,8 +19,7 @@ from src.common.io import write_json
 from src.common.locks import hold
 from src.common.openai_client import SERVER_DEFAULT, ApiError, OpenAIClient
 from src.common.rerun import check_rerun, normalised
-from src.judge.answer import (Generation, ModelSpec, answer_all, answer_counts, parse_spec,
-                              served_model_name)
+from src.judge.answer import Generation, ModelSpec, answer_all, answer_counts, parse_spec
 from src.judge.budget import Budget
 from src.judge.judging import judge_all, judge_settings, plan
 from src.judge.prompts import load_prompt
@@ -45,16 +44,16 @@ def model_specs(args) -> tuple[ModelSpec, list[ModelSpec]]:
 def judge_client(args) -> tuple[OpenAIClient, str]:
     """The judge's client and the name its judgments are recorded under: --judge-model, the one model the server
     lists, or for transformers serve (which answers with the one model it serves) its URL."""
+    from src.generation.backends import name_served_model
+
     client = OpenAIClient(args.judge_base, args.judge_model, timeout=args.judge_timeout)
     if client.model:
         return client, client.model
-    client.model = served_model_name(client)
-    if client.model == SERVER_DEFAULT:
-        return client, client.base
     try:
-        return client, client.default_model()
+        name_served_model(client, client.engine())
     except ApiError as e:
         raise UsageError("--judge-model", f"{e}") from None
+    return client, client.base if client.model == SERVER_DEFAULT else client.model
 
 
 def prepare_out(args, generation: dict, judging: dict) -> tuple[Path, Path]:

@@ -70,7 +70,7 @@ class ProxyTuned(torch.nn.Module):
                                past_key_values=tuple(o.past_key_values for o in outs) if use_cache else None)
 
     def forward_step(self, input_ids, attention_mask, position_ids, past_key_values, logits_to_keep=1):
-        """Step 4's ``StepModel`` protocol (src/evaluate/engine.py): logits of the last positions and the cache."""
+        """The custom engine's ``StepModel`` protocol (src/generation/engine.py): last positions' logits and cache."""
         out = self(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    past_key_values=past_key_values, use_cache=True, logits_to_keep=logits_to_keep)
         return out.logits, out.past_key_values

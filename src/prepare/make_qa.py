@@ -131,69 +131,74 @@ def iter_blocks(args, measure, inputs: list[dict] | None = None, sizes: dict | N
 
 # ------------------------------------------------------------------------------------------------ backends
 class HFBackend:
-    """In-process generation with transformers' ``generate``: one prompt at a time, sampling seeded per request from
-    the block's key, so a block's text does not depend on which blocks ran before it or beside it."""
+    """In-process generation (the generation interface's ``hf`` backend: transformers' ``generate``), one prompt at a
+    time, sampling seeded per request from the block's key, so a block's text does not depend on which blocks ran
+    before it or beside it."""
 
     kind = "model"
 
     def __init__(self, model_path: str, device: str | None = None):
         import torch
 
-        from src.evaluate.engine import resolve_fmt, stop_token_ids
+        from src.common.chat_formats import resolve_format
+        from src.generation.backends import open_backend
+        from src.generation.stops import stop_token_ids
         from src.models.loading import load_model, load_tokenizer
 
-        self.torch = torch
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = load_tokenizer(model_path)
-        self.model = load_model(model_path, device=dev).eval()
-        self.fmt = resolve_fmt(self.tokenizer, self.model, None)
-        self.stops = stop_token_ids(self.tokenizer, self.fmt, self.model)
+        model = load_model(model_path, device=dev).eval()
+        self.fmt = resolve_format(self.tokenizer, model.config)
+        self.stops = tuple(stop_token_ids(self.tokenizer, self.fmt, model))
+        self.backend = open_backend("hf", model, self.tokenizer, batch_size=1)
         self.identity = {"backend": "model", "model": repo_relative(model_path)}
 
     def chat(self, prompt: str, *, max_tokens: int, temperature: float, top_p: float, seed: int) -> dict:
-        torch = self.torch
+        from src.generation.types import GenerationConfig, Prompt
+
         text = self.fmt.render([prompt], open_last=True)
-        enc = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").to(self.model.device)
-        sample = temperature > 0
-        devices = [self.model.device.index or 0] if self.model.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            out = self.model.generate(**enc, do_sample=sample, temperature=temperature if sample else None,
-                                      top_p=top_p if sample else None, top_k=0 if sample else None,
-                                      max_new_tokens=max_tokens, eos_token_id=self.stops,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-        new = out[0, enc["input_ids"].shape[1]:].tolist()
-        finish = "length"
-        if new and new[-1] in self.stops:
-            new, finish = new[:-1], "stop"
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        config = GenerationConfig(max_new_tokens=max_tokens, stop_ids=self.stops, sampling=_sampling(temperature,
+                                                                                                      top_p, seed))
+        g = self.backend.generate([Prompt(ids)], config)[0]
+        new, finish = (g.ids[:-1], "stop") if g.stop == "eos" else (g.ids, "length")
         return {"text": self.tokenizer.decode(new, skip_special_tokens=True), "finish_reason": finish,
-                "prompt_tokens": int(enc["input_ids"].shape[1]), "completion_tokens": len(new) + (finish == "stop")}
+                "prompt_tokens": len(ids), "completion_tokens": len(g.ids)}
 
     def close(self) -> None:
         pass
 
 
 class APIBackend:
-    """The chat endpoint of an OpenAI-compatible server (src/common/openai_client.py: retries, backoff, timeout)."""
+    """The chat endpoint of an OpenAI-compatible server (the generation interface's ``openai`` backend:
+    src/common/openai_client.py's retries, backoff and timeout)."""
 
     kind = "api"
 
     def __init__(self, base: str, model: str | None, timeout: float, retries: int):
-        from src.common.openai_client import OpenAIClient
+        from src.generation.backends import open_served
 
-        self.client = OpenAIClient(base, model, timeout=timeout, retries=retries)
-        self.identity = {"backend": "api", "api_base": self.client.base, "api_model": self.client.default_model()}
+        self.backend = open_served(base, model, timeout=timeout, retries=retries)
+        client = self.backend.client
+        self.identity = {"backend": "api", "api_base": client.base, "api_model": client.model}
 
     def chat(self, prompt: str, *, max_tokens: int, temperature: float, top_p: float, seed: int) -> dict:
-        out = self.client.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                               temperature=temperature, top_p=top_p if temperature > 0 else None, seed=seed)
-        usage = out.get("usage") or {}
-        return {"text": out["text"], "finish_reason": out.get("finish_reason"),
-                "prompt_tokens": int(usage.get("prompt_tokens") or 0),
-                "completion_tokens": int(usage.get("completion_tokens") or 0)}
+        from src.generation.types import GenerationConfig, Prompt
+
+        config = GenerationConfig(max_new_tokens=max_tokens, sampling=_sampling(temperature, top_p, seed))
+        g = self.backend.generate([Prompt(messages=[{"role": "user", "content": prompt}])], config)[0]
+        return {"text": g.text, "finish_reason": "length" if g.stop == "max_tokens" else "stop",
+                "prompt_tokens": g.prompt_tokens, "completion_tokens": g.new_tokens}
 
     def close(self) -> None:
-        self.client.close()
+        self.backend.client.close()
+
+
+def _sampling(temperature: float, top_p: float, seed: int):
+    """Seeded sampling at ``temperature`` (0: greedy), top-k off (the paper's settings name none)."""
+    from src.generation.types import Sampling
+
+    return Sampling(greedy=temperature <= 0, temperature=temperature, top_p=top_p, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------ one block

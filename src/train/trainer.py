@@ -398,7 +398,7 @@ class Trainer:
         """Step 4 on the dev prompts; accuracy per language goes to the trackers."""
         if not self.dev_records:
             return {}
-        from src.evaluate.engine import predict
+        from src.evaluate.predict import predict
         from src.evaluate.scoring import score
 
         t = time.time()

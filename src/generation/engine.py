@@ -1,23 +1,22 @@
-"""Step 4's inference engine: batched greedy generation that stops as soon as the extractor's input is complete, and a
-log-likelihood mode. ``predict`` is the one entry point (the CLI, the trainer's dev evaluation and the benchmark call
-it).
+"""The custom engine (backend ``custom``): batched greedy generation that stops each row as soon as what its caller
+reads is complete, on a KV cache shared, merged and trimmed across rows; and the next-token log-probabilities step 4's
+log-likelihood mode reads. ``Engine.generate`` is its side of the generation interface (src/generation/__init__.py).
 
-Generation (``mode="generate"``)
-    Prompts are tokenized as they are (step 1 prompts already carry BOS/system prefix: ``add_special_tokens=False``)
-    and queued longest first (an out-of-memory shows up at once). Decoding runs on one batch of at most
-    ``batch_size`` rows that is kept full: whenever a quarter of its rows have finished, the next prompts of the queue
-    are prefilled and their KV cache is merged into the running batch (continuous batching, ``kvcache.cache_merge``;
-    rows of different lengths are left-padded in the cache and masked). Prefill computes the logits of the last
-    position only. On a CPU each prompt is prefilled on its own (``prefill_batch=1``: no padding, and the causal
-    attention kernel runs without a mask; a padded batch costs ~25% more there), so prefill costs exactly one forward
-    pass per prompt; on a GPU the admitted prompts are prefilled together (left padding kept under ``max_padding`` of
-    their tokens). Decoding is greedy with a preallocated KV cache (``kvcache.SlotCache``: no copy of the cache per
-    step). A row stops as soon as
+Generation (``Engine.generate``)
+    Prompts come as token ids (``Prompt.ids``) and are queued longest first (an out-of-memory shows up at once).
+    Decoding runs on one batch of at most ``batch_size`` rows that is kept full: whenever a quarter of its rows have
+    finished, the next prompts of the queue are prefilled and their KV cache is merged into the running batch
+    (continuous batching, ``kvcache.cache_merge``; rows of different lengths are left-padded in the cache and masked).
+    Prefill computes the logits of the last position only. On a CPU each prompt is prefilled on its own
+    (``prefill_batch=1``: no padding, and the causal attention kernel runs without a mask; a padded batch costs ~25%
+    more there), so prefill costs exactly one forward pass per prompt; on a GPU the admitted prompts are prefilled
+    together (left padding kept under ``max_padding`` of their tokens). Decoding is greedy with a preallocated KV
+    cache (``kvcache.SlotCache``: no copy of the cache per step). A row stops as soon as
 
-    * it emitted a stop token (the chat format's end token, the tokenizer's EOS or the generation config's EOS ids;
-      they are suppressed during the first ``min_new_tokens`` tokens, as ``min_new_tokens`` does in HF generate), or
-    * its text has a complete first non-empty line (a newline after any other character,
-      ``extract.line_complete``): the extractor reads only that line, so the letter cannot change any more, or
+    * it emitted a stop token (``GenerationConfig.stop_ids``; they are suppressed during the first
+      ``min_new_tokens`` tokens, as ``min_new_tokens`` does in HF generate), or
+    * with ``stop_at_line``, its text has a complete first non-empty line (``stops.line_complete``): step 4's
+      extractor reads only that line, so the letter cannot change any more, or
     * it reached ``max_new_tokens``.
 
     Finished rows leave the batch (and its KV cache) at once, and cache columns no row needs any more are dropped, so
@@ -28,22 +27,23 @@ Generation (``mode="generate"``)
     One host synchronisation per decoding step (on a GPU the host otherwise waits for the device's queue): the next
     tokens are read back once; everything else is known on the host or stays on the device. Young rows' stop tokens
     are masked on the device (rows join at the end, so the young ones are a slice); a row's text is decoded for the
-    line check only when its token brings a newline (``newline_tokens``); each row's real and padding columns are
-    counted on the host (``_Prefilled.extent``/``zeros``), so no mask is read back, and a step without padding passes
-    no mask; index tensors are copied from pinned memory without waiting (``host_to_device``).
+    line check only when its token brings a newline (``stops.newline_tokens``); each row's real and padding columns
+    are counted on the host (``_Prefilled.extent``/``zeros``), so no mask is read back, and a step without padding
+    passes no mask; index tensors are copied from pinned memory without waiting (``host_to_device``).
     ``bench/decode_overhead.py`` counts ops and syncs per step (``src/common/host_sync.py``).
 
-Log-likelihood (``mode="loglik"``)
-    One forward pass per item over ``prompt + answer_phrase + "("``; the answer is the item's option letter with the
-    highest next-token log-probability (lm-evaluation-harness style). When a letter is not a single token after that
-    context for this tokenizer, the letter's full continuation is scored (sum of its token log-probabilities).
+Next-token log-probabilities (``Engine.next_token_logprobs``, ``Engine.continuation_logprobs``)
+    One forward pass per prompt (batched, shared prefixes once) gives the log-probabilities of the token after it;
+    ``continuation_logprobs`` scores several multi-token continuations of one context. Step 4's log-likelihood mode
+    (src/evaluate/loglik.py) reads the option letters' scores from them.
 
 Shared prefixes (``prefix_cache="auto"``)
-    Items of one source share a token prefix: the system block and the instruction, plus every shot they have in
-    common (the first shot is often drawn for many items of a source from a small dev pool; with step 1's
-    ``--shot-mode fixed`` all of them). ``plan_groups`` groups them; a group's prefix is computed once, its KV cache
-    is copied for every admitted row, and only the suffixes are prefilled (on the causal kernel without a mask,
-    ``attention.prefix_causal_sdpa``). On the real test set this skips 26% of the prompt tokens.
+    Prompts of one ``Prompt.group`` share a token prefix: in step 4 the items of one source share the system block
+    and the instruction, plus every shot they have in common (the first shot is often drawn for many items of a
+    source from a small dev pool; with step 1's ``--shot-mode fixed`` all of them). ``plan_groups`` groups them; a
+    group's prefix is computed once, its KV cache is copied for every admitted row, and only the suffixes are
+    prefilled (on the causal kernel without a mask, ``attention.prefix_causal_sdpa``). On the real test set this
+    skips 26% of the prompt tokens.
 
 Out of memory
     The batch size halves on an out-of-memory error and the work is retried: a failed prefill puts its prompts back
@@ -56,33 +56,30 @@ The model behind the engine: the ``StepModel`` protocol
         forward_step(input_ids, attention_mask, position_ids, past_key_values, logits_to_keep=1) -> (logits, cache)
 
     ``input_ids``/``position_ids`` are [B, T] (long), ``attention_mask`` is [B, past + T] (1 = real token) or None
-    when no row has padding (a wrapper passes it on as it is), ``past_key_values`` is None on the first call and afterwards whatever the previous call returned; ``logits`` are
-    [B, logits_to_keep, V] for the last positions. A plain transformers model is wrapped in ``HFStepModel``. Anything
-    else with a ``forward_step`` method and a ``device`` attribute (optionally ``eval()``/``train()``/``training``)
-    can be passed to ``predict`` instead of a model, e.g. a proxy-tuning wrapper computing
-    ``logits = base + (tuned - raw)`` over three ``HFStepModel``s. Its cache may be a transformers ``Cache`` or a
-    (nested) tuple/list of them: the engine only selects, repeats, merges and trims batch rows/columns of a cache
-    (``kvcache``), applied to each element.
+    when no row has padding (a wrapper passes it on as it is), ``past_key_values`` is None on the first call and
+    afterwards whatever the previous call returned; ``logits`` are [B, logits_to_keep, V] for the last positions. A
+    plain transformers model is wrapped in ``HFStepModel``. Anything else with a ``forward_step`` method and a
+    ``device`` attribute (optionally ``eval()``/``train()``/``training``) can be given instead of a model, e.g. a
+    proxy-tuning wrapper computing ``logits = base + (tuned - raw)`` over three ``HFStepModel``s. Its cache may be a
+    transformers ``Cache`` or a (nested) tuple/list of them: the engine only selects, repeats, merges and trims batch
+    rows/columns of a cache (``kvcache``), applied to each element.
 
-Training-time use: ``predict`` switches the model to eval mode, runs under ``torch.no_grad()`` and restores the
+Training-time use: the engine switches the model to eval mode, runs under ``torch.no_grad()`` and restores the
 previous mode. Ranks stop decoding at different times, so with DeepSpeed ZeRO-3 (where every forward is a collective)
-call it on a gathered/unsharded model or on rank-local copies only.
+use it on a gathered/unsharded model or on rank-local copies only.
 """
 from __future__ import annotations
 
 import math
 import time
-import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
 
-from src.evaluate import mmedlm
-from src.evaluate.attention import decode_step_mask, prefix_attention
-from src.evaluate.extract import extract, line_complete
-from src.evaluate.kvcache import (
+from src.generation.attention import decode_step_mask, prefix_attention
+from src.generation.kvcache import (
     SlotCache,
     cache_length,
     cache_merge,
@@ -90,10 +87,12 @@ from src.evaluate.kvcache import (
     cache_select,
     cache_trim,
     cache_truncate,
-    left_pad,
     mergeable,
     supports_slot_cache,
 )
+from src.generation.padding import left_pad, left_padded
+from src.generation.stops import newline_tokens, stop_reason
+from src.generation.types import Generation, GenerationConfig, Prompt
 
 MIN_PREFIX_TOKENS = 16  # a shared prefix shorter than this is not worth a separate forward
 
@@ -183,32 +182,6 @@ def _free_memory():
         torch.cuda.empty_cache()
 
 
-# ----------------------------------------------------------------------------------------------- stop tokens
-def stop_token_ids(tokenizer, fmt=None, model=None) -> list[int]:
-    """Token ids that end a generation: the chat format's end token, the tokenizer's EOS and the generation config's
-    EOS ids (what HF generate would stop on)."""
-    ids: list[int] = []
-    if fmt is not None:
-        ids.append(fmt.stop_token(tokenizer))
-    ids.append(tokenizer.eos_token_id)
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    ids += eos if isinstance(eos, (list, tuple)) else [eos]
-    out = []
-    for i in ids:
-        if i is not None and int(i) >= 0 and int(i) not in out:
-            out.append(int(i))
-    return out
-
-
-def resolve_fmt(tokenizer, model, fmt):
-    if fmt is not None and not isinstance(fmt, str):
-        return fmt
-    from src.common.chat_formats import resolve_format
-
-    return resolve_format(tokenizer, getattr(model, "config", None), fmt)
-
-
 # ----------------------------------------------------------------------------------------------- host <-> device
 def host_to_device(values: list[int], device, dtype=torch.long) -> torch.Tensor:
     """A tensor of host values on ``device`` without waiting for the device: torch's ordinary host-to-device copy
@@ -218,48 +191,6 @@ def host_to_device(values: list[int], device, dtype=torch.long) -> torch.Tensor:
     if torch.device(device).type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
-
-
-_NEWLINE_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def newline_tokens(tokenizer) -> bytearray:
-    """table[t] = 1 when token t's text contains a newline. A row's first non-empty line can only become complete
-    at a step whose token brings a newline (decoding appends text; a newline byte is never part of a multi-byte
-    character), so only those rows are decoded to check ``line_complete``. Cached per tokenizer."""
-    try:
-        return _NEWLINE_TABLES[tokenizer]
-    except (KeyError, TypeError):
-        pass
-    texts = [tokenizer.decode([t], skip_special_tokens=True) for t in range(len(tokenizer))]
-    table = bytearray("\n" in text for text in texts)
-    try:
-        _NEWLINE_TABLES[tokenizer] = table
-    except TypeError:  # a tokenizer that cannot be weakly referenced: not cached
-        pass
-    return table
-
-
-def completes_line(gen: list[int], tok: int, newline: bytearray | None, tokenizer) -> bool:
-    """True when ``tok``, just appended to ``gen``, completes the first non-empty line (``newline``: the table of
-    ``newline_tokens``; None = no early stop). The text is decoded only when the token brings a newline: nothing
-    else completes a line."""
-    return newline is not None and (tok >= len(newline) or bool(newline[tok])) \
-        and line_complete(tokenizer.decode(gen, skip_special_tokens=True))
-
-
-def stop_reason(gen: list[int], tok: int, stops: set[int], max_new_tokens: int, newline: bytearray | None,
-                tokenizer) -> str | None:
-    """Why a row stops once ``tok`` is appended to its tokens ``gen`` (None: it goes on): "eos" (a stop token),
-    "max_tokens", or "line" (``completes_line``). The one stopping rule of every engine that decodes token by
-    token."""
-    if tok in stops:
-        return "eos"
-    if len(gen) >= max_new_tokens:
-        return "max_tokens"
-    if completes_line(gen, tok, newline, tokenizer):
-        return "line"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------- work plan
@@ -289,7 +220,8 @@ class EngineStats:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-def _lcp(seqs: list[list[int]]) -> int:
+def common_prefix(seqs: list[list[int]]) -> int:
+    """The length of the longest prefix all ``seqs`` share."""
     first = seqs[0]
     n = min(len(s) for s in seqs)
     for s in seqs[1:]:
@@ -303,43 +235,44 @@ def _lcp(seqs: list[list[int]]) -> int:
     return n
 
 
-def plan_groups(records: list[dict], ids: list[list[int]], prefix_cache: str = "auto") -> list[_Group]:
-    """Group items whose prompts start with the same tokens; each group's shared prefix is computed once.
+def plan_groups(ids: list[list[int]], groups: list[tuple], prefix_cache: str = "auto") -> list[_Group]:
+    """Group prompts whose token ids start the same; each group's shared prefix is computed once.
 
-    Items of a source whose first shot is the same share the system block, the instruction and at least that shot
-    (with step 1's ``--shot-mode fixed``, every item of a source: all the shots); the other items of a source still
-    share the system block and the instruction. A group needs two members and a prefix of ``MIN_PREFIX_TOKENS``;
-    everything else is one group without a prefix. On the real XMedBench test set (per-item shots drawn from each
-    source's dev pool) this skips 26% of all prompt tokens.
+    Prompts with equal ``groups`` entries (``Prompt.group``; step 4: the source and the first shot) share at least
+    what the group names (system block, instruction, that shot; with step 1's ``--shot-mode fixed``, every item of a
+    source: all the shots); the others are grouped by the first element of their group alone (step 4: the source:
+    system block and instruction). A group needs two members and a prefix of ``MIN_PREFIX_TOKENS``; everything else
+    is one group without a prefix. On the real XMedBench test set (per-item shots drawn from each source's dev pool)
+    this skips 26% of all prompt tokens.
     """
     if prefix_cache not in ("auto", "off"):
         raise ValueError("prefix_cache must be 'auto' or 'off'")
     if prefix_cache == "off":
-        return [_Group([], list(range(len(records))))]
+        return [_Group([], list(range(len(ids))))]
 
-    groups: list[_Group] = []
+    planned: list[_Group] = []
 
     def group_by(key, items: list[int]) -> list[int]:
         """A group for each key whose items share a long enough prefix; returns the other items."""
         buckets: dict = {}
         for i in items:
-            buckets.setdefault(key(records[i]), []).append(i)
+            buckets.setdefault(key(i), []).append(i)
         left = []
         for members in buckets.values():
             n = 0
             if len(members) > 1:
-                n = min(_lcp([ids[i] for i in members]), min(len(ids[i]) for i in members) - 1)
+                n = min(common_prefix([ids[i] for i in members]), min(len(ids[i]) for i in members) - 1)
             if n >= MIN_PREFIX_TOKENS:
-                groups.append(_Group(ids[members[0]][:n], members))
+                planned.append(_Group(ids[members[0]][:n], members))
             else:
                 left += members
         return left
 
-    rest = group_by(lambda r: (r.get("source"), (r.get("shots") or [None])[0]), list(range(len(records))))
-    loose = group_by(lambda r: r.get("source"), sorted(rest))
+    rest = group_by(lambda i: tuple(groups[i]), list(range(len(ids))))
+    loose = group_by(lambda i: tuple(groups[i])[:1], sorted(rest))
     if loose:
-        groups.append(_Group([], sorted(loose)))
-    return groups
+        planned.append(_Group([], sorted(loose)))
+    return planned
 
 
 def too_much_padding(width: int, rows: int, real_tokens: int, max_padding: float) -> bool:
@@ -422,28 +355,18 @@ class _Running:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, *, fmt=None, batch_size: int = 8, max_new_tokens: int = 128,
-                 min_new_tokens: int = 2, mode: str = "generate", max_padding: float = 0.1,
-                 prefix_cache: str = "auto", early_stop: bool = True, stop_ids: list[int] | None = None,
+    """The custom engine over one model (see the module docstring); ``stats`` accumulates over its calls."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 8, max_padding: float = 0.1, prefix_cache: str = "auto",
                  refill: float = 0.25, prefill_batch: int | None = None):
-        if mode not in ("generate", "loglik"):
-            raise ValueError("mode must be 'generate' or 'loglik'")
-        if batch_size < 1 or max_new_tokens < 1 or min_new_tokens < 0:
-            raise ValueError("batch_size and max_new_tokens must be >= 1, min_new_tokens >= 0")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
         self.raw_model = model
         self.step = as_step_model(model)
-        if isinstance(self.step, HFStepModel):
-            self.step.reserve = max_new_tokens + 8
         self.tokenizer = tokenizer
-        self.fmt = resolve_fmt(tokenizer, model, fmt) if (fmt is not None or stop_ids is None) else None
-        self.stop_ids = stop_ids if stop_ids is not None else stop_token_ids(tokenizer, self.fmt, model)
         self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.min_new_tokens = min_new_tokens
-        self.mode = mode
         self.max_padding = max_padding
         self.prefix_cache = prefix_cache
-        self.early_stop = early_stop
         self.refill = refill  # admit new rows once this share of the batch is free
         # Prompts prefilled together: one by one on a CPU (no padding, and the causal attention kernel without a
         # mask: a padded batch costs ~25% more there), the whole admission on a GPU.
@@ -451,56 +374,95 @@ class Engine:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self.stats = EngineStats()
+        self.max_new_tokens = 128  # set by each generate call (the merged caches' spare columns)
 
     # -- public -------------------------------------------------------------------------------------------------
-    def run(self, records: list[dict], callback: Callable[[dict], None] | None = None,
-            progress: bool = True) -> list[dict]:
+    def generate(self, prompts: list[Prompt], config: GenerationConfig,
+                 on_result: Callable[[Generation], None] | None = None, progress: bool = False,
+                 desc: str = "generate") -> list[Generation]:
+        """Greedy generations of ``prompts`` (in their order); ``on_result`` gets each as soon as its row stops."""
+        if not config.sampling.greedy:
+            raise ValueError("the custom engine decodes greedily; sampling runs on the hf backend")
+        self.max_new_tokens, self.min_new_tokens = config.max_new_tokens, config.min_new_tokens
+        self.stop_ids, self.stop_at_line = list(config.stop_ids), config.stop_at_line
+        if isinstance(self.step, HFStepModel):
+            self.step.reserve = config.max_new_tokens + 8
+        ids = [list(p.ids) for p in prompts]
+        groups = plan_groups(ids, [p.group for p in prompts], self.prefix_cache)
+        out: list = [None] * len(prompts)
+
+        def work(device, tick):
+            def emit(g: Generation):
+                out[g.index] = g
+                tick()
+                if on_result is not None:
+                    on_result(g)
+            self._generate(ids, groups, device, emit)
+        self._run(len(prompts), progress, desc, work)
+        return out
+
+    def next_token_logprobs(self, prompts: list[Prompt], on_result: Callable[[int, torch.Tensor], None],
+                            progress: bool = False, desc: str = "log-likelihood") -> None:
+        """For every prompt, the log-probabilities [V] (float, on the CPU) of the token after it, handed to
+        ``on_result(index, logprobs)`` batch by batch (one forward pass per prompt; shared prefixes once)."""
+        ids = [list(p.ids) for p in prompts]
+        groups = plan_groups(ids, [p.group for p in prompts], self.prefix_cache)
+
+        def work(device, tick):
+            def emit(i: int, logprobs: torch.Tensor):
+                tick()
+                on_result(i, logprobs)
+            for g in groups:
+                self._logprobs_group(ids, g, device, emit)
+        self._run(len(prompts), progress, desc, work)
+
+    def continuation_logprobs(self, context: list[int], sequences: list[list[int]]) -> list[float]:
+        """Summed log-probabilities of each continuation after ``context`` (its token ids); ``sequences``: the token
+        ids of context + each continuation tokenized whole (a tokenizer may merge the context's last token with a
+        continuation's first, so the shared head is found on them). The shared head is computed once, the
+        continuations' remaining tokens right-padded in one batch."""
+        self.stats.items += 1
+        with self._eval_mode(), torch.no_grad():
+            return self._continuations(context, sequences, self.step.device)
+
+    # -- running -------------------------------------------------------------------------------------------------
+    def _run(self, n: int, progress: bool, desc: str, work) -> None:
+        """Run ``work(device, tick)`` in eval mode without gradients, with a progress bar (``tick()`` per result)."""
         from tqdm import tqdm
 
+        if not n:
+            return
         t0 = time.time()
-        records = list(records)
-        out: list[dict | None] = [None] * len(records)
-        if not records:
-            return []
-        texts = [r["prompt"] + (r.get("answer_phrase", "") + "(" if self.mode == "loglik" else "") for r in records]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        letter_ids = self._letter_token_ids(records) if self.mode == "loglik" else None
-        bar = tqdm(total=len(records), desc=f"step 4 ({self.mode})", unit="item", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=n, desc=desc, unit="item", disable=not progress, dynamic_ncols=True)
 
-        def emit(i: int, pred: dict):
-            out[i] = pred
+        def tick():
             self.stats.items += 1
-            if callback is not None:
-                callback(pred)
             bar.update(1)
 
-        general = [i for i in range(len(records)) if letter_ids is not None and letter_ids[i] is None]
-        general_set = set(general)
-        fast = [i for i in range(len(records)) if i not in general_set]
-        groups = [_Group(g.prefix, [fast[j] for j in g.members])
-                  for g in plan_groups([records[i] for i in fast], [ids[i] for i in fast], self.prefix_cache)]
         device = self.step.device
         if self.prefill_batch is None:
             self.prefill_batch = 1 if device.type == "cpu" else self.batch_size
-        was_training = getattr(self.step, "training", False)
-        if hasattr(self.step, "eval"):
-            self.step.eval()
         try:
-            with torch.no_grad():
-                if self.mode == "generate":
-                    self._generate(records, ids, groups, device, emit)
-                else:
-                    for g in groups:
-                        self._loglik_group(records, ids, letter_ids, g, device, emit)
-                for i in general:
-                    emit(i, self._loglik_general(records[i], texts[i], device))
+            with self._eval_mode(), torch.no_grad():
+                work(device, tick)
         finally:
-            if was_training and hasattr(self.step, "train"):
-                self.step.train(True)
             bar.close()
         self.stats.seconds += time.time() - t0
-        return out  # type: ignore[return-value]
+
+    def _eval_mode(self):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def mode():
+            was_training = getattr(self.step, "training", False)
+            if hasattr(self.step, "eval"):
+                self.step.eval()
+            try:
+                yield
+            finally:
+                if was_training and hasattr(self.step, "train"):
+                    self.step.train(True)
+        return mode()
 
     # -- shared pieces -------------------------------------------------------------------------------------------
     def _forward(self, input_ids, attention_mask, position_ids, cache, logits_to_keep=1):
@@ -519,12 +481,8 @@ class Engine:
     def _prefill(self, rows: list[list[int]], P: int, prefix_cache, device) -> _Prefilled:
         """Left-padded prefill of suffixes (after a shared prefix of P tokens when prefix_cache is given)."""
         B, T = len(rows), max(len(r) for r in rows)
-        ids, mask, pos = [], [], []
-        for r in rows:
-            pad = T - len(r)
-            ids.append([self.pad_id] * pad + r)
-            mask.append([0] * pad + [1] * len(r))
-            pos.append([P] * pad + list(range(P, P + len(r))))
+        ids, mask = left_padded(rows, self.pad_id)
+        pos = [[P] * (T - len(r)) + list(range(P, P + len(r))) for r in rows]
         ids, mask, pos = (host_to_device(x, device) for x in (ids, mask, pos))
         cache = None
         if P:
@@ -549,7 +507,7 @@ class Engine:
         self.stats.oom_splits += 1
 
     # -- log-likelihood: prefill only ------------------------------------------------------------------------------
-    def _loglik_group(self, records, ids, letter_ids, g: _Group, device, emit):
+    def _logprobs_group(self, ids, g: _Group, device, emit):
         P = len(g.prefix)
         prefix_cache = self._prefix_cache(g.prefix, len(g.members), device) if P else None
         suffix = {i: ids[i][P:] for i in g.members}
@@ -569,11 +527,10 @@ class Engine:
                 continue
             logp = torch.log_softmax(logits, dim=-1).cpu()
             for b, i in enumerate(batch):
-                scores = {L: float(logp[b, t]) for L, t in letter_ids[i].items()}
-                emit(i, self._loglik_prediction(records[i], scores))
+                emit(i, logp[b])
 
     # -- generation: continuous batching ----------------------------------------------------------------------------
-    def _generate(self, records, ids, groups: list[_Group], device, emit):
+    def _generate(self, ids, groups: list[_Group], device, emit):
         queue: deque = deque()
         for gi, g in enumerate(groups):
             for i in sorted(g.members, key=lambda i: (-len(ids[i]), i)):
@@ -583,7 +540,7 @@ class Engine:
         single = self.prefill_batch == 1
         self._stop = host_to_device(self.stop_ids, device)
         self._stop_set = set(self.stop_ids)
-        self._newline = newline_tokens(self.tokenizer) if self.early_stop else bytearray()
+        self._newline = newline_tokens(self.tokenizer) if self.stop_at_line else bytearray()
         run = _Running()
         merge_ok: bool | None = None  # known after the first prefill
         while queue or run.rows:
@@ -614,7 +571,7 @@ class Engine:
                 run.gens += [[] for _ in take]
                 continue  # admit more if there is room, then step
 
-            nxt, keep = self._next_tokens(run, records, emit)
+            nxt, keep = self._next_tokens(run, ids, emit)
             if len(keep) < len(run):
                 index = host_to_device(keep, device)
                 nxt = nxt[index]
@@ -625,7 +582,7 @@ class Engine:
                 continue
             self._decode_step(run, nxt, queue, device)
 
-    def _next_tokens(self, run: _Running, records, emit) -> tuple[torch.Tensor, list[int]]:
+    def _next_tokens(self, run: _Running, ids, emit) -> tuple[torch.Tensor, list[int]]:
         """Choose every row's next token (greedy), emit the rows that stop; returns the tokens [B] (on the device)
         and the rows that go on. Reading the tokens is the step's one host synchronisation."""
         logits = run.logits
@@ -645,11 +602,11 @@ class Engine:
             if reason is None:
                 keep.append(b)
             else:
-                emit(run.rows[b], self._generate_prediction(records[run.rows[b]], gen, reason))
+                emit(self._finish(run.rows[b], gen, reason, len(ids[run.rows[b]])))
         return nxt, keep
 
     def _stop_reason(self, gen: list[int], tok: int) -> str | None:
-        return stop_reason(gen, tok, self._stop_set, self.max_new_tokens, self._newline if self.early_stop else None,
+        return stop_reason(gen, tok, self._stop_set, self.max_new_tokens, self._newline if self.stop_at_line else None,
                            self.tokenizer)
 
     def _prefill_units(self, chunk: list[tuple], groups: list[_Group], ids, device):
@@ -726,61 +683,22 @@ class Engine:
             self.stats.decode_steps += 1
             return
 
-    # -- predictions ---------------------------------------------------------------------------------------------
-    def _base(self, rec: dict) -> dict:
-        return {"id": rec.get("id"), "source": rec.get("source"), "language": rec.get("language")}
-
-    def _generate_prediction(self, rec: dict, gen: list[int], reason: str) -> dict:
+    # -- results -------------------------------------------------------------------------------------------------
+    def _finish(self, index: int, gen: list[int], reason: str, prompt_tokens: int) -> Generation:
         self.stats.new_tokens += len(gen)
         self.stats.stops[reason] = self.stats.stops.get(reason, 0) + 1
-        return generation_prediction(rec, self.tokenizer.decode(gen, skip_special_tokens=True), len(gen), reason)
+        return Generation(index, list(gen), self.tokenizer.decode(gen, skip_special_tokens=True), reason,
+                          prompt_tokens)
 
-    def _loglik_prediction(self, rec: dict, scores: dict[str, float]) -> dict:
-        letter = max(scores, key=lambda L: scores[L])  # first letter wins a tie
-        gold = rec.get("answer")
-        return {**self._base(rec), "raw": "", "letter": letter, "rule": "loglik", "gold": gold,
-                "correct": letter == gold, "tie": sum(v == scores[letter] for v in scores.values()) > 1,
-                "scores": {L: round(v, 4) for L, v in scores.items()}}
-
-    # -- log-likelihood helpers ----------------------------------------------------------------------------------
-    def _letter_token_ids(self, records: list[dict]) -> list[dict | None]:
-        """Per record: letter -> the single token that follows ``prompt + phrase + "("``, or None when some letter is
-        not one token there (then the record is scored by ``_loglik_general``). Checked on the end of the context
-        (from the answer phrase on), cached per phrase and letter set."""
-        cache: dict = {}
-        out: list[dict | None] = []
-        for r in records:
-            key = (r.get("answer_phrase", ""), tuple(r["letters"]))
-            if key not in cache:
-                cache[key] = self._single_tokens(r)
-            out.append(cache[key])
-        return out
-
-    def _single_tokens(self, rec: dict) -> dict | None:
-        tok = self.tokenizer
-        ctx = rec["prompt"] + rec.get("answer_phrase", "") + "("
-        base = tok(ctx, add_special_tokens=False)["input_ids"]
-        result = {}
-        for L in rec["letters"]:
-            full = tok(ctx + L, add_special_tokens=False)["input_ids"]
-            if len(full) != len(base) + 1 or full[:-1] != base:
-                return None
-            result[L] = full[-1]
-        return result
-
-    def _loglik_general(self, rec: dict, ctx: str, device) -> dict:
-        """Score each letter's whole continuation after the context (for tokenizers that merge "(" with a letter)."""
-        tok = self.tokenizer
-        seqs = {L: tok(ctx + L, add_special_tokens=False)["input_ids"] for L in rec["letters"]}
-        base = tok(ctx, add_special_tokens=False)["input_ids"]
-        n = min(_lcp(list(seqs.values()) + [base]), min(len(s) for s in seqs.values()) - 1)
-        shared = base[:n]
+    # -- multi-token continuations -------------------------------------------------------------------------------
+    def _continuations(self, context: list[int], conts_full: list[list[int]], device) -> list[float]:
+        n = min(common_prefix(conts_full + [context]), min(len(s) for s in conts_full) - 1)
+        shared = context[:n]
         t = torch.tensor([shared], device=device)
         logits, cache = self._forward(t, torch.ones_like(t), torch.arange(n, device=device)[None], None)
         first = torch.log_softmax(logits[:, -1].float(), dim=-1)[0]
-        letters = list(seqs)
-        conts = [seqs[L][n:] for L in letters]
-        scores = {L: float(first[c[0]]) for L, c in zip(letters, conts)}
+        conts = [c[n:] for c in conts_full]
+        scores = [float(first[c[0]]) for c in conts]
         longest = max(len(c) for c in conts)
         if longest > 1:  # the remaining tokens of each continuation, right-padded, in one batch
             B, T = len(conts), longest - 1
@@ -794,42 +712,7 @@ class Engine:
             logits, _ = self._forward(ids.to(device), mask.to(device), pos.to(device), cache_repeat(cache, B),
                                       logits_to_keep=T)
             logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-            for b, (L, c) in enumerate(zip(letters, conts)):
-                scores[L] += sum(float(logp[b, k, c[k + 1]]) for k in range(len(c) - 1))
+            for b, c in enumerate(conts):
+                scores[b] += sum(float(logp[b, k, c[k + 1]]) for k in range(len(c) - 1))
         self.stats.prompt_tokens += n
-        return self._loglik_prediction(rec, scores)
-
-
-def generation_prediction(rec: dict, raw: str, new_tokens: int, stop: str) -> dict:
-    """The prediction of a generated answer, as every generation backend writes it (this engine, ``--engine hf``,
-    a serving backend): the letter and rule come from the extractor, ``stop`` says why generation ended."""
-    if mmedlm.is_mmedbench(rec):  # several letters and a rationale (src/evaluate/mmedlm.py)
-        return mmedlm.prediction(rec, raw, new_tokens, stop)
-    ex = extract(raw, rec.get("letters"))
-    gold = rec.get("answer")
-    return {"id": rec.get("id"), "source": rec.get("source"), "language": rec.get("language"), "raw": raw,
-            "letter": ex.letter, "rule": ex.rule, "gold": gold, "correct": ex.letter is not None and ex.letter == gold,
-            "tie": ex.tie, "new_tokens": new_tokens, "stop": stop}
-
-
-def predict(model, tokenizer, records, *, fmt=None, batch_size: int = 8, max_new_tokens: int = 128,
-            min_new_tokens: int = 2, mode: str = "generate", progress: bool = True, max_padding: float = 0.1,
-            prefix_cache: str = "auto", early_stop: bool = True, callback: Callable[[dict], None] | None = None,
-            stats: dict | None = None, prefill_batch: int | None = None) -> list[dict]:
-    """Predict an answer letter for every step-1 record (in the order given).
-
-    Each prediction: {"id", "source", "language", "raw", "letter", "rule", "gold", "correct", "tie", ...} plus
-    "new_tokens"/"stop" (generate) or "scores" (loglik). ``model``: a transformers causal LM or any ``StepModel``;
-    ``fmt``: a ChatFormat or format name (default: resolved from the tokenizer/config; used for the stop token).
-    ``callback`` receives each prediction as soon as it is made (for appending to a file); ``stats``, if given, is
-    filled with the engine's counters (batches, tokens, padding, prefix reuse, stops, seconds). ``prefill_batch``:
-    prompts prefilled together (default: 1 on a CPU, ``batch_size`` on a GPU).
-    """
-    engine = Engine(model, tokenizer, fmt=fmt, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                    min_new_tokens=min_new_tokens, mode=mode, max_padding=max_padding, prefix_cache=prefix_cache,
-                    early_stop=early_stop, prefill_batch=prefill_batch)
-    preds = engine.run(list(records), callback=callback, progress=progress)
-    if stats is not None:
-        stats.update(engine.stats.as_dict())
-        stats["batch_size_final"] = engine.batch_size
-    return preds
+        return scores

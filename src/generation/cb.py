@@ -1,8 +1,8 @@
-"""Step 4 with transformers' own continuous batching (``--engine cb``): ``generate_batch``'s engine (paged attention,
-prefix sharing, CUDA graphs where the attention kernel allows them) under the custom engine's rules.
+"""The ``cb`` backend (step 4's ``--engine cb``): transformers' own continuous batching (``generate_batch``'s engine:
+paged attention, prefix sharing, CUDA graphs where the attention kernel allows them) under the custom engine's rules.
 
-The same prompts (token ids, ``add_special_tokens=False``), the same stop tokens (``engine.stop_token_ids``), greedy
-decoding and the same stopping rule (``engine.stop_reason``). transformers' continuous batching drops the
+The same prompts (token ids), the same stop tokens (``GenerationConfig.stop_ids``), greedy decoding and the same
+stopping rule (``stops.stop_reason``). transformers' continuous batching drops the
 ``min_new_tokens`` processor and has no stopping rule of its own, so one continuous-batching logits processor
 (``StopRules``) does both, per request, from the tokens each request has generated so far:
 
@@ -27,13 +27,13 @@ from contextlib import contextmanager
 from typing import Callable
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig as GenerationConfig_  # transformers' (ours: types.GenerationConfig)
 from transformers.generation import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
 from src.common.errors import UsageError
-from src.evaluate.engine import (completes_line, generation_prediction, newline_tokens, resolve_fmt, stop_reason,
-                                 stop_token_ids)
+from src.generation.stops import completes_line, newline_tokens, stop_reason
+from src.generation.types import Generation, GenerationConfig, Prompt
 
 EXPORT_HINT = "python -m src.models.moe_export --model DIR --out DIR"
 PAGE_SIZE = 256  # tokens per cache page (transformers' default)
@@ -104,7 +104,7 @@ def cb_config(device: torch.device, prompt_lengths: list[int], max_new_tokens: i
 
 
 @contextmanager
-def _manager(model, generation: GenerationConfig, settings: ContinuousBatchingConfig, processor: StopRules):
+def _manager(model, generation: GenerationConfig_, settings: ContinuousBatchingConfig, processor: StopRules):
     """A started continuous-batching manager whose logits processors include ``processor``; stopped and destroyed
     on exit (as transformers' ``continuous_batching_context_manager`` does, which has no hook to add a processor)."""
     manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=settings)
@@ -145,46 +145,54 @@ def cut(tokens: list[int], rules: StopRules) -> tuple[list[int], str]:
     raise RuntimeError(f"continuous batching returned {len(tokens)} tokens without a stop (max {rules.max_new_tokens})")
 
 
-def predict_cb(model, tokenizer, records, *, fmt=None, batch_size: int = 64, max_new_tokens: int = 128,
-               min_new_tokens: int = 2, progress: bool = True, callback: Callable[[dict], None] | None = None,
-               stats: dict | None = None, early_stop: bool = True) -> list[dict]:
-    """Predictions for step 1 records through transformers' continuous batching, in the order given (same fields
-    as ``engine.predict``); ``callback`` gets each prediction as soon as its request finishes."""
-    refuse_own_post_moe(model)
-    records = list(records)
-    if not records:
-        return []
-    stops = stop_token_ids(tokenizer, resolve_fmt(tokenizer, model, fmt), model)
-    ids = tokenizer([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
-    rules = StopRules(stops, min_new_tokens, max_new_tokens, tokenizer, early_stop)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    generation = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                                  pad_token_id=pad, num_return_sequences=1)
-    settings = cb_config(model.device, [len(x) for x in ids], max_new_tokens, batch_size)
-    out: list[dict | None] = [None] * len(records)
-    counts = {"items": 0, "new_tokens": 0, "stops": {}, "prompt_tokens": sum(len(x) for x in ids)}
-    t0 = time.time()
-    was_training = model.training
-    try:
-        _run(model, records, ids, rules, generation, settings, out, counts, callback, progress)
-    finally:
-        model.train(was_training)
-    if stats is not None:
-        stats.update(counts, seconds=round(time.time() - t0, 3))
-    return out  # type: ignore[return-value]
+class ContinuousBatching:
+    """transformers' continuous batching over one model, at most ``batch_size`` requests per step."""
+
+    name = "cb"
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 64):
+        refuse_own_post_moe(model)
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+
+    def generate(self, prompts: list[Prompt], config: GenerationConfig,
+                 on_result: Callable[[Generation], None] | None = None, progress: bool = False,
+                 stats: dict | None = None, desc: str = "generate (continuous batching)") -> list[Generation]:
+        """Greedy generations of ``prompts`` (in their order); ``on_result`` gets each as soon as its request
+        finishes."""
+        if not config.sampling.greedy:
+            raise ValueError("the cb backend decodes greedily here; sampling runs on the hf backend")
+        if not prompts:
+            return []
+        ids = [list(p.ids) for p in prompts]
+        stops = list(config.stop_ids)
+        rules = StopRules(stops, config.min_new_tokens, config.max_new_tokens, self.tokenizer, config.stop_at_line)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
+        generation = GenerationConfig_(do_sample=False, max_new_tokens=config.max_new_tokens, eos_token_id=stops,
+                                       pad_token_id=pad, num_return_sequences=1)
+        settings = cb_config(self.model.device, [len(x) for x in ids], config.max_new_tokens, self.batch_size)
+        out: list = [None] * len(prompts)
+        counts = {"items": 0, "new_tokens": 0, "stops": {}, "prompt_tokens": sum(len(x) for x in ids)}
+        t0 = time.time()
+        was_training = self.model.training
+        try:
+            _run(self.model, ids, rules, generation, settings, out, counts, on_result, progress, desc)
+        finally:
+            self.model.train(was_training)
+        if stats is not None:
+            stats.update(counts, seconds=round(time.time() - t0, 3))
+        return out
 
 
-def _run(model, records, ids, rules: StopRules, generation, settings, out: list, counts: dict, callback,
-         progress: bool) -> None:
-    """Submit every prompt to a continuous-batching manager and turn each finished request into a prediction."""
+def _run(model, ids, rules: StopRules, generation, settings, out: list, counts: dict, on_result, progress: bool,
+         desc: str) -> None:
+    """Submit every prompt to a continuous-batching manager and turn each finished request into a Generation."""
     from tqdm import tqdm
 
     tokenizer = rules.tokenizer
     with torch.no_grad(), _manager(model, generation, settings, rules) as manager, \
-            tqdm(total=len(records), desc="step 4 (continuous batching)", unit="item", disable=not progress,
-                 dynamic_ncols=True) as bar:
+            tqdm(total=len(ids), desc=desc, unit="item", disable=not progress, dynamic_ncols=True) as bar:
         index = {rid: i for i, rid in enumerate(manager.add_requests(ids, max_new_tokens=rules.max_new_tokens))}
-        while counts["items"] < len(records):
+        while counts["items"] < len(ids):
             result = manager.get_result(timeout=1)
             if result is None:
                 if not manager.is_running():
@@ -193,16 +201,15 @@ def _run(model, records, ids, rules: StopRules, generation, settings, out: list,
             if not result.is_finished():
                 continue
             if result.error is not None:
-                raise RuntimeError(f"continuous batching failed on item {records[index[result.request_id]]['id']}: "
-                                   f"{result.error}")
+                raise RuntimeError(f"continuous batching failed on prompt {index[result.request_id]}: {result.error}")
             i = index[result.request_id]
             gen, reason = cut(result.generated_tokens, rules)
-            pred = generation_prediction(records[i], tokenizer.decode(gen, skip_special_tokens=True), len(gen), reason)
-            out[i] = pred
+            g = Generation(i, gen, tokenizer.decode(gen, skip_special_tokens=True), reason, len(ids[i]))
+            out[i] = g
             counts["items"] += 1
             counts["new_tokens"] += len(gen)
             counts["stops"][reason] = counts["stops"].get(reason, 0) + 1
-            if callback is not None:
-                callback(pred)
+            if on_result is not None:
+                on_result(g)
             bar.update(1)
         counts["forward_calls"] = getattr(manager, "current_batch", None)  # the manager's step counter, if kept

@@ -24,6 +24,8 @@ import copy
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from src.generation.padding import left_pad
+
 
 class SlotLayer(DynamicLayer):
     """A full-attention layer cache with a preallocated buffer [B, H, capacity, D]; used columns are [start, end)."""
@@ -164,16 +166,6 @@ def _set_kv(layer, k, v, reserve: int):
         layer._sync()
     else:
         layer.keys, layer.values = k, v
-
-
-def left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """``t`` with zeros in front along ``dim`` up to ``width`` (cache columns, attention-mask columns)."""
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def cache_merge(caches: list, reserve: int = 64):
