@@ -62,3 +62,36 @@ def test_a_flag_without_a_field_is_a_programming_error():
 
 def test_flag_names():
     assert flag("max_new_tokens") == "--max-new-tokens"
+
+
+def test_the_evaluation_entry_points_build_their_configs_from_their_parsers():
+    """Step 4, the two chats and the server launcher: each parser's flags map onto its typed config (a flag without
+    a field would be a TypeError), the defaults pass the checks, and the default model is the absolute one."""
+    from src.common.defaults import DEFAULT_MODEL
+    from src.evaluate import cli_demo, eval, web_demo
+    from src.evaluate.config import ChatConfig, EvalConfig
+    from src.serving import launch
+
+    step4 = EvalConfig.from_args(eval.build_parser().parse_args([]))
+    assert step4.model == str(DEFAULT_MODEL) and step4.input.is_absolute()
+    assert EvalConfig.resume_keys() == ("model", "mode", "max_new_tokens", "min_new_tokens", "format", "dtype",
+                                        "proxy_tuned", "proxy_raw", "backend")
+    assert EvalConfig.answer_settings() == ("mode", "max_new_tokens", "min_new_tokens", "format", "dtype")
+    for module in (cli_demo, web_demo):
+        assert ChatConfig.from_args(module.build_parser().parse_args([])).model == str(DEFAULT_MODEL)
+    serve = launch.ServeConfig.from_args(launch.build_parser().parse_args([]), extra=["--dtype", "bfloat16"])
+    assert serve.model == str(DEFAULT_MODEL) and serve.extra == ["--dtype", "bfloat16"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--proxy-tuned", "a"], "--proxy-raw: --proxy-tuned and --proxy-raw go together"),
+    (["--engine", "hf", "--mode", "loglik"], "--engine: hf generates with a plain transformers model"),
+    (["--backend", "openai"], "--backend: openai needs --api-base URL"),
+    (["--limit", "0"], "--limit: must be at least 1, got 0"),
+])
+def test_step4_config_checks_are_one_line_naming_the_flag(argv, message):
+    from src.evaluate import eval
+
+    with pytest.raises(UsageError) as e:
+        eval.parse_config(argv)
+    assert str(e.value).startswith(message)

@@ -26,7 +26,7 @@ def test_attention_dispatches_on_the_config_field_each_call(tiny_model_dir):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         want = model(ids).logits
-        assert attention._attn_impl(model.config) == "sdpa"
+        assert attention.attn_implementation(model.config) == "sdpa"
         attention._set_attn_impl(model.config, "pin_counting")
         got = model(ids).logits
         attention._set_attn_impl(model.config, "sdpa")
@@ -199,3 +199,30 @@ def test_torch_varlen_attention_signature_and_causal_rule():
     for name in ("scale", "window_size", "enable_gqa"):
         assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
     assert "is_causal = window_size == (-1, 0)" in inspect.getsource(varlen_attn)
+
+
+def test_argparse_reports_through_a_replaceable_error_method(capsys):
+    """src/common/cli.py turns argparse's own errors into one ``error: --flag: ...`` line by replacing
+    ``ArgumentParser.error`` for the duration of ``cli.run`` (argparse documents ``error`` as the method to
+    override): every parse error must reach that method with argparse's "argument --flag: reason" message, and the
+    original must be back afterwards."""
+    import argparse
+
+    from src.common import cli
+
+    original = argparse.ArgumentParser.error
+
+    def main(argv):
+        p = argparse.ArgumentParser(prog="demo")
+        p.add_argument("--shots", type=int, default=3)
+        p.add_argument("--mode", choices=["a", "b"], default="a")
+        p.parse_args(argv)
+        return 0
+
+    assert cli.run(main, ["--shots", "x"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --shots: invalid int value: 'x'"
+    assert cli.run(main, ["--mode", "c"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --mode: invalid choice: 'c'")
+    assert cli.run(main, ["--unknown"]) == 2
+    assert "unrecognized arguments: --unknown" in capsys.readouterr().err
+    assert argparse.ArgumentParser.error is original

@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-from src.common.defaults import DEFAULT_MODEL_NAME
-from src.evaluate.chat_core import CLEAR, NOTICE, QUIT, ChatSettings, open_chat
+from src.evaluate.chat_core import CLEAR, NOTICE, QUIT, ChatSettings
+from src.evaluate.config import ChatConfig, add_chat_args
 
 BANNER = "Medical chat with {model}. " + NOTICE + "\nType 'clear' to forget the conversation, 'quit' to leave."
 
@@ -36,36 +36,23 @@ def reply(chat, history, message: str, settings: ChatSettings, out=sys.stdout) -
     return shown.strip()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m src.evaluate.cli_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=f"models/{DEFAULT_MODEL_NAME}", help="checkpoint folder or hub id")
-    p.add_argument("--api-base", default=None, help="chat with an OpenAI-compatible server instead (serve.sh)")
-    p.add_argument("--api-model", default=None, help="model name on the server (default: the one it serves)")
-    p.add_argument("--proxy-tuned", help="small tuned model: decode --model with logits base + (tuned - raw)")
-    p.add_argument("--proxy-raw", help="the small model before tuning (needed with --proxy-tuned)")
-    p.add_argument("--format", default=None, help="chat format name (default: from the model)")
+    add_chat_args(p)
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--temperature", type=float, default=0.3)
     p.add_argument("--top-p", type=float, default=0.7)
     p.add_argument("--repetition-penalty", type=float, default=1.1)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--max-context", type=int, default=None,
-                   help="token budget for history + reply (default: the model's max_position_embeddings, at most 8192)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if bool(args.proxy_tuned) != bool(args.proxy_raw):
-        p.error("--proxy-tuned and --proxy-raw go together")
-    if args.api_base and args.proxy_tuned:
-        p.error("--api-base takes no proxy models")
+    return p
 
-    torch.manual_seed(args.seed)
-    try:
-        chat = open_chat(args.model, args.api_base, args.api_model, args.proxy_tuned, args.proxy_raw, args.format,
-                         args.max_context, args.max_new_tokens)
-    except ValueError as e:
-        p.error(str(e))
-    settings = ChatSettings(args.greedy, args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens)
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = ChatConfig.from_args(build_parser().parse_args(argv))
+    torch.manual_seed(cfg.seed)
+    chat = cfg.open()
+    settings = cfg.reply_settings()
     interactive = sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):  # a bad byte must not end the chat and lose its history
         sys.stdin.reconfigure(errors="replace")

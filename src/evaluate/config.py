@@ -1,5 +1,6 @@
-"""Step 4's typed config (``4.eval.sh``; src/common/config.py): every flag of src/evaluate/eval.py as one checked
-dataclass, and the settings its run.json records and a resumed run must share, derived from the fields.
+"""Typed configs of src/evaluate's entry points (src/common/config.py): step 4 (``EvalConfig``: every flag of
+``4.eval.sh`` as one checked dataclass, and the settings its run.json records and a resumed run must share, derived
+from the fields) and the chats (``ChatConfig``: the terminal chat and the web chat).
 
 * ``rerun=True``: recorded in run.json's "settings" (in this order);
 * ``resume=True``: predictions already in --out were made with these; a rerun with other values is refused (without
@@ -58,8 +59,7 @@ class EvalConfig(StepConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.require(bool(self.proxy_tuned) == bool(self.proxy_raw), "proxy_tuned", "--proxy-tuned and --proxy-raw "
-                     "go together")
+        check_proxy_pair(self)
         if self.engine in ("hf", "cb"):
             self.require(self.mode == "generate" and not self.proxy_tuned, "engine",
                          f"{self.engine} generates with a plain transformers model: no --mode loglik, no proxy-tuning")
@@ -71,8 +71,8 @@ class EvalConfig(StepConfig):
                          f"cb runs stock transformers classes; {self.model} is a Post-MoE checkpoint of ours: export "
                          f"it ({EXPORT_HINT}) and score the export, or use --engine custom")
         if self.backend == "openai":
-            self.require(bool(self.api_base) and not self.proxy_tuned, "backend",
-                         "openai needs --api-base URL and takes no proxy models")
+            self.require(bool(self.api_base), "backend", "openai needs --api-base URL")
+            self.require(not self.proxy_tuned, "proxy_tuned", "decodes in this process: not with --backend openai")
 
     @classmethod
     def resume_keys(cls) -> tuple[str, ...]:
@@ -83,3 +83,66 @@ class EvalConfig(StepConfig):
         """The resume settings that change a prediction and are not a model (whose content is fingerprinted) nor the
         backend: what every prediction's fingerprint covers besides its prompt and the models."""
         return tuple(k for k in cls.resume_keys() if k not in MODEL_FIELDS + ("backend",))
+
+
+def check_proxy_pair(cfg) -> None:
+    """Proxy-tuning takes both small models (the tuned one and the one before tuning)."""
+    cfg.require(bool(cfg.proxy_tuned) == bool(cfg.proxy_raw), "proxy_tuned" if cfg.proxy_raw else "proxy_raw",
+                "--proxy-tuned and --proxy-raw go together (the small tuned model and the same model before tuning)")
+
+
+@dataclass
+class ChatConfig(StepConfig):
+    """The chats (``python -m src.evaluate.cli_demo``, ``python -m src.evaluate.web_demo``): the checkpoint or the
+    server, the context budget, the reply settings (the terminal's flags; the web page has controls) and the page's
+    address."""
+    model: str = str(DEFAULT_MODEL)
+    api_base: str | None = None
+    api_model: str | None = None
+    proxy_tuned: str | None = None
+    proxy_raw: str | None = None
+    format: str | None = None
+    max_context: int | None = setting(None, at_least=2)
+    max_new_tokens: int = setting(512, at_least=1)
+    greedy: bool = False
+    temperature: float = setting(0.3, at_least=0.0)
+    top_p: float = setting(0.7, at_least=0.0)
+    repetition_penalty: float = setting(1.1, at_least=0.0)
+    seed: int = 0
+    host: str = "127.0.0.1"
+    port: int = setting(7860, at_least=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_proxy_pair(self)
+        self.require(not (self.api_base and self.proxy_tuned), "proxy_tuned", "decodes in this process: not with "
+                     "--api-base")
+
+    def reply_settings(self):
+        from src.evaluate.chat_core import ChatSettings
+
+        return ChatSettings(self.greedy, self.temperature, self.top_p, self.repetition_penalty, self.max_new_tokens)
+
+    def open(self):
+        """The chat (src/evaluate/chat_core.py) this config names."""
+        from src.evaluate.chat_core import open_chat
+
+        return open_chat(self.model, self.api_base, self.api_model, self.proxy_tuned, self.proxy_raw, self.format,
+                         self.max_context, self.max_new_tokens)
+
+
+def add_chat_args(p) -> None:
+    """The flags both chats take (the checkpoint or server, its chat format, the context budget)."""
+    from src.common.defaults import repo_relative
+
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help=f"checkpoint folder or hub id, any kind the project makes (default: "
+                        f"{repo_relative(DEFAULT_MODEL)}; with --api-base: the tokenizer that counts the budget)")
+    p.add_argument("--api-base", default=None, help="chat with an OpenAI-compatible server instead (serve.sh)")
+    p.add_argument("--api-model", default=None, help="model name on the server (default: the one it serves)")
+    p.add_argument("--proxy-tuned", help="small tuned model: decode --model with logits base + (tuned - raw)")
+    p.add_argument("--proxy-raw", help="the small model before tuning (needed with --proxy-tuned)")
+    p.add_argument("--format", default=None, help="chat format name (default: from the model)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="token budget for history + reply (default: the model's max_position_embeddings, at most 8192)")
+    p.add_argument("--max-new-tokens", type=int, default=512)

@@ -343,6 +343,11 @@ def merge_predictions(out: Path, records: list[dict], fps: dict) -> list[dict]:
     return selected
 
 
+def shown(path) -> str:
+    """A path as reports show it: from the repository root when it lies inside it (the defaults), else as given."""
+    return repo_relative(path) if Path(str(path)).is_absolute() else str(path)
+
+
 def write_scores(out: Path, cfg: EvalConfig, selected: list[dict], records: list[dict] | None = None) -> str:
     """score.json and score.md; returns the table. ``records``: the MMedBench records (None for XMedBench)."""
     if records is not None:
@@ -351,8 +356,9 @@ def write_scores(out: Path, cfg: EvalConfig, selected: list[dict], records: list
 
     result = score(selected, cfg.exclude_source)
     write_json(out / "score.json", result)
-    header = (f"# Step 4 scores: {cfg.model}\n\ninput: `{cfg.input}`, {len(selected)} items, mode {cfg.mode}, "
-              f"max_new_tokens {cfg.max_new_tokens}. Accuracy in %, 95% intervals ({result['ci_method']}).\n\n")
+    header = (f"# Step 4 scores: {shown(cfg.model)}\n\ninput: `{shown(cfg.input)}`, {len(selected)} items, "
+              f"mode {cfg.mode}, max_new_tokens {cfg.max_new_tokens}. Accuracy in %, 95% intervals "
+              f"({result['ci_method']}).\n\n")
     table = format_table(result)
     write_text(out / "score.md", header + table)
     return table
@@ -363,8 +369,8 @@ def write_mmedbench_scores(out: Path, cfg: EvalConfig, selected: list[dict], rec
 
     result = score(selected, records, cfg.parsing, cfg.rationale_metric, progress=not cfg.no_progress)
     write_json(out / "score.json", result)
-    header = (f"# Step 4 scores (MMedBench): {cfg.model}\n\ninput: `{cfg.input}`, {len(selected)} items, "
-              f"max_new_tokens {cfg.max_new_tokens}, parsing {cfg.parsing}, rationale metric "
+    header = (f"# Step 4 scores (MMedBench): {shown(cfg.model)}\n\ninput: `{shown(cfg.input)}`, "
+              f"{len(selected)} items, max_new_tokens {cfg.max_new_tokens}, parsing {cfg.parsing}, rationale metric "
               f"{cfg.rationale_metric}. Accuracy and similarity in %, 95% intervals (docs/mmedbench.md).\n\n")
     table = format_table(result)
     write_text(out / "score.md", header + table)
@@ -382,7 +388,8 @@ def engine_totals(all_stats: list[dict]) -> dict:
 
 
 def predict_pending(cfg: EvalConfig, state, tokenizer, out: Path, records: list[dict], pending: list[dict],
-                    mine: list[dict], dtype, fps: dict, whole_answer: bool = False) -> tuple[str | None, list[dict], int]:
+                    mine: list[dict], dtype, fps: dict,
+                    whole_answer: bool = False) -> tuple[str | None, list[dict], int]:
     """Predict this process's share (``mine``) of the items without a reusable prediction, appending each to --out
     (``whole_answer``: MMedBench, no stop at the first line). Returns the chat format's name, every process's engine
     counters and the batch size."""

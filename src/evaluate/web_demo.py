@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from src.common.defaults import DEFAULT_MODEL_NAME
-from src.evaluate.chat_core import EXAMPLES, NOTICE, ChatSettings, open_chat
+from src.evaluate.chat_core import EXAMPLES, NOTICE, ChatSettings
+from src.evaluate.config import ChatConfig, add_chat_args
 
 TITLE = "Medical chat"
 
@@ -34,20 +34,26 @@ def _pairs(history: list) -> list[tuple[str, str]]:
     return pairs
 
 
+def replies(chat, message: str, history: list, settings: ChatSettings):
+    """What the page shows while ``chat`` answers ``message`` after gradio's ``history``: the reply so far, after a
+    note when old exchanges were dropped to fit the context; a message that cannot fit is one bracketed line."""
+    try:
+        kept, dropped = chat.fit(_pairs(history), message)
+    except ValueError as e:
+        yield f"[{e}]"
+        return
+    note = f"[dropped the {dropped} oldest exchange(s) to stay within {chat.context} tokens]\n\n" if dropped else ""
+    for text in chat.stream(kept, message, settings):
+        yield note + text
+
+
 def build_page(chat, sampling: ChatSettings):
     import gradio as gr
 
     def respond(message, history, greedy, temperature, top_p, repetition_penalty, max_new_tokens):
         s = ChatSettings(bool(greedy), float(temperature), float(top_p), float(repetition_penalty),
                          int(max_new_tokens))
-        try:
-            kept, dropped = chat.fit(_pairs(history), message)
-        except ValueError as e:
-            yield f"[{e}]"
-            return
-        note = f"[dropped the {dropped} oldest exchange(s) to stay within {chat.context} tokens]\n\n" if dropped else ""
-        for text in chat.stream(kept, message, s):
-            yield note + text
+        yield from replies(chat, message, history, s)
 
     controls = [
         gr.Checkbox(sampling.greedy, label="Greedy (deterministic)"),
@@ -64,31 +70,21 @@ def build_page(chat, sampling: ChatSettings):
         fill_height=True, flagging_mode="never")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m src.evaluate.web_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=f"models/{DEFAULT_MODEL_NAME}",
-                   help="checkpoint folder or hub id (with --api-base: the tokenizer that counts the budget)")
-    p.add_argument("--api-base", default=None, help="chat with an OpenAI-compatible server (serve.sh)")
-    p.add_argument("--api-model", default=None)
-    p.add_argument("--proxy-tuned")
-    p.add_argument("--proxy-raw")
-    p.add_argument("--format", default=None)
-    p.add_argument("--max-context", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    add_chat_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
-    args = p.parse_args(argv)
-    if bool(args.proxy_tuned) != bool(args.proxy_raw):
-        p.error("--proxy-tuned and --proxy-raw go together")
-    try:
-        chat = open_chat(args.model, args.api_base, args.api_model, args.proxy_tuned, args.proxy_raw, args.format,
-                         args.max_context, args.max_new_tokens)
-    except ValueError as e:
-        p.error(str(e))
-    page = build_page(chat, ChatSettings(max_new_tokens=args.max_new_tokens))
-    print(f"[web] {chat.name} on http://{args.host}:{args.port}", flush=True)
-    page.queue().launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = ChatConfig.from_args(build_parser().parse_args(argv))
+    chat = cfg.open()
+    page = build_page(chat, ChatSettings(max_new_tokens=cfg.max_new_tokens))
+    print(f"[web] {chat.name} on http://{cfg.host}:{cfg.port}", flush=True)
+    page.queue().launch(server_name=cfg.host, server_port=cfg.port, share=False, inbrowser=False,
                         show_error=True)
     return 0
 

@@ -71,7 +71,7 @@ ALL_ATTENTION_FUNCTIONS.register(NAME, prefix_causal_sdpa)
 ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
 
 
-def _attn_impl(config) -> str | None:
+def attn_implementation(config) -> str | None:
     """The attention implementation a loaded model dispatches on at each call. transformers 5.23 keeps it in the
     private ``config._attn_implementation`` and reads it on every forward; the public
     ``model.set_attn_implementation`` re-validates and walks every submodule, too slow to flip around each prefill.
@@ -80,7 +80,7 @@ def _attn_impl(config) -> str | None:
 
 
 def _set_attn_impl(config, name: str) -> None:
-    config._attn_implementation = name  # see _attn_impl
+    config._attn_implementation = name  # see attn_implementation
 
 
 def decode_step_mask(model, attention_mask, q_len: int):
@@ -90,7 +90,7 @@ def decode_step_mask(model, attention_mask, q_len: int):
     2D mask it would first read it back to see whether it has padding at all (a host sync per step). Anything else
     is returned unchanged. tests/test_library_internals.py pins the equality with ``sdpa_mask``."""
     cfg = getattr(model, "config", None)
-    if q_len != 1 or attention_mask is None or attention_mask.dim() != 2 or cfg is None or _attn_impl(cfg) != "sdpa":
+    if q_len != 1 or attention_mask is None or attention_mask.dim() != 2 or cfg is None or attn_implementation(cfg) != "sdpa":
         return attention_mask
     return attention_mask[:, None, None, :].bool()
 
@@ -99,7 +99,7 @@ def decode_step_mask(model, attention_mask, q_len: int):
 def prefix_attention(model):
     """Use ``prefix_causal_sdpa`` for calls inside the block when ``model`` uses ``sdpa`` (else change nothing)."""
     cfg = getattr(model, "config", None)
-    if cfg is None or _attn_impl(cfg) != "sdpa":
+    if cfg is None or attn_implementation(cfg) != "sdpa":
         yield
         return
     _set_attn_impl(cfg, NAME)

@@ -21,11 +21,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from src.common.defaults import DEFAULT_MODEL_NAME, ROOT
+from src.common.config import StepConfig, setting
+from src.common.defaults import DEFAULT_MODEL, ROOT, repo_relative
+from src.common.errors import UsageError
 
 ENGINES = ("auto", "vllm", "transformers")
 ROOT_SCRIPT = ROOT / "scripts" / "serve.sh"
@@ -139,28 +142,44 @@ class ServerProcess:
         self.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+@dataclass
+class ServeConfig(StepConfig):
+    """``scripts/serve.sh``'s flags, and the engine's own flags given after ``--`` (``extra``)."""
+    model: str = str(DEFAULT_MODEL)
+    engine: str = setting("auto", choices=ENGINES)
+    host: str = "127.0.0.1"
+    port: int = setting(8000, at_least=0)
+    timeout: float = setting(900.0, at_least=1.0)
+    extra: list = setting(default_factory=list)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/serve.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=f"models/{DEFAULT_MODEL_NAME}", help="checkpoint folder or hub id")
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help=f"checkpoint folder or hub id (default: {repo_relative(DEFAULT_MODEL)})")
     p.add_argument("--engine", choices=ENGINES, default="auto")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the server (%(default)s)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    args = ServeConfig.from_args(build_parser().parse_args(argv), extra=extra)
     if Path(args.model).parts[:1] in (("models",), ("ckpts",)) and not Path(args.model).exists():
-        p.error(f"model folder {args.model!r} not found (run 0.download_data.sh, or step 3)")
+        raise UsageError("--model", f"model folder {args.model!r} not found (run 0.download_data.sh, or step 3)")
     from src.models.loading import check_model_source
 
     check_model_source(args.model, weights=True)  # a bad folder is one line here, not a server that never starts
     engine = choose_engine(args.engine)
     if engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        p.error("--engine vllm: vLLM is not installed (pip install vllm on a GPU node)")
+        raise UsageError("--engine", "vllm: vLLM is not installed (pip install vllm on a GPU node)")
     model = stock_checkpoint(args.model)
-    server = ServerProcess(engine_command(engine, model, args.host, args.port, extra), args.host, args.port,
+    server = ServerProcess(engine_command(engine, model, args.host, args.port, args.extra), args.host, args.port,
                            own_group=False)
     print(f"[serve] starting {engine} serve {model} on {args.host}:{args.port} ...", flush=True)
 

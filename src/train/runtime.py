@@ -82,3 +82,11 @@ def no_zero3_init(plugin):
         yield
     finally:
         plugin.set_deepspeed_weakref()
+
+
+def set_sync_gradients(accelerator, value: bool) -> None:
+    """Tell accelerate (and through it DeepSpeed) whether this micro-batch ends the optimizer step. accelerate 1.15
+    decides it from its own counter of ``gradient_accumulation_steps``, which is wrong for the last step of an epoch
+    when it has fewer micro-batches than --grad-accum; its ``sync_gradients`` flag is settable and is what
+    ``accelerator.backward`` and DeepSpeed's step read. tests/test_library_internals.py pins it."""
+    accelerator.sync_gradients = value

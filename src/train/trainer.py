@@ -36,6 +36,7 @@ from src.train.runtime import (
     moe_module,
     no_zero3_init,
     peak_flops,
+    set_sync_gradients,
 )
 from src.train.steps import forward_loss, grad_norm, routing_metrics
 
@@ -195,10 +196,11 @@ class Trainer:
     def _speed_choices(self, model) -> list[str]:
         """The attention kernel and Liger's kernels for this model and device (``--attn-impl``, ``--kernels``),
         applied to ``model``; returns the start-up line's parts saying which run and why."""
+        from src.generation.attention import attn_implementation
         from src.train import attention, kernels
 
         self.attn_impl, attn_why = attention.choose(self.args.attn_impl, self.on_gpu, model.config)
-        if getattr(model.config, "_attn_implementation", None) != self.attn_impl:
+        if attn_implementation(model.config) != self.attn_impl:
             model.set_attn_implementation(self.attn_impl)
         self.kernels, kernels_why = kernels.choose(self.args.kernels, self.on_gpu, model.config.model_type)
         if self.kernels == "liger":
@@ -351,9 +353,8 @@ class Trainer:
         ce_total = torch.zeros((), dtype=torch.float64, device=self.device)
         aux_total, aux = 0.0, None
         for i, batch in enumerate(micro):
-            # The step's last micro-batch, also when the epoch's last step has fewer than --grad-accum of them
-            # (docs/stack.md, "Library internals").
-            acc.sync_gradients = i == m - 1
+            # The step's last micro-batch, also when the epoch's last step has fewer than --grad-accum of them.
+            set_sync_gradients(acc, i == m - 1)
             ce_sum, aux = forward_loss(self.model, batch, self.device, is_moe=self.is_moe, moe=self.moe,
                                        loss=self.loss)
             loss = ce_sum * (self.args.grad_accum * self.world / n_label)
