@@ -251,6 +251,30 @@ def test_a_failed_start_of_step4_leaves_no_run_json(tiny_model_dir, step1_record
         assert not (out / "run.json").exists()
 
 
+def test_items_left_without_a_prediction_leave_run_json_failed(tiny_model_dir, step1_records, tmp_path, monkeypatch,
+                                                                capsys):
+    """A process that predicted fewer items than it was given (a crashed rank) is found when the predictions are
+    merged: the run ends in one line and run.json says "failed" with the counts, not "running"."""
+    from src.evaluate import eval as step4
+    from src.evaluate import predict
+
+    real = predict.predict_records
+
+    def drop_last(backend, tokenizer, records, config, **kwargs):
+        return real(backend, tokenizer, records[:-1], config, **kwargs)
+
+    monkeypatch.setattr(predict, "predict_records", drop_last)
+    inp = _write_jsonl(tmp_path / "test.jsonl", step1_records[:3])
+    out = tmp_path / "res"
+    argv = ["--model", str(tiny_model_dir), "--input", str(inp), "--out", str(out), "--max-new-tokens", "4",
+            "--no-progress"]
+    assert cli.run(step4.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "error: 1 items have no prediction" in err and "Traceback" not in err
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and (run["predicted"], run["to_go"]) == (2, 1), run
+
+
 # ------------------------------------------------------------------------ step 3 checkpoints: digests, resume
 STEPS = 4
 

@@ -115,8 +115,9 @@ def test_step3_refuses_rows_whose_ids_do_not_match_the_experts(tmp_path):
         moe.check_training_rows(model_dir, train)
     from src.train.train import main
 
-    with pytest.raises(SystemExit, match="have language ids >= 12"):
-        main(["--model", str(model_dir), "--train", str(train), "--out", str(tmp_path / "ckpt")])
+    for rows_arg in (train, train.parent):  # the train/ folder, or step 2's output folder holding it
+        with pytest.raises(SystemExit, match="have language ids >= 12"):
+            main(["--model", str(model_dir), "--train", str(rows_arg), "--out", str(tmp_path / "ckpt")])
     rows("family", ["en", "ha", "sw"])
     assert "7 family ids for 12 experts" in moe.check_training_rows(model_dir, train)
 

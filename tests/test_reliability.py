@@ -432,3 +432,22 @@ def test_steps_1_and_2_rerun_with_the_same_settings_and_refuse_others_without_ov
     assert not (tmp_path / "s2" / ".lock").exists()  # the refusal releases the lock
     assert train_data.main([*two, "--seed", "7", "--overwrite"]) == 0
     assert json.loads((tmp_path / "s2" / "mixture.json").read_text())["rows_sha256"] != digest
+
+
+def test_atomically_written_outputs_get_ordinary_permissions(tmp_path):
+    """Outputs are written beside their target and renamed into place; the temporary file tempfile makes is private
+    (0600), which the output must not keep: a results folder shared with a group reads like any other file."""
+    import os
+    import stat
+
+    from src.common.io import JsonArrayWriter, write_json, write_jsonl
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    write_json(tmp_path / "a.json", {"x": 1})
+    write_jsonl(tmp_path / "b.jsonl", [{"x": 1}])
+    w = JsonArrayWriter(tmp_path / "c.json")
+    w.write({"x": 1})
+    w.close()
+    for name in ("a.json", "b.jsonl", "c.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -194,13 +195,30 @@ def writing(path):
         raise
 
 
+def _sibling_tmp(path: Path) -> tuple[int, str]:
+    """A temporary file beside ``path`` (same filesystem, so the final rename is atomic), with the permissions an
+    ordinary new file gets (0666 less the umask): tempfile makes it private (0600), and it becomes the output."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    return fd, tmp
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 class _StreamWriter:
     """A file written piece by piece beside its target and renamed into place on close (``abort`` drops it)."""
 
     def __init__(self, path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        fd, self._tmp = _sibling_tmp(self.path)
         self._f = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
         self.count = 0
 
@@ -259,11 +277,26 @@ def dumps(obj) -> str:
 def _atomic_write(path: Path, write) -> None:
     # Write beside the target and rename: a crash never leaves a half-written file under the real name.
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _sibling_tmp(path)
     try:
         with writing(path), os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             write(f)
         os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def copy_file(src, dst) -> None:
+    """Copy ``src`` to ``dst`` beside-and-rename, so a reader never sees half a file (an interrupted copy leaves the
+    old one, or none)."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _sibling_tmp(dst)
+    try:
+        with writing(dst), os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+            shutil.copyfileobj(f, out)
+        os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

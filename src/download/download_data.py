@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from src.common.defaults import DEFAULT_MODEL_NAME, ROOT
+from src.common.io import copy_file
 from src.download.embedded import convert_gguf
 
 ASSET_SAMPLE_DIR = ROOT / "assets" / "sample"  # shipped in the repo; step 0 copies it to data/raw/sample
@@ -62,7 +62,7 @@ def install_sample(data_dir: Path, models_dir: Path) -> dict:
         src, dst = ASSET_SAMPLE_DIR / name, out / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not dst.exists() or dst.read_bytes() != src.read_bytes():
-            shutil.copyfile(src, dst)
+            copy_file(src, dst)  # whole or not at all: a half-copied sample is never read
             copied.append(name)
     model_dir = models_dir / DEFAULT_MODEL_NAME
     t = time.time()

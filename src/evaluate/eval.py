@@ -471,8 +471,13 @@ def main(argv: list[str] | None = None) -> int:
     if not state.is_main_process:
         return 0
 
-    selected = merge_predictions(out, records, fps)
-    table = write_scores(out, cfg, selected, records if whole_answer else None)
+    try:
+        selected = merge_predictions(out, records, fps)
+        table = write_scores(out, cfg, selected, records if whole_answer else None)
+    except BaseException as e:  # items without a prediction (a process failed), or scoring failed: run.json says so
+        write_status(out, settings, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed", records, fps,
+                     state, error=e)
+        raise
     seconds = time.time() - t_start
     new_items = sum(s.get("items", 0) for s in all_stats)
     engine_seconds = max([s.get("seconds", 0.0) for s in all_stats] or [0.0])

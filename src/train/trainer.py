@@ -92,7 +92,10 @@ class Trainer:
         self.rows_note = None
         if self.is_moe:  # the rows' language ids must match the experts (7 families or 50 languages)
             try:
-                self.rows_note = moe_module().check_training_rows(args.model, args.train)
+                from src.train.data import rows_folder
+
+                # rows_folder: --train may be step 2's output folder as well as the train/ inside it
+                self.rows_note = moe_module().check_training_rows(args.model, rows_folder(args.train))
             except ValueError as e:
                 raise SystemExit(str(e)) from None
         self.lr = args.lr if args.lr is not None else (MOE_LR if self.is_moe else DENSE_LR)
