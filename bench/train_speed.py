@@ -320,7 +320,8 @@ def skip_reason(method: str, on_gpu: bool, family: str) -> str | None:
 
 def compare(line: dict, done: list[dict]) -> None:
     """Add to ``line`` its ratios to earlier results: tokens/s against the plain loop, the largest relative loss
-    difference from the first method with losses, and for ``moe`` tokens/s x compute parameters against ``ours``."""
+    difference from the first method with losses, and for ``moe`` tokens/s x compute parameters against ``ours`` (or
+    the dense run of the same paths)."""
     def best(method):
         runs = [d for d in done if d["method"] == method and d.get("tokens_per_s")]
         return max(runs, key=lambda d: d["tokens_per_s"]) if runs else None
@@ -332,10 +333,19 @@ def compare(line: dict, done: list[dict]) -> None:
     if first and line["losses"] and first is not line:
         pairs = list(zip(line["losses"], first["losses"]))
         line["loss_max_rel_diff"] = {"vs": first["method"], "value": max(abs(a - b) / abs(b) for a, b in pairs)}
-    dense = best("ours")
+    dense = best("ours") or _same_paths(line, done)
     if line["method"] == "moe" and dense and tps and line.get("compute_params"):
         line["tokens_x_params_vs_dense"] = tps * line["compute_params"] / (
             dense["tokens_per_s"] * dense["compute_params"])
+
+
+def _same_paths(line: dict, done: list[dict]) -> dict | None:
+    """A dense run with the Post-MoE line's attention, loss and kernels (``ours``' automatic choices on this device),
+    for a run that measured that path under its own name (varlen, varlen+liger) instead of ``ours``."""
+    key = ("attention", "loss_kind", "kernels")
+    runs = [d for d in done if d["method"] not in ("moe", "plain") and d.get("tokens_per_s")
+            and all(d.get(k) == line.get(k) for k in key)]
+    return max(runs, key=lambda d: d["tokens_per_s"]) if runs else None
 
 
 def plan(methods: list[str], rounds: int) -> list[tuple[int, str]]:
