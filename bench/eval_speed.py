@@ -132,7 +132,7 @@ def build_items(data: Path, tokenizer, fmt, n: int, max_tokens: int, seed: int, 
     same items whatever n a method is sized to."""
     from src.prepare.bench_items import load_bench
     from src.prepare.prompts import PromptBuilder
-    from src.prepare.test_dev import _by_source, build_split
+    from src.prepare.bench_prompts import _by_source, build_split
 
     test, _ = load_bench(data / "bench_test.json")
     dev, _ = load_bench(data / "bench_dev.json")

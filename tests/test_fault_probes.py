@@ -518,12 +518,12 @@ def test_step4_refuses_a_test_file_its_step1_report_does_not_describe(tiny_model
     from conftest import SAMPLE
     from src.common.errors import BadFile
     from src.evaluate.records import load_records
-    from src.prepare import test_dev
+    from src.prepare import bench_prompts
 
     def step1(out, *more):
         argv = ["--model", str(tiny_model_dir), "--bench", str(SAMPLE / "bench_test.json"), "--dev",
                 str(SAMPLE / "bench_dev.json"), "--out", str(out), *more]
-        assert test_dev.main(argv) == 0
+        assert bench_prompts.main(argv) == 0
         return out
 
     three, zero = step1(tmp_path / "k3"), step1(tmp_path / "k0", "--shots", "0")
@@ -555,7 +555,7 @@ def _model_cases(tiny_model_dir, root):
 
 
 ENTRY_POINTS = {  # name: (module, argv given the model M, out folder O and the context's files)
-    "step 1": ("src.prepare.test_dev", lambda m, o, c: ["--model", m, "--bench", c["bench"], "--out", o]),
+    "step 1": ("src.prepare.bench_prompts", lambda m, o, c: ["--model", m, "--bench", c["bench"], "--out", o]),
     "step 2": ("src.prepare.train_data", lambda m, o, c: ["--model", m, "--data", c["train"], "--out", o,
                                                           "--num-proc", "1"]),
     "step 3": ("src.train.train", lambda m, o, c: ["--model", m, "--train", c["rows"], "--out", o]),
@@ -575,7 +575,7 @@ ENTRY_POINTS = {  # name: (module, argv given the model M, out folder O and the 
 TOKENIZER_ONLY = ("step 1", "step 2")
 
 FILE_INPUTS = {  # name: (module, argv given an input file F, out folder O and the context's files)
-    "step 1 --bench": ("src.prepare.test_dev", lambda f, o, c: ["--model", c["model"], "--bench", f, "--out", o]),
+    "step 1 --bench": ("src.prepare.bench_prompts", lambda f, o, c: ["--model", c["model"], "--bench", f, "--out", o]),
     "step 2 --data": ("src.prepare.train_data", lambda f, o, c: ["--model", c["model"], "--data", f, "--out", o,
                                                                  "--num-proc", "1"]),
     "step 3 --train": ("src.train.train", lambda f, o, c: ["--model", c["model"], "--train", f, "--out", o]),

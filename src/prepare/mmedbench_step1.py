@@ -1,6 +1,6 @@
 """Step 1 for MMedBench: MMedLM's zero-shot prompts for the Test split (``1.data_process_test_dev.sh --bench DIR``).
 
-Called by ``src.prepare.test_dev`` when ``--bench`` is an MMedBench release (or a split folder, or one language
+Called by ``src.prepare.bench_prompts`` when ``--bench`` is an MMedBench release (or a split folder, or one language
 file). Writes ``test.jsonl`` (one record per item, ``task: "mmedbench"``), ``rejects.jsonl`` and ``report.json``;
 MMedBench has no dev split, so no ``dev.jsonl``. A record carries what step 4 needs: the gold letters (``answers``,
 several for some items; ``answer`` = them joined by ","; ``answer_idx`` = the gold string as MMedLM reads it), the
