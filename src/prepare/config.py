@@ -1,0 +1,95 @@
+"""The typed configs of the data steps: step 1 (``PromptConfig``), step 2 (``TrainDataConfig``), the QA rewriting
+(``MakeQAConfig``) and decontamination (``DecontaminateConfig``).
+
+Each is built from its entry module's parser (``Config.from_args(build_parser().parse_args(argv))``), checks its
+flags once when it is built (one ``--flag: ...`` line for a bad value, before any file is read or written), resolves
+the defaults that depend on other flags (the sample's dev file, the default ``--out``), and is what the code below
+the command line reads. The fields marked ``rerun`` are the settings a step records and compares on a rerun
+(src/common/rerun.py), in declaration order. The field defaults are the parsers' (tests/test_step_configs.py checks
+that the two agree). See src/common/config.py for the base class.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from src.common.config import StepConfig, setting
+from src.common.defaults import DEFAULT_MODEL, ROOT, SAMPLE_DIR
+from src.common.errors import UsageError
+from src.prepare import mmedbench
+
+# ------------------------------------------------------------------------------------------------------- step 1
+XMEDBENCH_SHOTS = 3  # the paper's k
+SAMPLE_BENCH, SAMPLE_DEV = SAMPLE_DIR / "bench_test.json", SAMPLE_DIR / "bench_dev.json"
+SAMPLE_MMEDBENCH = SAMPLE_DIR / "mmedbench"  # step 0 copies assets/sample/mmedbench/ here
+
+
+@dataclass
+class PromptConfig(StepConfig):
+    """Step 1 (``1.data_process_test_dev.sh``): XMedBench k-shot prompts, or MMedLM's zero-shot prompts when
+    ``bench`` is an MMedBench release (``mmedbench``, derived from the path)."""
+    bench: Path = setting(SAMPLE_BENCH, rerun=True)
+    dev: Path | None = setting(None, rerun=True)  # XMedBench; the sample's dev file for the sample
+    model: str = setting(str(DEFAULT_MODEL), rerun=True)
+    format: str | None = setting(None, rerun=True)
+    prompt_style: str = setting("fixed", rerun=True)
+    rationale: str | None = setting(None, rerun=True, choices=("with", "without"))  # MMedBench; "with" by default
+    shots: int | None = setting(None, rerun=True, at_least=0)  # XMedBench: XMEDBENCH_SHOTS by default
+    shot_mode: str = setting("per-item", rerun=True, choices=("per-item", "fixed"))
+    seed: int = setting(42, rerun=True)
+    max_tokens: int = setting(4096, rerun=True, at_least=1)
+    dev_fraction: float = setting(0.1, rerun=True)
+    on_error: str = setting("raise", rerun=True, choices=("raise", "skip"))
+    out: Path | None = None  # default: data/<bench>_<model> (see default_out)
+    overwrite: bool = False
+    mmedbench: bool = field(default=False, init=False)
+
+    # Settings that one benchmark's prompts do not depend on: left out of its report's settings.
+    XMEDBENCH_ONLY = ("dev", "shots", "shot_mode", "seed", "dev_fraction")
+    MMEDBENCH_ONLY = ("rationale",)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.bench, self.dev = Path(self.bench), self.dev and Path(self.dev)
+        if not 0 <= self.dev_fraction <= 1:
+            raise UsageError("--dev-fraction", f"must be between 0 and 1, got {self.dev_fraction}")
+        self.mmedbench = mmedbench.is_release(self.bench)
+        self._mmedbench_flags() if self.mmedbench else self._xmedbench_flags()
+        self.out = Path(self.out) if self.out else self.default_out()
+
+    def _xmedbench_flags(self) -> None:
+        """The MMedBench-only flags are refused for XMedBench items; --shots defaults to the paper's 3."""
+        if self.prompt_style == "mmedlm":
+            raise UsageError("--prompt-style",
+                             "'mmedlm' is for MMedBench (--bench a folder with Test/<Language>.jsonl)")
+        if self.rationale is not None:
+            raise UsageError("--rationale", "is for MMedBench prompts only")
+        if self.format == "raw":
+            raise UsageError("--format", "'raw' is for MMedBench's Alpaca prompts, which carry their own markers")
+        if self.shots is None:
+            self.shots = XMEDBENCH_SHOTS
+        if self.dev is None and self.bench == SAMPLE_BENCH:
+            self.dev = SAMPLE_DEV
+
+    def _mmedbench_flags(self) -> None:
+        """The flags MMedBench cannot take; --rationale defaults to "with"."""
+        if self.prompt_style == "paper":
+            raise UsageError("--prompt-style", "'paper' is XMedBench's reference style; MMedBench takes 'fixed' or "
+                                               "'mmedlm'")
+        if self.shots:
+            raise UsageError("--shots", "MMedBench prompts are zero-shot, as MMedLM's")
+        if self.dev is not None:
+            raise UsageError("--dev", "MMedBench has no dev split (Train/ is step 2's input, Test/ step 1's)")
+        self.rationale = self.rationale or "with"
+
+    def default_out(self) -> Path:
+        if self.mmedbench:
+            stem = "mmedbench_sample" if self.bench == SAMPLE_MMEDBENCH else "mmedbench"
+        else:
+            stem = "sample" if self.bench == SAMPLE_BENCH else self.bench.stem
+        return ROOT / "data" / f"{stem}_{Path(self.model).name}"
+
+    def settings(self) -> dict:
+        """The rerun fields that the benchmark's prompts depend on."""
+        other = self.XMEDBENCH_ONLY if self.mmedbench else self.MMEDBENCH_ONLY
+        return {k: v for k, v in super().settings().items() if k not in other}
