@@ -142,7 +142,7 @@ def child_step2(args) -> dict:
     argv = ["--data", args.data, "--model", args.model, "--out", args.out, "--num-proc", str(args.num_proc),
             "--max-seq-len", str(args.max_seq_len)]
     t0 = time.time()
-    report = train_data.run(train_data.build_parser().parse_args(argv))
+    report = train_data.run(train_data.TrainDataConfig.from_args(train_data.build_parser().parse_args(argv)))
     wall = time.time() - t0
     sampler.stop.set()
     sampler.join()

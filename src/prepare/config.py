@@ -10,6 +10,7 @@ that the two agree). See src/common/config.py for the base class.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,3 +94,61 @@ class PromptConfig(StepConfig):
         """The rerun fields that the benchmark's prompts depend on."""
         other = self.XMEDBENCH_ONLY if self.mmedbench else self.MMEDBENCH_ONLY
         return {k: v for k, v in super().settings().items() if k not in other}
+
+
+# ------------------------------------------------------------------------------------------------------- step 2
+SAMPLE_TRAIN = SAMPLE_DIR / "train.json"
+PAPER_MAX_SEQ_LEN = 4096
+SAMPLE_MAX_SEQ_LEN = 1024  # the embedded sample's documents are < 400 tokens; short rows keep CPU training quick
+MIN_SEQ_LEN = 16
+
+
+def default_num_proc() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+@dataclass
+class TrainDataConfig(StepConfig):
+    """Step 2 (``2.data_process_train.sh``). ``inputs`` (derived): the input files in reading order, --data ones
+    (the embedded sample when neither --data nor --text is given), then --text ones."""
+    data: list[Path] | None = None
+    text: list[str] | None = None
+    model: str = setting(str(DEFAULT_MODEL), rerun=True)
+    format: str | None = setting(None, rerun=True)
+    max_seq_len: int | None = setting(None, rerun=True)  # resolved: SAMPLE_MAX_SEQ_LEN or PAPER_MAX_SEQ_LEN
+    seed: int = setting(42, rerun=True)
+    priorities: Path | None = setting(None, rerun=True)
+    language_ids: str = setting("family", rerun=True, choices=("family", "language"))
+    on_error: str = setting("raise", rerun=True, choices=("raise", "skip"))
+    decontaminate_against: list[Path] | None = setting(None, rerun=True)  # resolved: [] for none
+    leak_min_chars: int = setting(64, rerun=True)
+    prompt_style: str = setting("fixed", rerun=True)  # of MMedBench inputs
+    out: Path | None = None  # default: data/<sample or first input's stem>_<model>
+    num_proc: int = default_num_proc()
+    overwrite: bool = False
+    sample: bool = field(default=False, init=False)  # the embedded sample (no --data, no --text)
+    inputs: list = field(default_factory=list, init=False)  # src.prepare.records.Input per file
+
+    def __post_init__(self):
+        from src.prepare.records import data_input, text_input  # here: it imports pyarrow, which step 1 needs not
+
+        super().__post_init__()
+        self.sample = self.data is None and self.text is None
+        self.inputs = [data_input(SAMPLE_TRAIN)] if self.sample else \
+            [data_input(p, self.prompt_style) for p in self.data or []] + [text_input(t) for t in self.text or []]
+        self.max_seq_len = self.max_seq_len or (SAMPLE_MAX_SEQ_LEN if self.sample else PAPER_MAX_SEQ_LEN)
+        if self.max_seq_len < MIN_SEQ_LEN:
+            raise ValueError(f"--max-seq-len must be at least {MIN_SEQ_LEN}, got {self.max_seq_len}")
+        if self.num_proc < 1:
+            raise ValueError("--num-proc must be at least 1")
+        self.decontaminate_against = list(self.decontaminate_against or [])
+        stem = "sample" if self.sample else self.inputs[0].path.stem
+        self.out = Path(self.out) if self.out else ROOT / "data" / f"{stem}_{Path(self.model).name}"
+
+    def settings(self) -> dict:
+        """The inputs as [file, kind, source], then the rerun fields; prompt_style only with an MMedBench input, so
+        that the settings of earlier runs without one still match."""
+        settings = {"inputs": [[str(i.path), i.kind, i.source] for i in self.inputs], **super().settings()}
+        if not any(i.kind == "mmedbench" for i in self.inputs):
+            del settings["prompt_style"]
+        return settings
