@@ -18,6 +18,7 @@ from src.common.config import StepConfig, setting
 from src.common.defaults import DEFAULT_MODEL, ROOT, SAMPLE_DIR
 from src.common.errors import UsageError
 from src.prepare import mmedbench
+from src.prepare.leak_index import MIN_CHARS
 
 # ------------------------------------------------------------------------------------------------------- step 1
 XMEDBENCH_SHOTS = 3  # the paper's k
@@ -152,3 +153,37 @@ class TrainDataConfig(StepConfig):
         if not any(i.kind == "mmedbench" for i in self.inputs):
             del settings["prompt_style"]
         return settings
+
+
+# ------------------------------------------------------------------------------------------ decontamination
+DECONTAMINATED_SAMPLE = ROOT / "data" / "decontaminated" / "sample"
+
+
+@dataclass
+class DecontaminateConfig(StepConfig):
+    """``scripts/decontaminate.sh``: bench files, training inputs (derived ``inputs``) and the matching rule. The
+    report records the rule and the bench (``Screen.settings``); an earlier run's outputs need --overwrite."""
+    bench: list[Path] | None = None  # resolved: the sample's test and dev bench files
+    data: list[Path] | None = None  # resolved: the sample's train.json when neither --data nor --text is given
+    text: list[str] | None = None
+    out: Path | None = None  # resolved: DECONTAMINATED_SAMPLE
+    min_chars: int = MIN_CHARS
+    min_question_chars: int = 1
+    fold_case: bool = False
+    num_proc: int = 1
+    overwrite: bool = False
+    sample: bool = field(default=False, init=False)  # reads the embedded sample (train records or bench)
+    inputs: list = field(default_factory=list, init=False)  # src.prepare.records.Input per file
+
+    def __post_init__(self):
+        from src.prepare.records import data_input, text_input  # here: it imports pyarrow, which step 1 needs not
+
+        super().__post_init__()
+        uses_sample_data = self.data is None and not self.text
+        self.sample = uses_sample_data or self.bench is None
+        self.bench = self.bench if self.bench is not None else [SAMPLE_BENCH, SAMPLE_DEV]
+        self.data = [SAMPLE_TRAIN] if uses_sample_data else self.data
+        self.out = Path(self.out or DECONTAMINATED_SAMPLE)
+        self.inputs = [data_input(p) for p in self.data or []] + [text_input(t) for t in self.text or []]
+        if self.num_proc < 1:
+            raise ValueError("--num-proc must be at least 1")

@@ -266,8 +266,8 @@ def _read(ctx: Build) -> Records:
     """Read and validate every input, streamed into an Arrow file (leaks screened out when asked)."""
     screen = None
     if ctx.config.decontaminate_against:
-        from src.prepare.decontaminate import Screen, load_bench
-        screen = Screen(load_bench(ctx.config.decontaminate_against), ctx.config.leak_min_chars)
+        from src.prepare.decontaminate import Screen, bench_questions
+        screen = Screen(bench_questions(ctx.config.decontaminate_against), ctx.config.leak_min_chars)
     with writing(ctx.tmp / "records.arrow"):
         read = read_records(ctx.config.inputs, ctx.tmp / "records.arrow", skip_errors=ctx.config.on_error == "skip",
                             screen=screen)
