@@ -187,3 +187,71 @@ class DecontaminateConfig(StepConfig):
         self.inputs = [data_input(p) for p in self.data or []] + [text_input(t) for t in self.text or []]
         if self.num_proc < 1:
             raise ValueError("--num-proc must be at least 1")
+
+
+# ------------------------------------------------------------------------------------------------ QA rewriting
+SAMPLE_TEXT = SAMPLE_DIR / "text"  # step 0 copies assets/sample/text/ here
+QA_SAMPLE_OUT = ROOT / "data" / "sample_qa"
+# generation defaults: a real run, and the embedded sample on a CPU (small, so it ends in minutes)
+MAX_QUESTION_TOKENS, MAX_NEW_TOKENS = 256, 1024
+SAMPLE_MAX_QUESTION_TOKENS, SAMPLE_MAX_NEW_TOKENS = 48, 96
+
+
+@dataclass
+class MakeQAConfig(StepConfig):
+    """``scripts/make_qa.sh``: the inputs, how they are cut into blocks, the backend (``model`` in-process, the
+    default model unless ``api_base`` names a server), sampling and the checks of what comes back."""
+    input: list[Path] | None = None  # resolved: the embedded sample's text folder (``sample``)
+    out: Path | None = None  # resolved: QA_SAMPLE_OUT
+    mode: str = "qa"
+    language: str | None = None
+    category: str | None = None
+    text_field: str = "text"
+    block_unit: str = "chars"
+    block_size: int | None = setting(None, at_least=1)
+    no_merge: bool = False
+    tokenizer: str | None = None
+    model: str | None = None  # resolved: DEFAULT_MODEL without --api-base
+    device: str | None = None
+    api_base: str | None = None
+    api_model: str | None = None
+    concurrency: int = setting(8, at_least=1)
+    timeout: float = 300.0
+    retries: int = setting(4, at_least=0)
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 42
+    max_question_tokens: int | None = setting(None, at_least=1)  # resolved: smaller on the embedded sample
+    max_new_tokens: int | None = setting(None, at_least=1)
+    min_answer_chars: int = 32
+    min_question_chars: int = 8
+    min_script_share: float = 0.5
+    copy_share: float = 0.6
+    limit: int | None = setting(None, at_least=1)
+    resume: bool = False
+    overwrite: bool = False
+    no_progress: bool = False
+    sample: bool = field(default=False, init=False)  # the embedded sample's text (no --input)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.timeout <= 0:
+            raise UsageError("--timeout", f"must be positive, got {self.timeout}")
+        if self.temperature < 0:
+            raise UsageError("--temperature", f"must be 0 or more, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError("--top-p", f"must be in (0, 1], got {self.top_p}")
+        if self.model and self.api_base:
+            raise UsageError("--api-base", "give either --model (in-process) or --api-base (a server), not both")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume", "--resume continues a run, --overwrite discards it: choose one")
+        if self.block_unit == "tokens" and self.api_base and not self.tokenizer:
+            raise UsageError("--tokenizer", "--block-unit tokens with --api-base needs --tokenizer (a model folder)")
+        self.sample = self.input is None
+        self.input = [SAMPLE_TEXT] if self.sample else self.input
+        self.out = Path(self.out or QA_SAMPLE_OUT)
+        self.model = self.model if self.api_base or self.model else str(DEFAULT_MODEL)
+        if self.max_question_tokens is None:
+            self.max_question_tokens = SAMPLE_MAX_QUESTION_TOKENS if self.sample else MAX_QUESTION_TOKENS
+        if self.max_new_tokens is None:
+            self.max_new_tokens = SAMPLE_MAX_NEW_TOKENS if self.sample else MAX_NEW_TOKENS
