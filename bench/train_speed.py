@@ -133,12 +133,12 @@ def peaks() -> dict:
 
 def child_train(argv: list[str]) -> dict:
     """Our trainer in this process; what it chose and its peak memory."""
-    from src.train.train import parse_args, single_process_env
+    from src.train.config import TrainConfig
+    from src.train.train import build_parser, single_process_env
     from src.train.trainer import Trainer
 
-    args = parse_args(argv)
     single_process_env()
-    trainer = Trainer(args)
+    trainer = Trainer(TrainConfig.from_args(build_parser().parse_args(argv)))
     trainer.fit()
     return {"compute_params": trainer.n_flop_params, "attention": trainer.attn_impl, "loss_kind": trainer.loss,
             "kernels": trainer.kernels, **peaks()}

@@ -164,11 +164,10 @@ def test_step4_recomputes_an_adapter_whose_base_was_replaced(smollm2_tokenizer, 
     from src.evaluate.fingerprint import model_fingerprint, run_fingerprint
     from src.models.loading import load_model, load_tokenizer
     from src.train import lora
-    from src.train.train import parse_args
+    from src.train.config import TrainConfig
 
     base = make_tiny_llama(smollm2_tokenizer, tmp_path / "base")
-    model = lora.apply(load_model(base), parse_args(["--model", "m", "--train", "t", "--out", "o", "--lora-r", "4"]),
-                       base=base, is_moe=False)
+    model = lora.apply(load_model(base), TrainConfig(model="m", train="t", out="o", lora_r=4), base=base, is_moe=False)
     adapter = tmp_path / "adapter"
     lora.save_adapter_files(model, load_tokenizer(base), adapter)
     proxy = {"model": tmp_path / "large", "proxy_tuned": adapter, "proxy_raw": tmp_path / "raw"}  # a proxy pair
