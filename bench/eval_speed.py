@@ -37,7 +37,7 @@ method's letters go to ``FILE.letters.METHOD.json`` beside ``--jsonl``, for the 
 ``--budget-seconds S`` sizes each method to about S seconds: it first scores a probe of ``--probe-items`` items,
 then as many items as the rest of the budget allows at the probe's pace (every method takes a prefix of the same
 round-robin order, so methods sized differently still share their first items). ``--post-moe`` also measures
-``custom`` and ``cb`` on the model upcycled by ``src/models/upcycle.py``'s code (7 experts, top-2, the last 2
+``custom`` and ``cb`` on the model upcycled by ``util/upcycle_moe.py``'s code (7 experts, top-2, the last 2
 layers; ``cb`` on its stock ``Qwen2MoeForCausalLM`` export) right after the dense one, on the same items, and prints
 the time per item against the dense model's (``moe_vs_dense``). ``--profile DIR`` runs ``custom`` under
 ``torch.profiler`` and prints the ops that took the most time (a trace for chrome://tracing goes to DIR).
@@ -410,7 +410,7 @@ def profile(bench: dict, records: list[dict]) -> None:
 
 
 def post_moe_models(model) -> dict:
-    """The model upcycled with the paper's settings (7 experts, top-2, last 2 layers; src/models/upcycle.py's
+    """The model upcycled with the paper's settings (7 experts, top-2, last 2 layers; util/upcycle_moe.py's
     defaults) and its stock Qwen2MoeForCausalLM export, in memory."""
     import torch
 

@@ -13,7 +13,7 @@ Methods (``--methods``, comma-separated, run in this order; default ``plain,ours
 - ``ours``: our trainer (``python -m src.train.train``, one process, DeepSpeed ZeRO-1) with its automatic choices.
 - ``sdpa``, ``chunked``, ``varlen``, ``flex``, ``varlen+liger``: our trainer with that attention/loss/kernels
   combination (``METHODS`` below); ``compile``: ``ours`` plus ``--compile``.
-- ``moe``: ``ours`` on a Post-MoE model upcycled from the benchmark model with ``src/models/upcycle.py`` (7 experts,
+- ``moe``: ``ours`` on a Post-MoE model upcycled from the benchmark model with ``util/upcycle_moe.py`` (7 experts,
   top-2, the last 2 layers); its line adds tokens/s x compute parameters against the dense ``ours`` run's (list
   ``ours`` before it).
 
@@ -112,11 +112,11 @@ def build_rows(args, vocab_size: int, out: Path) -> Path:
 
 
 def upcycle(model_dir: Path, out: Path) -> str | None:
-    """The Post-MoE benchmark model in ``out`` with src/models/upcycle.py's defaults (7 experts, top-2, the last 2
+    """The Post-MoE benchmark model in ``out`` with util/upcycle_moe.py's defaults (7 experts, top-2, the last 2
     layers), unless it is there already; the reason when that fails."""
     if (out / "config.json").is_file():
         return None
-    proc = subprocess.run([sys.executable, "-m", "src.models.upcycle", "--model", str(model_dir), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "util.upcycle_moe", "--model", str(model_dir), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, env=os.environ)
     return None if proc.returncode == 0 else f"upcycling failed: {(proc.stderr.strip().splitlines() or [''])[-1]}"
 

@@ -562,8 +562,8 @@ ENTRY_POINTS = {  # name: (module, argv given the model M, out folder O and the 
     "chat": ("src.evaluate.cli_demo", lambda m, o, c: ["--model", m]),
     "web chat": ("src.evaluate.web_demo", lambda m, o, c: ["--model", m, "--port", "0"]),
     "serve": ("src.serving.launch", lambda m, o, c: ["--model", m, "--port", "9", "--timeout", "5"]),
-    "upcycle": ("src.models.upcycle", lambda m, o, c: ["--model", m, "--out", o]),
-    "moe export": ("src.models.moe_export", lambda m, o, c: ["--model", m, "--out", o]),
+    "upcycle": ("util.upcycle_moe", lambda m, o, c: ["--model", m, "--out", o]),
+    "moe export": ("util.moe_export", lambda m, o, c: ["--model", m, "--out", o]),
     "merge lora": ("util.merge_lora", lambda m, o, c: ["--adapter", m, "--out", o]),
     "import apollo-moe": ("util.import_apollo_moe", lambda m, o, c: ["--src", m, "--out", o]),
     "average": ("util.average_checkpoints", lambda m, o, c: ["--ckpt", m, "--ckpt", c["model"], "--out", o]),
@@ -642,7 +642,7 @@ def test_every_entry_point_refuses_an_empty_input_file_in_one_line(entry, probe_
 
 # ------------------------------------------------------------ model tools: --out never over or inside an input
 def test_model_tools_refuse_an_out_that_is_their_input(tiny_model_dir, tmp_path, capsys):
-    from src.models import upcycle
+    from util import upcycle_moe as upcycle
 
     model = tmp_path / "dense"
     shutil.copytree(tiny_model_dir, model)

@@ -225,7 +225,7 @@ def test_a_model_folder_with_only_pickled_weights_is_refused(tiny_model_dir, tmp
     assert r.returncode == 2 and not marker.exists()
     assert r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]]
     assert "pickled weights" in r.stderr and "Traceback" not in r.stderr
-    r = _run("src.models.upcycle", "--model", folder, "--out", tmp_path / "moe")
+    r = _run("util.upcycle_moe", "--model", folder, "--out", tmp_path / "moe")
     assert r.returncode == 2 and "pickled weights" in r.stderr and not marker.exists()
 
 
