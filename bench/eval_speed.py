@@ -60,6 +60,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from src.common.defaults import DEFAULT_MODEL  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -71,7 +73,7 @@ REFERENCE = "reference-b4"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "xmedbench",
                    help="a folder with bench_test.json and bench_dev.json")
     p.add_argument("--sample", action="store_true", help="the embedded sample (assets/sample): all 140 items")

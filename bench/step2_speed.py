@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from src.common.defaults import DEFAULT_MODEL  # noqa: E402
+
 QA_SOURCES = ["medicalWiki_en_qa", "medicalWeb_zh_qa", "medicalBook_ru_qa", "medicalPaper_fr_qa"]
 SFT_SOURCES = ["general_en", "medicalExam_es", "medicalPatient_zh", "general_ar", "general_sw", "medicalExam_ko"]
 
@@ -207,7 +209,7 @@ def main() -> int:
     p.add_argument("--records", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
     p.add_argument("--order-entries", type=int, default=50_000_000, help="0 skips the ordering benchmark")
-    p.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "step2_bench")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")

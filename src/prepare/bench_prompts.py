@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from src.common.chat_formats import FORMAT_NAMES, tokenizer_and_format
-from src.common.defaults import DEFAULT_MODEL
+from src.common.defaults import DEFAULT_MODEL, repo_relative
 from src.common.errors import UsageError
 from src.common.io import file_sha256, write_json, write_jsonl
 from src.common.rerun import check_rerun, normalised
@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev", type=Path, default=None,
                    help="dev items: the shot pool and dev.jsonl (default: the sample's dev file when --bench is the "
                         "sample; without one, dev.jsonl is a seeded 10%% sample of test, as in the reference)")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="tokenizer/config to format and count tokens for")
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help=f"tokenizer/config to format and count tokens for (default: {repo_relative(DEFAULT_MODEL)})")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: data/sample_<model> for the sample, else data/<bench>_<model>)")
     p.add_argument("--shots", type=int, default=None,
                    help=f"shots per prompt (default: {XMEDBENCH_SHOTS}; MMedBench prompts are zero-shot)")

@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "<category>_<lang>_text.json), .txt with documents separated by blank lines, or JSON Lines "
                         "of strings or {text[, source]} objects. SOURCE (<category>_<lang>_text) defaults to the "
                         "file name's stem. Loss on every token; documents longer than --max-seq-len are split")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder: its tokenizer and chat format")
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help=f"model folder: its tokenizer and chat format (default: {repo_relative(DEFAULT_MODEL)})")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: data/sample_<model> for the sample, else data/<data stem>_<model>)")
     p.add_argument("--max-seq-len", type=int, default=None,
