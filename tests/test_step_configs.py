@@ -96,6 +96,39 @@ def test_nothing_under_src_models_imports_the_command_line_layer():
                 assert "src.common.cli" not in names, path
 
 
+# ------------------------------------------------------------------------- bad flags of steps 1, 2 and make_qa
+MMED = str(SAMPLE / "mmedbench")
+
+
+@pytest.mark.parametrize("module, config_cls, argv, message", [
+    ("src.prepare.bench_prompts", PromptConfig, ["--shots", "-1"], "--shots: must be at least 0, got -1"),
+    ("src.prepare.bench_prompts", PromptConfig, ["--max-tokens", "0"], "--max-tokens: must be at least 1, got 0"),
+    ("src.prepare.bench_prompts", PromptConfig, ["--dev-fraction", "1.5"],
+     "--dev-fraction: must be between 0 and 1, got 1.5"),
+    ("src.prepare.bench_prompts", PromptConfig, ["--rationale", "with"], "--rationale: is for MMedBench prompts only"),
+    ("src.prepare.bench_prompts", PromptConfig, ["--prompt-style", "mmedlm"],
+     "--prompt-style: 'mmedlm' is for MMedBench"),
+    ("src.prepare.bench_prompts", PromptConfig, ["--bench", MMED, "--dev", "d.json"],
+     "--dev: MMedBench has no dev split"),
+    ("src.prepare.train_data", TrainDataConfig, ["--max-seq-len", "8"], "--max-seq-len must be at least 16, got 8"),
+    ("src.prepare.train_data", TrainDataConfig, ["--num-proc", "0"], "--num-proc must be at least 1"),
+    ("src.prepare.train_data", TrainDataConfig, ["--text", "medicalExam_en=x.txt"],
+     "--text medicalExam_en=x.txt: the source of raw text must end in _text"),
+    ("src.prepare.make_qa", MakeQAConfig, ["--concurrency", "0"], "--concurrency: must be at least 1, got 0"),
+    ("src.prepare.make_qa", MakeQAConfig, ["--top-p", "0"], "--top-p: must be in (0, 1], got 0.0"),
+    ("src.prepare.make_qa", MakeQAConfig, ["--model", "m", "--api-base", "u"],
+     "--api-base: give either --model (in-process) or --api-base"),
+    ("src.prepare.make_qa", MakeQAConfig, ["--resume", "--overwrite"], "--resume: --resume continues a run"),
+    ("src.prepare.make_qa", MakeQAConfig, ["--api-base", "u", "--block-unit", "tokens"],
+     "--tokenizer: --block-unit tokens with --api-base needs"),
+])
+def test_bad_flags_are_refused_while_the_config_is_built(module, config_cls, argv, message):
+    """The same messages as before the configs (a UsageError, or the plain ValueError step 2 always raised)."""
+    with pytest.raises(ValueError) as e:
+        config_of(config_cls, module, argv)
+    assert str(e.value).startswith(message)
+
+
 # ------------------------------------------------------------------------------------------------ step 1
 def test_step1_settings_are_the_rerun_fields_of_the_benchmark_in_the_recorded_order(tmp_path):
     xmed = config_of(PromptConfig, "src.prepare.bench_prompts", [])
@@ -105,24 +138,10 @@ def test_step1_settings_are_the_rerun_fields_of_the_benchmark_in_the_recorded_or
     assert xmed.out == ROOT / "data" / f"sample_{DEFAULT_MODEL.name}" and xmed.model == str(DEFAULT_MODEL)
     other = config_of(PromptConfig, "src.prepare.bench_prompts", ["--bench", str(tmp_path / "my_bench.json")])
     assert other.dev is None and other.out == ROOT / "data" / f"my_bench_{DEFAULT_MODEL.name}"
-    mmed = config_of(PromptConfig, "src.prepare.bench_prompts", ["--bench", str(SAMPLE / "mmedbench")])
+    mmed = config_of(PromptConfig, "src.prepare.bench_prompts", ["--bench", MMED])
     assert mmed.mmedbench and list(mmed.settings()) == ["bench", "model", "format", "prompt_style", "rationale",
                                                         "max_tokens", "on_error"]
     assert mmed.settings()["rationale"] == "with" and mmed.out == ROOT / "data" / f"mmedbench_{DEFAULT_MODEL.name}"
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--shots", "-1"], "--shots: must be at least 0, got -1"),
-    (["--max-tokens", "0"], "--max-tokens: must be at least 1, got 0"),
-    (["--dev-fraction", "1.5"], "--dev-fraction: must be between 0 and 1, got 1.5"),
-    (["--rationale", "with"], "--rationale: is for MMedBench prompts only"),
-    (["--prompt-style", "mmedlm"], "--prompt-style: 'mmedlm' is for MMedBench"),
-    (["--bench", str(SAMPLE / "mmedbench"), "--dev", "d.json"], "--dev: MMedBench has no dev split"),
-])
-def test_step1_refuses_bad_flags_while_the_config_is_built(argv, message):
-    with pytest.raises(UsageError) as e:
-        config_of(PromptConfig, "src.prepare.bench_prompts", argv)
-    assert str(e.value).startswith(message)
 
 
 # ------------------------------------------------------------------------------------------------ step 2
@@ -136,19 +155,8 @@ def test_step2_settings_derive_inputs_and_max_seq_len_and_name_prompt_style_only
     mine = config_of(TrainDataConfig, "src.prepare.train_data", ["--data", str(data), "--text", "notes.txt"])
     assert mine.settings()["inputs"] == [[str(data), "text", "medicalBook_en_text"], ["notes.txt", "text", None]]
     assert mine.max_seq_len == 4096 and mine.out == ROOT / "data" / f"medicalBook_en_text_{DEFAULT_MODEL.name}"
-    mmed = config_of(TrainDataConfig, "src.prepare.train_data", ["--data", str(SAMPLE / "mmedbench")])
+    mmed = config_of(TrainDataConfig, "src.prepare.train_data", ["--data", MMED])
     assert list(mmed.settings())[-1] == "prompt_style" and mmed.inputs[0].kind == "mmedbench"
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--max-seq-len", "8"], "--max-seq-len must be at least 16, got 8"),
-    (["--num-proc", "0"], "--num-proc must be at least 1"),
-    (["--text", "medicalExam_en=x.txt"], "--text medicalExam_en=x.txt: the source of raw text must end in _text"),
-])
-def test_step2_refuses_bad_flags_while_the_config_is_built(argv, message):
-    with pytest.raises(ValueError) as e:
-        config_of(TrainDataConfig, "src.prepare.train_data", argv)
-    assert str(e.value).startswith(message)
 
 
 # ------------------------------------------------------------------------ QA rewriting, decontamination, step 0
@@ -158,19 +166,6 @@ def test_make_qa_resolves_its_backend_and_sample_defaults():
     assert (sample.max_question_tokens, sample.max_new_tokens) == (48, 96)  # small on the embedded sample
     served = config_of(MakeQAConfig, "src.prepare.make_qa", ["--api-base", "http://x/v1", "--input", "t.json"])
     assert served.model is None and (served.max_question_tokens, served.max_new_tokens) == (256, 1024)
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--concurrency", "0"], "--concurrency: must be at least 1, got 0"),
-    (["--top-p", "0"], "--top-p: must be in (0, 1], got 0.0"),
-    (["--model", "m", "--api-base", "u"], "--api-base: give either --model (in-process) or --api-base"),
-    (["--resume", "--overwrite"], "--resume: --resume continues a run"),
-    (["--api-base", "u", "--block-unit", "tokens"], "--tokenizer: --block-unit tokens with --api-base needs"),
-])
-def test_make_qa_refuses_bad_flags_while_the_config_is_built(argv, message):
-    with pytest.raises(UsageError) as e:
-        config_of(MakeQAConfig, "src.prepare.make_qa", argv)
-    assert str(e.value).startswith(message)
 
 
 def test_decontamination_and_step0_configs():
