@@ -56,7 +56,10 @@ class PromptConfig(StepConfig):
         if not 0 <= self.dev_fraction <= 1:
             raise UsageError("--dev-fraction", f"must be between 0 and 1, got {self.dev_fraction}")
         self.mmedbench = mmedbench.is_release(self.bench)
-        self._mmedbench_flags() if self.mmedbench else self._xmedbench_flags()
+        if self.mmedbench:
+            self._mmedbench_flags()
+        else:
+            self._xmedbench_flags()
         self.out = Path(self.out) if self.out else self.default_out()
 
     def _xmedbench_flags(self) -> None:
