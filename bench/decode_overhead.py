@@ -32,10 +32,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from src.common.defaults import DEFAULT_MODEL  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    p.add_argument("--tokenizer", default=str(DEFAULT_MODEL))
     p.add_argument("--data", type=Path, default=ROOT / "assets" / "sample", help="bench_test.json/bench_dev.json")
     p.add_argument("--items", type=int, default=16)
     p.add_argument("--max-prompt-tokens", type=int, default=600)

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from src.common.io import iter_json_array  # noqa: E402
-from src.prepare.decontaminate import BATCH_CHARS, load_bench  # noqa: E402
+from src.prepare.decontaminate import BATCH_CHARS, bench_questions  # noqa: E402
 from src.prepare.leak_index import MIN_CHARS, BenchIndex, normalise  # noqa: E402
 
 
@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = p.parse_args()
 
-    bench = load_bench([args.shared / "bench_test.json", args.shared / "bench_dev.json"])
+    bench = bench_questions([args.shared / "bench_test.json", args.shared / "bench_dev.json"])
     real = [normalise(t["value"]) for r in iter_json_array(args.shared / "dataset_train.json")
             for t in r["conversations"]]
     vocab = sorted({w for t in real[::7] for w in t.split()})

@@ -37,7 +37,7 @@ method's letters go to ``FILE.letters.METHOD.json`` beside ``--jsonl``, for the 
 ``--budget-seconds S`` sizes each method to about S seconds: it first scores a probe of ``--probe-items`` items,
 then as many items as the rest of the budget allows at the probe's pace (every method takes a prefix of the same
 round-robin order, so methods sized differently still share their first items). ``--post-moe`` also measures
-``custom`` and ``cb`` on the model upcycled by ``src/models/upcycle.py``'s code (7 experts, top-2, the last 2
+``custom`` and ``cb`` on the model upcycled by ``util/upcycle_moe.py``'s code (7 experts, top-2, the last 2
 layers; ``cb`` on its stock ``Qwen2MoeForCausalLM`` export) right after the dense one, on the same items, and prints
 the time per item against the dense model's (``moe_vs_dense``). ``--profile DIR`` runs ``custom`` under
 ``torch.profiler`` and prints the ops that took the most time (a trace for chrome://tracing goes to DIR).
@@ -60,6 +60,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from src.common.defaults import DEFAULT_MODEL  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -71,7 +73,7 @@ REFERENCE = "reference-b4"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "xmedbench",
                    help="a folder with bench_test.json and bench_dev.json")
     p.add_argument("--sample", action="store_true", help="the embedded sample (assets/sample): all 140 items")
@@ -132,7 +134,7 @@ def build_items(data: Path, tokenizer, fmt, n: int, max_tokens: int, seed: int, 
     same items whatever n a method is sized to."""
     from src.prepare.bench_items import load_bench
     from src.prepare.prompts import PromptBuilder
-    from src.prepare.test_dev import _by_source, build_split
+    from src.prepare.bench_prompts import _by_source, build_split
 
     test, _ = load_bench(data / "bench_test.json")
     dev, _ = load_bench(data / "bench_dev.json")
@@ -413,7 +415,7 @@ def profile(bench: dict, records: list[dict]) -> None:
 
 
 def post_moe_models(model) -> dict:
-    """The model upcycled with the paper's settings (7 experts, top-2, last 2 layers; src/models/upcycle.py's
+    """The model upcycled with the paper's settings (7 experts, top-2, last 2 layers; util/upcycle_moe.py's
     defaults) and its stock Qwen2MoeForCausalLM export, in memory."""
     import torch
 

@@ -32,9 +32,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from src.common.defaults import DEFAULT_MODEL  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct"
+SMOLLM2 = DEFAULT_MODEL
 
 
 def build_model_dir(args, out: Path) -> Path:

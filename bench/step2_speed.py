@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from src.common.defaults import DEFAULT_MODEL  # noqa: E402
+
 QA_SOURCES = ["medicalWiki_en_qa", "medicalWeb_zh_qa", "medicalBook_ru_qa", "medicalPaper_fr_qa"]
 SFT_SOURCES = ["general_en", "medicalExam_es", "medicalPatient_zh", "general_ar", "general_sw", "medicalExam_ko"]
 
@@ -142,7 +144,7 @@ def child_step2(args) -> dict:
     argv = ["--data", args.data, "--model", args.model, "--out", args.out, "--num-proc", str(args.num_proc),
             "--max-seq-len", str(args.max_seq_len)]
     t0 = time.time()
-    report = train_data.run(train_data.build_parser().parse_args(argv))
+    report = train_data.run(train_data.TrainDataConfig.from_args(train_data.build_parser().parse_args(argv)))
     wall = time.time() - t0
     sampler.stop.set()
     sampler.join()
@@ -207,7 +209,7 @@ def main() -> int:
     p.add_argument("--records", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
     p.add_argument("--order-entries", type=int, default=50_000_000, help="0 skips the ordering benchmark")
-    p.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "step2_bench")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")

@@ -13,7 +13,7 @@ Methods (``--methods``, comma-separated, run in this order; default ``plain,ours
 - ``ours``: our trainer (``python -m src.train.train``, one process, DeepSpeed ZeRO-1) with its automatic choices.
 - ``sdpa``, ``chunked``, ``varlen``, ``flex``, ``varlen+liger``: our trainer with that attention/loss/kernels
   combination (``METHODS`` below); ``compile``: ``ours`` plus ``--compile``.
-- ``moe``: ``ours`` on a Post-MoE model upcycled from the benchmark model with ``src/models/upcycle.py`` (7 experts,
+- ``moe``: ``ours`` on a Post-MoE model upcycled from the benchmark model with ``util/upcycle_moe.py`` (7 experts,
   top-2, the last 2 layers); its line adds tokens/s x compute parameters against the dense ``ours`` run's (list
   ``ours`` before it).
 
@@ -47,9 +47,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from src.common.defaults import DEFAULT_MODEL  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct"
+SMOLLM2 = DEFAULT_MODEL
 # Trainer flags per method (the model and the shared settings are added by trainer_argv).
 METHODS = {
     "ours": [],
@@ -112,11 +114,11 @@ def build_rows(args, vocab_size: int, out: Path) -> Path:
 
 
 def upcycle(model_dir: Path, out: Path) -> str | None:
-    """The Post-MoE benchmark model in ``out`` with src/models/upcycle.py's defaults (7 experts, top-2, the last 2
+    """The Post-MoE benchmark model in ``out`` with util/upcycle_moe.py's defaults (7 experts, top-2, the last 2
     layers), unless it is there already; the reason when that fails."""
     if (out / "config.json").is_file():
         return None
-    proc = subprocess.run([sys.executable, "-m", "src.models.upcycle", "--model", str(model_dir), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "util.upcycle_moe", "--model", str(model_dir), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, env=os.environ)
     return None if proc.returncode == 0 else f"upcycling failed: {(proc.stderr.strip().splitlines() or [''])[-1]}"
 
@@ -133,12 +135,12 @@ def peaks() -> dict:
 
 def child_train(argv: list[str]) -> dict:
     """Our trainer in this process; what it chose and its peak memory."""
-    from src.train.train import parse_args, single_process_env
+    from src.train.config import TrainConfig
+    from src.train.train import build_parser, single_process_env
     from src.train.trainer import Trainer
 
-    args = parse_args(argv)
     single_process_env()
-    trainer = Trainer(args)
+    trainer = Trainer(TrainConfig.from_args(build_parser().parse_args(argv)))
     trainer.fit()
     return {"compute_params": trainer.n_flop_params, "attention": trainer.attn_impl, "loss_kind": trainer.loss,
             "kernels": trainer.kernels, **peaks()}

@@ -27,7 +27,7 @@ STEP1=(--bench "$BENCH" --prompt-style "${STYLE:-fixed}" --rationale "${RATIONAL
 if [ -n "${FORMAT:-}" ]; then STEP1+=(--format "$FORMAT"); fi
 
 python -m src.download.download_data --data-dir "$DATA_DIR"
-python -m src.prepare.test_dev --model "$MODEL" "${STEP1[@]}"
+python -m src.prepare.bench_prompts --model "$MODEL" "${STEP1[@]}"
 if [ -n "${FINETUNE_STEPS:-}" ]; then
   # Train/ as MMedLM fine-tunes on it: every item with its rationale and answer only, the loss on the target
   python -m src.prepare.train_data --data "$BENCH" --model "$MODEL" --out "$PREP" --prompt-style "${STYLE:-fixed}" \

@@ -24,7 +24,7 @@ python -m util.routing_analysis --model "$CKPT" --input "data/$EXP/test.jsonl" -
 
 # Stock export: scored with the chat format step 4 resolved for our folder (a stock qwen2_moe type alone would
 # select the Qwen2 format), then compared letter by letter.
-python -m src.models.moe_export --model "$CKPT" --out models/SmolLM2-135M-MoE-stock --overwrite
+python -m util.moe_export --model "$CKPT" --out models/SmolLM2-135M-MoE-stock --overwrite
 FORMAT="$(python -c "import json; print(json.load(open('results/${EXP}_moe/run.json'))['settings']['resolved_format'])")"
 bash 4.eval.sh --model models/SmolLM2-135M-MoE-stock --input "data/$EXP/test.jsonl" --out "results/${EXP}_moe_stock" \
   --limit-per-source 2 --format "$FORMAT" --overwrite

@@ -117,4 +117,4 @@ def test_cb_refuses_our_post_moe_naming_the_export(favouring, tmp_path, capsys):
     code = cli.run(step4.main, ["--model", str(folder), "--input", str(tmp_path / "none.jsonl"), "--out",
                                 str(tmp_path / "o"), "--engine", "cb"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "python -m src.models.moe_export" in err[0]
+    assert code == 2 and len(err) == 1 and "python -m util.moe_export" in err[0]

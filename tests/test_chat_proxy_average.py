@@ -123,11 +123,11 @@ def test_step4_runs_with_the_proxy_wrapper(tmp_path, trio):
     import json
 
     from src.evaluate import eval as step4
-    from src.prepare import test_dev
+    from src.prepare import bench_prompts
     from tests.conftest import SAMPLE
 
     data = tmp_path / "data"
-    assert test_dev.main(["--bench", str(SAMPLE / "bench_test.json"), "--dev", str(SAMPLE / "bench_dev.json"),
+    assert bench_prompts.main(["--bench", str(SAMPLE / "bench_test.json"), "--dev", str(SAMPLE / "bench_dev.json"),
                           "--model", str(trio[0]), "--out", str(data), "--shots", "1"]) == 0
     common = ["--input", str(data / "test.jsonl"), "--limit", "3", "--max-new-tokens", "6", "--no-progress"]
     base, tuned, raw = (str(p) for p in trio)

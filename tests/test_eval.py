@@ -16,7 +16,7 @@ from src.generation.engine import HFStepModel
 from src.evaluate.extract import extract
 from src.prepare.bench_items import load_bench
 from src.prepare.prompts import PromptBuilder
-from src.prepare.test_dev import _by_source, build_split
+from src.prepare.bench_prompts import _by_source, build_split
 
 SOURCES = {"medqa-usmle": 4, "cmexam": 5, "mmlu-medical-ar": 4, "headqa": 4, "KorMedMCQA": 5, "RuMedDaNet": 2}
 WORDS = ["fever", "cough", "liver", "heart", "drug", "renal", "dose", "pain", "lung", "skin"]
@@ -396,13 +396,13 @@ def test_embedded_sample_end_to_end(tiny_model_dir, tmp_path):
     """Step 1 on the embedded sample, then step 4 (tiny model: this checks the plumbing, not accuracy)."""
     from pathlib import Path
 
-    from src.prepare import test_dev
+    from src.prepare import bench_prompts
 
     sample = Path(__file__).resolve().parents[1] / "assets" / "sample"
     if not (sample / "bench_test.json").is_file():
         pytest.skip("the embedded sample is not present")
     data = tmp_path / "data"
-    test_dev.main(["--bench", str(sample / "bench_test.json"), "--dev", str(sample / "bench_dev.json"),
+    bench_prompts.main(["--bench", str(sample / "bench_test.json"), "--dev", str(sample / "bench_dev.json"),
                    "--model", str(tiny_model_dir), "--out", str(data)])
     out = tmp_path / "res"
     assert step4.main(["--model", str(tiny_model_dir), "--input", str(data / "test.jsonl"), "--out", str(out),

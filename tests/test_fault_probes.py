@@ -164,11 +164,10 @@ def test_step4_recomputes_an_adapter_whose_base_was_replaced(smollm2_tokenizer, 
     from src.evaluate.fingerprint import model_fingerprint, run_fingerprint
     from src.models.loading import load_model, load_tokenizer
     from src.train import lora
-    from src.train.train import parse_args
+    from src.train.config import TrainConfig
 
     base = make_tiny_llama(smollm2_tokenizer, tmp_path / "base")
-    model = lora.apply(load_model(base), parse_args(["--model", "m", "--train", "t", "--out", "o", "--lora-r", "4"]),
-                       base=base, is_moe=False)
+    model = lora.apply(load_model(base), TrainConfig(model="m", train="t", out="o", lora_r=4), base=base, is_moe=False)
     adapter = tmp_path / "adapter"
     lora.save_adapter_files(model, load_tokenizer(base), adapter)
     proxy = {"model": tmp_path / "large", "proxy_tuned": adapter, "proxy_raw": tmp_path / "raw"}  # a proxy pair
@@ -542,12 +541,12 @@ def test_step4_refuses_a_test_file_its_step1_report_does_not_describe(tiny_model
     from conftest import SAMPLE
     from src.common.errors import BadFile
     from src.evaluate.records import load_records
-    from src.prepare import test_dev
+    from src.prepare import bench_prompts
 
     def step1(out, *more):
         argv = ["--model", str(tiny_model_dir), "--bench", str(SAMPLE / "bench_test.json"), "--dev",
                 str(SAMPLE / "bench_dev.json"), "--out", str(out), *more]
-        assert test_dev.main(argv) == 0
+        assert bench_prompts.main(argv) == 0
         return out
 
     three, zero = step1(tmp_path / "k3"), step1(tmp_path / "k0", "--shots", "0")
@@ -579,7 +578,7 @@ def _model_cases(tiny_model_dir, root):
 
 
 ENTRY_POINTS = {  # name: (module, argv given the model M, out folder O and the context's files)
-    "step 1": ("src.prepare.test_dev", lambda m, o, c: ["--model", m, "--bench", c["bench"], "--out", o]),
+    "step 1": ("src.prepare.bench_prompts", lambda m, o, c: ["--model", m, "--bench", c["bench"], "--out", o]),
     "step 2": ("src.prepare.train_data", lambda m, o, c: ["--model", m, "--data", c["train"], "--out", o,
                                                           "--num-proc", "1"]),
     "step 3": ("src.train.train", lambda m, o, c: ["--model", m, "--train", c["rows"], "--out", o]),
@@ -587,8 +586,8 @@ ENTRY_POINTS = {  # name: (module, argv given the model M, out folder O and the 
     "chat": ("src.evaluate.cli_demo", lambda m, o, c: ["--model", m]),
     "web chat": ("src.evaluate.web_demo", lambda m, o, c: ["--model", m, "--port", "0"]),
     "serve": ("src.serving.launch", lambda m, o, c: ["--model", m, "--port", "9", "--timeout", "5"]),
-    "upcycle": ("src.models.upcycle", lambda m, o, c: ["--model", m, "--out", o]),
-    "moe export": ("src.models.moe_export", lambda m, o, c: ["--model", m, "--out", o]),
+    "upcycle": ("util.upcycle_moe", lambda m, o, c: ["--model", m, "--out", o]),
+    "moe export": ("util.moe_export", lambda m, o, c: ["--model", m, "--out", o]),
     "merge lora": ("util.merge_lora", lambda m, o, c: ["--adapter", m, "--out", o]),
     "import apollo-moe": ("util.import_apollo_moe", lambda m, o, c: ["--src", m, "--out", o]),
     "average": ("util.average_checkpoints", lambda m, o, c: ["--ckpt", m, "--ckpt", c["model"], "--out", o]),
@@ -599,7 +598,7 @@ ENTRY_POINTS = {  # name: (module, argv given the model M, out folder O and the 
 TOKENIZER_ONLY = ("step 1", "step 2")
 
 FILE_INPUTS = {  # name: (module, argv given an input file F, out folder O and the context's files)
-    "step 1 --bench": ("src.prepare.test_dev", lambda f, o, c: ["--model", c["model"], "--bench", f, "--out", o]),
+    "step 1 --bench": ("src.prepare.bench_prompts", lambda f, o, c: ["--model", c["model"], "--bench", f, "--out", o]),
     "step 2 --data": ("src.prepare.train_data", lambda f, o, c: ["--model", c["model"], "--data", f, "--out", o,
                                                                  "--num-proc", "1"]),
     "step 3 --train": ("src.train.train", lambda f, o, c: ["--model", c["model"], "--train", f, "--out", o]),
@@ -667,7 +666,7 @@ def test_every_entry_point_refuses_an_empty_input_file_in_one_line(entry, probe_
 
 # ------------------------------------------------------------ model tools: --out never over or inside an input
 def test_model_tools_refuse_an_out_that_is_their_input(tiny_model_dir, tmp_path, capsys):
-    from src.models import upcycle
+    from util import upcycle_moe as upcycle
 
     model = tmp_path / "dense"
     shutil.copytree(tiny_model_dir, model)

@@ -7,7 +7,7 @@ import torch
 
 from src.common.io import iter_jsonl
 from src.evaluate import eval as step4
-from src.prepare import test_dev
+from src.prepare import bench_prompts
 from tests.conftest import SAMPLE
 from util import export_lm_eval
 
@@ -103,7 +103,7 @@ def _check_agreement(picked: list[dict], smollm2_dir, tmp_path, min_items: int, 
     bench.write_text(json.dumps(picked, ensure_ascii=False), encoding="utf-8")
     data = tmp_path / "step1"
     # Without a dev file the shots are the other picked items of the source: short exemplars keep the run short.
-    assert test_dev.main(["--bench", str(bench), "--model", str(smollm2_dir), "--out", str(data), "--shots", "1",
+    assert bench_prompts.main(["--bench", str(bench), "--model", str(smollm2_dir), "--out", str(data), "--shots", "1",
                           "--prompt-style", "paper"] + (["--dev", str(dev)] if dev else [])) == 0
     records = list(iter_jsonl(data / "test.jsonl"))
     assert len(records) >= min_items and len({r["language"] for r in records}) >= min_languages

@@ -20,10 +20,10 @@ MMED = SAMPLE / "mmedbench"
 
 @pytest.fixture(scope="module")
 def step1_out(tmp_path_factory, tiny_model_dir):
-    from src.prepare import test_dev
+    from src.prepare import bench_prompts
 
     out = tmp_path_factory.mktemp("mmed_step1")
-    assert test_dev.main(["--bench", str(MMED), "--model", str(tiny_model_dir), "--out", str(out)]) == 0
+    assert bench_prompts.main(["--bench", str(MMED), "--model", str(tiny_model_dir), "--out", str(out)]) == 0
     return out
 
 

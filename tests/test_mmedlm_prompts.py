@@ -160,10 +160,10 @@ def test_fixed_target_normalises_the_gold_string():
 
 
 def _step1(tmp_path, model, *flags):
-    from src.prepare import test_dev
+    from src.prepare import bench_prompts
 
     out = tmp_path / "s1"
-    assert test_dev.main(["--bench", str(MMED), "--model", str(model), "--out", str(out), *flags]) == 0
+    assert bench_prompts.main(["--bench", str(MMED), "--model", str(model), "--out", str(out), *flags]) == 0
     return [json.loads(line) for line in (out / "test.jsonl").read_text(encoding="utf-8").splitlines()], out
 
 
@@ -194,16 +194,16 @@ def test_step1_records_in_chat_format_and_raw(tmp_path, tiny_model_dir, smollm2_
 
 def test_step1_mmedbench_flag_errors(tmp_path, tiny_model_dir):
     from src.common.errors import UsageError
-    from src.prepare import test_dev
+    from src.prepare import bench_prompts
 
     base = ["--model", str(tiny_model_dir), "--out", str(tmp_path / "o")]
     with pytest.raises(UsageError, match="--shots: MMedBench prompts are zero-shot"):
-        test_dev.main(["--bench", str(MMED), "--shots", "3", *base])
+        bench_prompts.main(["--bench", str(MMED), "--shots", "3", *base])
     with pytest.raises(UsageError, match="--prompt-style: 'paper' is XMedBench's reference style"):
-        test_dev.main(["--bench", str(MMED), "--prompt-style", "paper", *base])
+        bench_prompts.main(["--bench", str(MMED), "--prompt-style", "paper", *base])
     with pytest.raises(UsageError, match="--prompt-style: 'mmedlm' is for MMedBench"):
-        test_dev.main(["--bench", str(SAMPLE / "bench_test.json"), "--prompt-style", "mmedlm", *base])
+        bench_prompts.main(["--bench", str(SAMPLE / "bench_test.json"), "--prompt-style", "mmedlm", *base])
     with pytest.raises(UsageError, match="--format: 'raw' is for MMedBench"):
-        test_dev.main(["--bench", str(SAMPLE / "bench_test.json"), "--format", "raw", *base])
+        bench_prompts.main(["--bench", str(SAMPLE / "bench_test.json"), "--format", "raw", *base])
     with pytest.raises(UsageError, match="--max-tokens: no test item fits in 50 tokens"):
-        test_dev.main(["--bench", str(MMED), "--max-tokens", "50", *base])
+        bench_prompts.main(["--bench", str(MMED), "--max-tokens", "50", *base])

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from src.common.errors import UsageError  # noqa: E402
 from src.models import loading, moe, moe_export  # noqa: E402
+from util import moe_export as export_cli  # noqa: E402
 from src.models.loading import load_model  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # the zero-width shared expert
@@ -35,7 +36,7 @@ def test_stock_transformers_refuses_our_folder_with_a_helpful_error(tmp_path):
         with pytest.raises(ValueError) as error:
             load(out)
         assert "src.models.loading.load_model" in str(error.value)
-        assert "python -m src.models.moe_export" in str(error.value)
+        assert "python -m util.moe_export" in str(error.value)
     # Our loaders read it; load_config gives the base config, with the MoE settings.
     config = loading.load_config(out)
     assert config.model_type == "llama" and config.post_moe["num_experts"] == 4
@@ -136,13 +137,13 @@ def test_export_cli_reads_our_folder_and_refuses_to_overwrite(tmp_path, capsys):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t3")),
                                         unk_token="t3", pad_token="t0", eos_token="t2")
     source = moe.save_moe(tiny_moe("llama"), tokenizer, tmp_path / "moe")
-    assert moe_export.main(["--model", str(source), "--out", str(tmp_path / "hf")]) == 0
+    assert export_cli.main(["--model", str(source), "--out", str(tmp_path / "hf")]) == 0
     assert "Qwen2MoeForCausalLM" in capsys.readouterr().out
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.model_type == "qwen2_moe"
     with pytest.raises(UsageError, match="is not empty"):  # never overwrites without --overwrite
-        moe_export.main(["--model", str(source), "--out", str(tmp_path / "hf")])
+        export_cli.main(["--model", str(source), "--out", str(tmp_path / "hf")])
     with pytest.raises(SystemExit):
-        moe_export.main(["--model", str(tmp_path / "hf"), "--out", str(tmp_path / "again")])  # not ours
+        export_cli.main(["--model", str(tmp_path / "hf"), "--out", str(tmp_path / "again")])  # not ours
 
 
 def test_compare_predictions(tmp_path, capsys):

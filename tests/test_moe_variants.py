@@ -123,7 +123,7 @@ def test_step3_refuses_rows_whose_ids_do_not_match_the_experts(tmp_path):
 
 
 def test_upcycle_cli_variant_flags(tiny_model_dir, tmp_path):
-    from src.models.upcycle import main
+    from util.upcycle_moe import main
 
     out = tmp_path / "ls"
     assert main(["--model", str(tiny_model_dir), "--out", str(out), "--moe-layers", "all", "--experts", "12",

@@ -225,7 +225,7 @@ def test_a_model_folder_with_only_pickled_weights_is_refused(tiny_model_dir, tmp
     assert r.returncode == 2 and not marker.exists()
     assert r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]]
     assert "pickled weights" in r.stderr and "Traceback" not in r.stderr
-    r = _run("src.models.upcycle", "--model", folder, "--out", tmp_path / "moe")
+    r = _run("util.upcycle_moe", "--model", folder, "--out", tmp_path / "moe")
     assert r.returncode == 2 and "pickled weights" in r.stderr and not marker.exists()
 
 
@@ -254,18 +254,18 @@ def test_a_bad_record_is_one_line_and_debug_shows_the_traceback(tiny_model_dir, 
     bench.write_text(json.dumps([{"question": "Q?", "options": {"A": "one", "B": None}, "answer": "A",
                                   "source": "medqa-usmle"}]))
     args = ["--bench", bench, "--model", tiny_model_dir, "--out", tmp_path / "o"]
-    r = _run("src.prepare.test_dev", *args)
+    r = _run("src.prepare.bench_prompts", *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert _last_line_only(r) == (f"error: {bench}: record 0, field 'options': option 'B': expected a string, "
                                   f"got NoneType")
-    assert "Traceback" in _run("src.prepare.test_dev", *args, "--debug").stderr
-    assert "Traceback" in _run("src.prepare.test_dev", *args, APOLLO_DEBUG="1").stderr
+    assert "Traceback" in _run("src.prepare.bench_prompts", *args, "--debug").stderr
+    assert "Traceback" in _run("src.prepare.bench_prompts", *args, APOLLO_DEBUG="1").stderr
 
 
 def test_flag_parse_errors_and_interrupts_are_one_line(capsys):
-    from src.prepare import test_dev
+    from src.prepare import bench_prompts
 
-    assert cli.run(test_dev.main, ["--shots", "x"]) == 2
+    assert cli.run(bench_prompts.main, ["--shots", "x"]) == 2
     assert capsys.readouterr().err == "error: --shots: invalid int value: 'x'\n"
 
     def interrupted(argv):
@@ -276,7 +276,7 @@ def test_flag_parse_errors_and_interrupts_are_one_line(capsys):
 
 
 def test_missing_models_and_offline_hub_ids_are_one_line(tmp_path):
-    r = _run("src.prepare.test_dev", "--model", tmp_path / "nope", "--out", tmp_path / "o")
+    r = _run("src.prepare.bench_prompts", "--model", tmp_path / "nope", "--out", tmp_path / "o")
     assert r.returncode == 2 and _last_line_only(r) == f"error: --model: no such model folder: {tmp_path / 'nope'}"
     r = _run("src.evaluate.eval", "--model", "no-such-org/no-such-model", "--input", SAMPLE / "bench_test.json",
              "--out", tmp_path / "o")
@@ -290,13 +290,13 @@ def test_missing_models_and_offline_hub_ids_are_one_line(tmp_path):
 
 def test_step1_and_step4_reject_nonsense_counts(tiny_model_dir, tiny_recs, tmp_path):
     from src.evaluate import eval as step4
-    from src.prepare import test_dev
+    from src.prepare import bench_prompts
 
     with pytest.raises(UsageError, match="--shots: must be at least 0, got -1"):
-        test_dev.main(["--model", str(tiny_model_dir), "--shots", "-1", "--out", str(tmp_path / "o")])
+        bench_prompts.main(["--model", str(tiny_model_dir), "--shots", "-1", "--out", str(tmp_path / "o")])
     with pytest.raises(UsageError, match="--max-tokens: no test item fits in 5 tokens"):
         # the shipped sample, not data/raw/ (step 0 has not run on a fresh clone)
-        test_dev.main(["--model", str(tiny_model_dir), "--max-tokens", "5", "--bench", str(SAMPLE / "bench_test.json"),
+        bench_prompts.main(["--model", str(tiny_model_dir), "--max-tokens", "5", "--bench", str(SAMPLE / "bench_test.json"),
                        "--dev", str(SAMPLE / "bench_dev.json"), "--out", str(tmp_path / "o")])
     inp = _write_jsonl(tmp_path / "t.jsonl", tiny_recs[0][:3])
     for flag, value in (("--limit", "-1"), ("--limit", "0"), ("--max-new-tokens", "0"), ("--batch-size", "0")):
@@ -407,17 +407,17 @@ def test_steps_1_and_2_rerun_with_the_same_settings_and_refuse_others_without_ov
                                                                                       capsys):
     """A rerun into the same --out rewrites the same files; other settings (which would replace results made
     differently) need --overwrite, and the refusal names what changed."""
-    from src.prepare import test_dev, train_data
+    from src.prepare import bench_prompts, train_data
 
     one = ["--model", str(tiny_model_dir), "--bench", str(SAMPLE / "bench_test.json"), "--dev",
            str(SAMPLE / "bench_dev.json"), "--out", str(tmp_path / "s1")]
-    assert test_dev.main(one) == 0
+    assert bench_prompts.main(one) == 0
     first = (tmp_path / "s1" / "test.jsonl").read_bytes()
-    assert test_dev.main(one) == 0 and (tmp_path / "s1" / "test.jsonl").read_bytes() == first
+    assert bench_prompts.main(one) == 0 and (tmp_path / "s1" / "test.jsonl").read_bytes() == first
     with pytest.raises(UsageError, match=r"--out: .* step 1 outputs made with other settings \(shots: 3 -> 0\)"):
-        test_dev.main([*one, "--shots", "0"])
+        bench_prompts.main([*one, "--shots", "0"])
     assert (tmp_path / "s1" / "test.jsonl").read_bytes() == first  # untouched
-    assert test_dev.main([*one, "--shots", "0", "--overwrite"]) == 0
+    assert bench_prompts.main([*one, "--shots", "0", "--overwrite"]) == 0
     assert json.loads((tmp_path / "s1" / "report.json").read_text())["settings"]["shots"] == 0
 
     two = ["--model", str(tiny_model_dir), "--data", str(SAMPLE / "train.json"), "--out", str(tmp_path / "s2"),

@@ -28,7 +28,7 @@ def real_records(shared_data, smollm2_dir, smollm2_tokenizer, tmp_path_factory):
     from src.common.chat_formats import resolve_format
     from src.prepare.bench_items import load_bench
     from src.prepare.prompts import PromptBuilder
-    from src.prepare.test_dev import _by_source, build_split
+    from src.prepare.bench_prompts import _by_source, build_split
 
     fmt = resolve_format(smollm2_tokenizer, AutoConfig.from_pretrained(smollm2_dir))
     test, _ = load_bench(shared_data / "bench_test.json")
@@ -140,11 +140,11 @@ def test_cli_chat_through_the_server(server, smollm2_dir):
 
 def test_mmedbench_answers_through_the_server_are_whole(server, smollm2_dir, tmp_path):
     """MMedBench records are generated to the end (rationale, then answer): no newline stop on the server either."""
-    from src.prepare import test_dev
+    from src.prepare import bench_prompts
     from tests.conftest import SAMPLE
 
     prep = tmp_path / "prep"
-    assert test_dev.main(["--bench", str(SAMPLE / "mmedbench" / "Test" / "English.jsonl"), "--model",
+    assert bench_prompts.main(["--bench", str(SAMPLE / "mmedbench" / "Test" / "English.jsonl"), "--model",
                           str(smollm2_dir), "--out", str(prep)]) == 0
     ours, api = tmp_path / "inprocess", tmp_path / "api"
     base = ["--model", str(smollm2_dir), "--input", str(prep / "test.jsonl"), "--limit", "2", "--max-new-tokens",

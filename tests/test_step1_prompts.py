@@ -7,7 +7,7 @@ import pytest
 from src.common.chat_formats import RELEASE_FORMATS
 from src.common.errors import DataError, UsageError
 from src.common.languages import major_languages
-from src.prepare import test_dev
+from src.prepare import bench_prompts
 from src.prepare.bench_items import load_bench
 from src.prepare.prompts import PromptBuilder, candidate_shots
 
@@ -246,7 +246,7 @@ def run_step1(tmp_path, tokenizer_dir, test_items, dev_items=None, *extra):
     args = ["--bench", str(write(tmp_path, "test.json", test_items)), "--model", str(tokenizer_dir), "--out", str(out)]
     if dev_items is not None:
         args += ["--dev", str(write(tmp_path, "dev.json", dev_items))]
-    assert test_dev.main(args + list(extra)) == 0
+    assert bench_prompts.main(args + list(extra)) == 0
     rows = {split: [json.loads(line) for line in (out / f"{split}.jsonl").open(encoding="utf-8")]
             for split in ("test", "dev")}
     return out, rows, json.loads((out / "report.json").read_text(encoding="utf-8"))
@@ -313,7 +313,7 @@ def test_embedded_sample_meets_its_contract():
 
 def test_real_bench_every_item_accounted_for(shared_data, smollm2_dir, tmp_path):
     out = tmp_path / "real"
-    assert test_dev.main(["--bench", str(shared_data / "bench_test.json"), "--dev", str(shared_data / "bench_dev.json"),
+    assert bench_prompts.main(["--bench", str(shared_data / "bench_test.json"), "--dev", str(shared_data / "bench_dev.json"),
                           "--model", str(smollm2_dir), "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     raw = json.loads((shared_data / "bench_test.json").read_text())

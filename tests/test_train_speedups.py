@@ -217,9 +217,9 @@ def test_chunked_loss_through_the_model_equals_the_full_loss(tiny_model_dir, mon
 
 def test_chunked_loss_with_lora(tiny_model_dir):
     from src.train import lora
-    from src.train.train import parse_args
+    from src.train.config import TrainConfig
 
-    args = parse_args(["--model", str(tiny_model_dir), "--train", "x", "--out", "y", "--lora-r", "4"])
+    args = TrainConfig(model=str(tiny_model_dir), train="x", out="y", lora_r=4)
     model = lora.apply(_model(tiny_model_dir), args, base=tiny_model_dir, is_moe=False)
     with torch.no_grad():  # LoRA B starts at 0: move it so the LoRA path changes the loss
         for name, p in model.named_parameters():

@@ -182,9 +182,10 @@ def test_checkpoint_listing_rotation_and_stale_folders(tmp_path):
 
 def test_dev_subset_and_metrics(tmp_path):
     path = tmp_path / "dev.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "language": "en" if i < 50 else "zh"}) + "\n" for i in range(100)))
+    path.write_text("".join(json.dumps({"id": str(i), "source": "s", "prompt": "p", "answer": "A", "letters": ["A", "B"],
+                                        "language": "en" if i < 50 else "zh"}) + "\n" for i in range(100)))
     sub = load_dev(path, 4)
-    assert [r["id"] for r in sub] == [0, 25, 50, 75] and {r["language"] for r in sub} == {"en", "zh"}
+    assert [r["id"] for r in sub] == ["0", "25", "50", "75"] and {r["language"] for r in sub} == {"en", "zh"}
     assert len(load_dev(path, None)) == 100
     m = dev_metrics({"accuracy_items": 0.5, "major_average": {"accuracy": 0.4, "ci95": [0, 1]}, "minor_average": None,
                      "languages": {"en": {"accuracy": 0.25, "right": 1}, "zh": {"accuracy": 0.75}}})

@@ -122,14 +122,19 @@ def plot(names: list[str], scores: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m util.collect_results", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dirs", nargs="+", type=Path, help="step 4 result folders (or score.json files)")
     p.add_argument("--names", nargs="+", default=None, help="one label per folder (default: folder names)")
     p.add_argument("--out", type=Path, default=Path("results/summary"), help="output prefix (default %(default)s)")
     p.add_argument("--exclude-source", action="append", default=[], metavar="NAME",
                    help="recompute every run without this source (repeatable)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     names = args.names or [d.name if d.is_dir() else d.parent.name for d in args.dirs]
     if len(names) != len(args.dirs):
         raise SystemExit("--names needs one label per folder")

@@ -128,12 +128,17 @@ def _remove_earlier_export(out: Path, data_dir: Path) -> None:
         path.unlink()
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m util.export_lm_eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", type=Path, required=True, help="step 1 test.jsonl or dev.jsonl")
     p.add_argument("--out", type=Path, required=True, help="task folder to write (for lm_eval --include_path)")
     p.add_argument("--overwrite", action="store_true", help="replace a task folder already in --out")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     report = export(args.input, args.out, args.overwrite)
     print(f"[export_lm_eval] read {report['items']} records from {args.input}, wrote {len(report['tasks'])} tasks "
           f"and {len(report['groups'])} groups: one row per language "

@@ -148,12 +148,18 @@ def copy_data_files(src: Path, out: Path) -> list[str]:
     return copied
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m util.import_apollo_moe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", required=True, help="the Apollo-MoE checkpoint folder (config.json + safetensors)")
     parser.add_argument("--out", help="write our Post-MoE checkpoint here")
     parser.add_argument("--export-stock", metavar="DIR", help="write a stock transformers Qwen2MoeForCausalLM here")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output folders' files")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.out and not args.export_stock:
         parser.error("give --out, --export-stock or both")

@@ -18,14 +18,14 @@ import torch
 from src.common.errors import UsageError
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m util.merge_lora", description=__doc__.split("\n")[0])
     p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--out", required=True, help="folder for the merged checkpoint (must not exist or be empty)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype the merge is computed and stored in")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that holds files")
-    return p.parse_args(argv)
+    return p
 
 
 def merge(adapter_dir, out_dir, dtype: torch.dtype = torch.float32) -> Path:
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     from src.models.adapter import adapter_base, is_adapter_dir
     from src.models.loading import check_model_source
 
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     check_model_source(args.adapter, weights=True, flag="--adapter")
     if not is_adapter_dir(args.adapter):
         raise UsageError("--adapter", f"{args.adapter}: not an adapter folder (no adapter_config.json)")

@@ -108,8 +108,9 @@ def plot(ratios: dict[str, list[list[float]]], tokens: dict[str, int], layers: l
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m util.routing_analysis", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="MoE checkpoint folder (written by save_moe or the trainer)")
     parser.add_argument("--input", required=True, type=Path, help="processed test/dev jsonl (prompt, language)")
     parser.add_argument("--out", required=True, type=Path, help="output folder for routing.png and routing.json")
@@ -117,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="at most this many items per language")
     parser.add_argument("--max-length", type=int, default=2048, help="longer prompts keep their last tokens")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if not moe.is_moe_checkpoint(args.model):

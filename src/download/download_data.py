@@ -21,6 +21,7 @@ from pathlib import Path
 
 from src.common.defaults import DEFAULT_MODEL_NAME, ROOT
 from src.common.io import copy_file
+from src.download.config import HUB_MODEL, DownloadConfig
 from src.download.embedded import convert_gguf
 
 ASSET_SAMPLE_DIR = ROOT / "assets" / "sample"  # shipped in the repo; step 0 copies it to data/raw/sample
@@ -95,13 +96,13 @@ def download_hub(data_dir: Path, models_dir: Path, model: str, dataset_file: str
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="0.download_data.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--sample", action="store_true", help="install the embedded default (default)")
     mode.add_argument("--hub", action="store_true", help="download the real data, bench and --model from the hub")
-    p.add_argument("--model", default="Qwen/Qwen2-0.5B", help="base model repo id for --hub (default: %(default)s)")
+    p.add_argument("--model", default=HUB_MODEL, help="base model repo id for --hub (default: %(default)s)")
     p.add_argument("--dataset-file", default="ApolloMoEDataset.json",
                    help="file of the dataset repo to fetch with --hub (the 609 MB ApolloMoEDataset_sample.json "
                         "is a smaller alternative; default: %(default)s)")
@@ -111,16 +112,16 @@ def main(argv: list[str] | None = None) -> int:
                         "data and bench (docs/mmedbench.md)")
     p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "raw")
     p.add_argument("--models-dir", type=Path, default=ROOT / "models")
-    args = p.parse_args(argv)
-    if args.mmedbench and not args.hub:
-        from src.common.errors import UsageError
+    return p
 
-        raise UsageError("--mmedbench", "goes with --hub (the embedded sample always has its MMedBench part)")
-    if args.hub:
-        report = download_hub(args.data_dir, args.models_dir, args.model, args.dataset_file, args.bench_file,
-                              args.mmedbench)
+
+def main(argv: list[str] | None = None) -> int:
+    config = DownloadConfig.from_args(build_parser().parse_args(argv))
+    if config.hub:
+        report = download_hub(config.data_dir, config.models_dir, config.model, config.dataset_file,
+                              config.bench_file, config.mmedbench)
     else:
-        report = install_sample(args.data_dir, args.models_dir)
+        report = install_sample(config.data_dir, config.models_dir)
     print("[step 0] " + ", ".join(f"{k}={v}" for k, v in report.items()))
     return 0
 

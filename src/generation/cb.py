@@ -35,7 +35,7 @@ from src.common.errors import UsageError
 from src.generation.stops import completes_line, newline_tokens, stop_reason
 from src.generation.types import Generation, GenerationConfig, Prompt
 
-EXPORT_HINT = "python -m src.models.moe_export --model DIR --out DIR"
+EXPORT_HINT = "python -m util.moe_export --model DIR --out DIR"
 PAGE_SIZE = 256  # tokens per cache page (transformers' default)
 _GO, _YOUNG, _LINE_DONE = 0, 1, 2  # per-request codes StopRules passes to the device
 

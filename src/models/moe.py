@@ -539,10 +539,14 @@ class RoutingStats:
 # message that quotes it (transformers 5.23 prints "has model type `<model_type>` but Transformers does not
 # recognize this architecture"): the type itself names our loader and the export command. The base model's type
 # and architectures move to BASE_TYPE_KEY / BASE_ARCHITECTURES_KEY. Folders written before this format (base
-# model_type plus the post_moe field) still load here.
+# model_type plus the post_moe field) still load here, and so do folders whose model_type names the export command
+# by its earlier module (EARLIER_MOE_MODEL_TYPES).
 MOE_MODEL_TYPE = ("apollomoe-post-moe: not a transformers model type; load this folder with "
                   "src.models.loading.load_model, or export it to a stock class with "
-                  "python -m src.models.moe_export --model DIR --out DIR")
+                  "python -m util.moe_export --model DIR --out DIR")
+EARLIER_MOE_MODEL_TYPES = ("apollomoe-post-moe: not a transformers model type; load this folder with "
+                           "src.models.loading.load_model, or export it to a stock class with "
+                           "python -m util.moe_export --model DIR --out DIR",)
 BASE_TYPE_KEY = "post_moe_base_model_type"
 BASE_ARCHITECTURES_KEY = "post_moe_base_architectures"
 
@@ -582,7 +586,7 @@ def base_config(path: str | Path):
     entry = _config_dict(path)
     if entry is None or MOE_CONFIG_KEY not in entry:
         raise ValueError(f"{file}: not a Post-MoE checkpoint (no {MOE_CONFIG_KEY} field)")
-    if entry.get("model_type") == MOE_MODEL_TYPE:
+    if entry.get("model_type") in (MOE_MODEL_TYPE, *EARLIER_MOE_MODEL_TYPES):
         if BASE_TYPE_KEY not in entry:
             raise ValueError(f"{file}: field {BASE_TYPE_KEY} is missing (the base model's model_type)")
         entry["model_type"] = entry.pop(BASE_TYPE_KEY)

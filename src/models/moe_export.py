@@ -1,7 +1,7 @@
 """Export a Post-MoE checkpoint to transformers' own Qwen2MoeForCausalLM, which stock tools (AutoModelForCausalLM,
 vLLM, lm-eval) load without our code. docs/moe.md "Export to a stock class".
 
-    python -m src.models.moe_export --model ckpts/<exp>_moe/checkpoint-3 --out models/<exp>-qwen2moe
+    python -m util.moe_export --model ckpts/<exp>_moe/checkpoint-3 --out models/<exp>-qwen2moe
 
 Qwen2-MoE represents Qwen2- and Llama-family decoders exactly: the same RMSNorm, rotary embedding (every rope type
 goes through the same `rope_parameters` code), SwiGLU MLP and attention; `qkv_bias` follows the base model (True for
@@ -12,7 +12,6 @@ the exported model must give the source model's logits on a probe sequence.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -61,7 +60,7 @@ def qwen2_moe_config(dense, settings: moe.MoESettings):
 
 
 @torch.no_grad()
-def _max_logit_difference(a: nn.Module, b: nn.Module, vocab_size: int) -> tuple[float, float]:
+def max_logit_difference(a: nn.Module, b: nn.Module, vocab_size: int) -> tuple[float, float]:
     """Max abs logit difference of two models on a fixed probe sequence, and the logits' scale."""
     probe = torch.randint(0, vocab_size, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
     probe = probe.to(next(a.parameters()).device)
@@ -93,7 +92,7 @@ def export_qwen2_moe(moe_model: nn.Module, out_dir: str | Path, tokenizer=None) 
     exported = to_qwen2_moe(moe_model)
     was_training = moe_model.training
     moe_model.eval()
-    diff, scale = _max_logit_difference(moe_model, exported, moe_model.config.vocab_size)
+    diff, scale = max_logit_difference(moe_model, exported, moe_model.config.vocab_size)
     moe_model.train(was_training)
     dtype = next(moe_model.parameters()).dtype
     tolerance = TOLERANCE.get(dtype, LOW_PRECISION_TOLERANCE) * max(1.0, scale)
@@ -111,45 +110,3 @@ def export_qwen2_moe(moe_model: nn.Module, out_dir: str | Path, tokenizer=None) 
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a Post-MoE checkpoint folder of this project")
-    parser.add_argument("--out", required=True, help="output folder for the stock Qwen2MoeForCausalLM copy")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder's files")
-    args = parser.parse_args(argv)
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not moe.is_moe_checkpoint(args.model):
-        parser.error(f"{args.model} is not a Post-MoE checkpoint of this project (its config.json has no "
-                     f"'{moe.MOE_CONFIG_KEY}' field)")
-    from src.common.outputs import check_out, staged_folder
-    from src.models.loading import load_model
-
-    out = check_out(args.out, [args.model], overwrite=args.overwrite)
-    model = load_model(args.model, torch_dtype="auto")  # exported in the checkpoint's own dtype
-    tokenizer = AutoTokenizer.from_pretrained(args.model, config=moe.base_config(args.model))
-    try:
-        with staged_folder(out) as tmp:  # whole or not at all
-            export_qwen2_moe(model, tmp, tokenizer)
-    except ValueError as e:
-        print(f"[export] ERROR: {args.model}: {e}")
-        return 1
-    # Read back through stock transformers: what another tool will see.
-    stock = AutoModelForCausalLM.from_pretrained(out, dtype=next(model.parameters()).dtype).eval()
-    diff, _ = _max_logit_difference(model, stock, model.config.vocab_size)
-    settings = moe.moe_settings(model)
-    print(f"[export] read {args.model} ({model.config.model_type}, {settings.num_experts} experts, top-"
-          f"{settings.top_k}, MoE layers {list(settings.moe_layers)}) -> wrote {out} ({type(stock).__name__}); "
-          f"max |logit difference| reloaded vs source on {PROBE_TOKENS} probe tokens: {diff:.3g}; skipped nothing")
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from src.common import cli
-
-    sys.exit(cli.run(main))

@@ -10,9 +10,10 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from src.common.errors import DataError
-from src.common.io import read_json
+from src.common.io import iter_json_array, read_json
 from src.common.languages import source_language
 
 LETTERS = "ABCDEFGH"  # up to 8 options, as the extractor supports
@@ -89,16 +90,35 @@ def _option_lines(value: str, path, index) -> list[tuple[str, str]]:
     return pairs
 
 
-def parse_item(raw, path, index: int) -> BenchItem:
-    """Validate one raw item; raise DataError naming the file, the index and the field on any defect."""
+REQUIRED = ("question", "options", "answer", "source")
+_STRINGS = ("question", "source", "answer")  # of the required fields, those that must be non-empty strings
+
+
+def check_fields(raw, path, index, required=REQUIRED) -> dict:
+    """``raw`` if it is an object with the ``required`` fields (the strings among them non-empty); else a DataError
+    naming the file, the index and the field."""
     if not isinstance(raw, dict):
         raise DataError(path, index, None, f"expected an object, got {type(raw).__name__}")
-    for field in ("question", "options", "answer", "source"):
+    for field in required:
         if field not in raw:
             raise DataError(path, index, field, "missing")
-    for field in ("question", "source", "answer"):
+    for field in (f for f in _STRINGS if f in required):
         if not isinstance(raw[field], str) or not raw[field].strip():
             raise DataError(path, index, field, "must be a non-empty string")
+    return raw
+
+
+def iter_questions(path) -> Iterator[tuple[int, str, str]]:
+    """(index, source, question as given) of every item of a bench file, streamed: what decontamination compares
+    (src/prepare/decontaminate.py), checked as ``parse_item`` checks those two fields."""
+    for index, raw in enumerate(iter_json_array(path)):
+        check_fields(raw, path, index, ("question", "source"))
+        yield index, raw["source"], raw["question"]
+
+
+def parse_item(raw, path, index: int) -> BenchItem:
+    """Validate one raw item; raise DataError naming the file, the index and the field on any defect."""
+    check_fields(raw, path, index)
     options = parse_options(raw["options"], path, index)
     m = _ANSWER.match(raw["answer"])
     if not m:

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from src.common.defaults import ROOT, SAMPLE_DIR
-from src.common.errors import DataError, UsageError
-from src.common.io import dumps, iter_json_array, write_json, write_jsonl
+from src.common.errors import UsageError
+from src.common.io import dumps, write_json, write_jsonl
+from src.prepare.bench_items import iter_questions
 from src.prepare.leak_index import MIN_CHARS, BenchIndex, normalise
-from src.prepare.records import Input, data_input, parsed_elements, text_input
+from src.prepare.config import DECONTAMINATED_SAMPLE, SAMPLE_TRAIN, DecontaminateConfig
+from src.prepare.records import Input, parsed_elements
 
-DEFAULT_OUT = ROOT / "data" / "decontaminated" / "sample"
 BATCH_CHARS = 2_000_000  # characters screened per numpy pass: large enough to amortise, small enough for memory
 QUESTION_START = 80  # characters of the bench question quoted in leaks.jsonl
 NORMALISATION = ("whitespace runs (any Unicode whitespace) collapsed to one space, ends stripped, NUL to space; "
@@ -42,24 +43,20 @@ class Bench:
     origin: list[dict]  # per question: bench_source, bench_file, bench_index, the question's start
 
 
-def load_bench(paths: list[Path], fold_case: bool = False) -> Bench:
+def bench_questions(paths: list[Path], fold_case: bool = False) -> Bench:
+    """The bench files' unique normalised questions (read through src/prepare/bench_items.py's checks)."""
     seen: dict[str, int] = {}
     questions, origin, items = [], [], 0
     for path in paths:
-        for i, item in enumerate(iter_json_array(path)):
+        for i, source, question in iter_questions(path):
             items += 1
-            if not isinstance(item, dict):
-                raise DataError(path, i, None, f"expected a bench item object, got {type(item).__name__}")
-            for name in ("question", "source"):
-                if not isinstance(item.get(name), str):
-                    raise DataError(path, i, name, "missing or not a string")
-            q = normalise(item["question"], fold_case)
+            q = normalise(question, fold_case)
             if not q or q in seen:
                 continue
             seen[q] = len(questions)
             questions.append(q)
-            origin.append({"bench_source": item["source"], "bench_file": str(path), "bench_index": i,
-                           "bench_question": item["question"][:QUESTION_START]})
+            origin.append({"bench_source": source, "bench_file": str(path), "bench_index": i,
+                           "bench_question": question[:QUESTION_START]})
     return Bench([str(p) for p in paths], items, questions, origin)
 
 
@@ -106,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", action="append", default=None, metavar="[SOURCE=]FILE",
                    help="raw pretraining text (repeatable), as step 2's --text: a JSON list of strings, JSON Lines "
                         "or .txt documents separated by blank lines; kept documents are written in the same format")
-    p.add_argument("--out", type=Path, default=None, help=f"output folder (default: {DEFAULT_OUT.relative_to(ROOT)})")
+    p.add_argument("--out", type=Path, default=None, help=f"output folder (default: {DECONTAMINATED_SAMPLE.relative_to(ROOT)})")
     p.add_argument("--min-chars", type=int, default=MIN_CHARS,
                    help="shared consecutive characters that make a leak (default: %(default)s, the paper's)")
     p.add_argument("--min-question-chars", type=int, default=1,
@@ -239,67 +236,60 @@ def screen_file(inp: Input, out_path: Path, screen: Screen, pool, leaks: list, b
     return counts
 
 
-def _defaults(args) -> None:
-    sample = args.data is None and not args.text
-    if sample or args.bench is None:
-        if not (SAMPLE_DIR / "train.json").is_file():
-            raise FileNotFoundError(f"{SAMPLE_DIR}: the embedded sample is not there yet; run ./0.download_data.sh "
-                                    f"first or pass --bench and --data")
-    if args.bench is None:
-        args.bench = [SAMPLE_DIR / "bench_test.json", SAMPLE_DIR / "bench_dev.json"]
-    if sample and not args.text:
-        args.data = [SAMPLE_DIR / "train.json"]
-    args.out = args.out or DEFAULT_OUT
-    args.inputs = [data_input(p) for p in args.data or []] + [text_input(t) for t in args.text or []]
+def _check_paths(config: DecontaminateConfig) -> None:
+    """Refuse, before anything is written: a missing embedded sample, input names that would collide in --out, an
+    --out that would overwrite an input or an earlier run (without --overwrite), a missing input file."""
+    if config.sample and not SAMPLE_TRAIN.is_file():
+        raise FileNotFoundError(f"{SAMPLE_DIR}: the embedded sample is not there yet; run ./0.download_data.sh "
+                                f"first or pass --bench and --data")
+    names = [inp.path.name for inp in config.inputs]
+    if len(set(names)) < len(names) or {"leaks.jsonl", "report.json"} & set(names):
+        raise ValueError(f"--data/--text file names must be distinct and not leaks.jsonl/report.json: {names}")
+    out = config.out
+    for inp in config.inputs:  # the screened copy of an input in --out would replace the input itself
+        if (out / inp.path.name).resolve() == inp.path.resolve():
+            raise UsageError("--out", f"{out} holds the input {inp.path}: its screened copy would replace it; "
+                                      f"choose another --out")
+    if not config.overwrite and any((out / n).exists() for n in names + ["report.json", "leaks.jsonl"]):
+        raise FileExistsError(f"{out} already holds the outputs of a run; pass --overwrite or another --out")
 
 
-def run(args) -> dict:
+def run(config: DecontaminateConfig) -> dict:
     global _WORKER
     from tqdm import tqdm
 
     t0 = time.time()
-    _defaults(args)
-    if args.num_proc < 1:
-        raise ValueError("--num-proc must be at least 1")
-    names = [inp.path.name for inp in args.inputs]
-    if len(set(names)) < len(names) or {"leaks.jsonl", "report.json"} & set(names):
-        raise ValueError(f"--data/--text file names must be distinct and not leaks.jsonl/report.json: {names}")
-    out = Path(args.out)
-    for inp in args.inputs:  # the screened copy of an input in --out would replace the input itself
-        if (out / inp.path.name).resolve() == inp.path.resolve():
-            raise UsageError("--out", f"{out} holds the input {inp.path}: its screened copy would replace it; "
-                                      f"choose another --out")
-    if not args.overwrite and any((out / n).exists() for n in names + ["report.json", "leaks.jsonl"]):
-        raise FileExistsError(f"{out} already holds the outputs of a run; pass --overwrite or another --out")
+    _check_paths(config)
+    out = config.out
     out.mkdir(parents=True, exist_ok=True)
-    for inp in args.inputs:
+    for inp in config.inputs:
         if not inp.path.is_file():
             raise FileNotFoundError(f"{inp.path}: file not found")
 
-    bench = load_bench(args.bench, args.fold_case)
-    screen = _WORKER = Screen(bench, args.min_chars, args.fold_case, args.min_question_chars)
+    bench = bench_questions(config.bench, config.fold_case)
+    screen = _WORKER = Screen(bench, config.min_chars, config.fold_case, config.min_question_chars)
     t_index = time.time() - t0
     leaks: list[dict] = []
     per_file = []
     # fork: the workers inherit the index (hundreds of MB for the real bench) instead of pickling it
-    pool = mp.get_context("fork").Pool(args.num_proc) if args.num_proc > 1 else None
+    pool = mp.get_context("fork").Pool(config.num_proc) if config.num_proc > 1 else None
     try:
         with tqdm(desc="screening", unit="record", disable=None) as bar:
-            for inp in args.inputs:
+            for inp in config.inputs:
                 per_file.append((inp.path, screen_file(inp, out / inp.path.name, screen, pool, leaks, bar,
-                                                       2 * args.num_proc if pool else 0)))
+                                                       2 * config.num_proc if pool else 0)))
     finally:
         if pool:
             pool.close()
             pool.join()
-    report = _report(args, screen, per_file, leaks)
+    report = _report(screen, per_file, leaks)
     write_jsonl(out / "leaks.jsonl", leaks)
     write_json(out / "report.json", report)
     _print_summary(report, out, t_index, time.time() - t0)
     return report
 
 
-def _report(args, screen: Screen, per_file: list, leaks: list) -> dict:
+def _report(screen: Screen, per_file: list, leaks: list) -> dict:
     by_source: dict = {}
     for _, c in per_file:
         for s, v in c.by_source.items():
@@ -341,7 +331,7 @@ def _print_summary(report: dict, out: Path, t_index: float, total: float) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     """Errors are raised; ``cli.run`` (below) turns them into one line and an exit code, as for every step."""
-    run(build_parser().parse_args(argv))
+    run(DecontaminateConfig.from_args(build_parser().parse_args(argv)))
     return 0
 
 

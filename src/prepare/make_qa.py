@@ -28,22 +28,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.common.defaults import DEFAULT_MODEL, ROOT, repo_relative
-from src.common.errors import DataError, UsageError, require_at_least
+from src.common.errors import DataError, UsageError
 from src.common.io import JsonArrayWriter, JsonLinesWriter, dumps, iter_json_array, iter_jsonl, not_utf8, write_json
 from src.common.languages import canonical, is_major
 from src.prepare import rewrite
 from src.prepare.blocks import UNITS, Block, block_size, cut_document, token_measure
+from src.prepare.config import (
+    MAX_NEW_TOKENS,
+    MAX_QUESTION_TOKENS,
+    QA_SAMPLE_OUT,
+    SAMPLE_MAX_NEW_TOKENS,
+    SAMPLE_MAX_QUESTION_TOKENS,
+    SAMPLE_TEXT,
+    MakeQAConfig,
+)
 
-SAMPLE_TEXT = ROOT / "data" / "raw" / "sample" / "text"  # step 0 copies assets/sample/text/ here
-DEFAULT_OUT = ROOT / "data" / "sample_qa"
 DEFAULT_CATEGORY = "medicalText"  # for input files whose name does not say <category>_<lang>_text
 DONE, RECORDS, REJECTS, REPORT = "blocks.jsonl", "records.json", "rejects.jsonl", "report.json"
 OUTPUTS = (DONE, RECORDS, REJECTS, REPORT)
 _NAME = re.compile(r"^(?P<category>[A-Za-z0-9]+)_(?P<lang>[a-z]{2,3})(?:_(?:text|qa))?$")
 INPUT_SUFFIXES = (".json", ".jsonl", ".txt")
-# generation defaults: a real run, and the embedded sample on a CPU (small, so it ends in minutes)
-MAX_QUESTION_TOKENS, MAX_NEW_TOKENS = 256, 1024
-SAMPLE_MAX_QUESTION_TOKENS, SAMPLE_MAX_NEW_TOKENS = 48, 96
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -106,23 +110,23 @@ def documents(path: Path, text_field: str):
         yield str(i), text
 
 
-def iter_blocks(args, measure, inputs: list[dict] | None = None, sizes: dict | None = None):
+def iter_blocks(config: MakeQAConfig, measure, inputs: list[dict] | None = None, sizes: dict | None = None):
     """Every block of the inputs, in input order, streamed (files are read document by document). ``inputs`` and
     ``sizes`` (when given) are filled with the documents and blocks per file and the block size per language."""
-    files = input_files(args.input)
-    resolved = [(p, *file_language_category(p, args.language, args.category)) for p in files]  # errors first
+    files = input_files(config.input)
+    resolved = [(p, *file_language_category(p, config.language, config.category)) for p in files]  # errors first
     n = 0
     for path, lang, cat in resolved:
-        size = block_size(lang, args.block_size)
+        size = block_size(lang, config.block_size)
         if sizes is not None:
             sizes.setdefault(lang, size)
         entry = {"file": str(path), "language": lang, "category": cat, "documents": 0, "blocks": 0}
         if inputs is not None:
             inputs.append(entry)
-        for doc, text in documents(path, args.text_field):
+        for doc, text in documents(path, config.text_field):
             entry["documents"] += 1
-            for i, b in enumerate(cut_document(text, size, measure, merge=not args.no_merge)):
-                if args.limit and n >= args.limit:
+            for i, b in enumerate(cut_document(text, size, measure, merge=not config.no_merge)):
+                if config.limit and n >= config.limit:
                     return
                 entry["blocks"] += 1
                 n += 1
@@ -326,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=Path, action="append", default=None,
                    help="text files or folders (repeatable): release <category>_<lang>_text.json lists of strings, "
                         ".jsonl with a text field, .txt; default: the embedded sample in data/raw/sample/text/")
-    p.add_argument("--out", type=Path, default=None, help=f"output folder (default: {DEFAULT_OUT.relative_to(ROOT)})")
+    p.add_argument("--out", type=Path, default=None, help=f"output folder (default: {QA_SAMPLE_OUT.relative_to(ROOT)})")
     p.add_argument("--mode", choices=rewrite.MODES, default="qa", help="qa (default) or dialogue (doctor-patient)")
     p.add_argument("--language", default=None, help="language code of every input (default: from each file name)")
     p.add_argument("--category", default=None,
@@ -369,38 +373,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-def _check_args(args) -> None:
-    require_at_least(args, {"--concurrency": 1, "--retries": 0, "--max-question-tokens": 1, "--max-new-tokens": 1,
-                            "--limit": 1, "--block-size": 1})
-    if args.timeout <= 0:
-        raise UsageError("--timeout", f"must be positive, got {args.timeout}")
-    if args.temperature < 0:
-        raise UsageError("--temperature", f"must be 0 or more, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise UsageError("--top-p", f"must be in (0, 1], got {args.top_p}")
-    if args.model and args.api_base:
-        raise UsageError("--api-base", "give either --model (in-process) or --api-base (a server), not both")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume", "--resume continues a run, --overwrite discards it: choose one")
-
-
-def _defaults(args) -> bool:
-    sample = args.input is None
-    if sample:
-        if not SAMPLE_TEXT.is_dir():
-            raise FileNotFoundError(f"{SAMPLE_TEXT}: the embedded sample is not there yet; run ./0.download_data.sh "
-                                    f"first or pass --input")
-        args.input = [SAMPLE_TEXT]
-    args.out = Path(args.out or DEFAULT_OUT)
-    if not args.api_base and not args.model:
-        args.model = str(DEFAULT_MODEL)
-    if args.max_question_tokens is None:
-        args.max_question_tokens = SAMPLE_MAX_QUESTION_TOKENS if sample else MAX_QUESTION_TOKENS
-    if args.max_new_tokens is None:
-        args.max_new_tokens = SAMPLE_MAX_NEW_TOKENS if sample else MAX_NEW_TOKENS
-    return sample
 
 
 def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -466,38 +438,39 @@ class DoneFile:
         self.f.close()
 
 
-def run(args) -> dict:
+def run(config: MakeQAConfig) -> dict:
     t0 = time.time()
-    _check_args(args)
-    sample = _defaults(args)
-    out: Path = args.out
-    settings = Settings(args.mode, args.temperature, args.top_p, args.seed, args.max_question_tokens,
-                        args.max_new_tokens)
-    checks = Checks(args.min_question_chars, args.min_answer_chars, args.min_script_share, args.copy_share)
-    measure = _measure(args)
-    next(iter_blocks(args, measure), None)  # bad inputs (names, formats) fail here, before a model is loaded
-    if not args.api_base:  # and a bad model folder, before --out is created
+    if config.sample and not SAMPLE_TEXT.is_dir():
+        raise FileNotFoundError(f"{SAMPLE_TEXT}: the embedded sample is not there yet; run ./0.download_data.sh "
+                                f"first or pass --input")
+    out = config.out
+    settings = Settings(config.mode, config.temperature, config.top_p, config.seed, config.max_question_tokens,
+                        config.max_new_tokens)
+    checks = Checks(config.min_question_chars, config.min_answer_chars, config.min_script_share, config.copy_share)
+    measure = _measure(config)
+    next(iter_blocks(config, measure), None)  # bad inputs (names, formats) fail here, before a model is loaded
+    if not config.api_base:  # and a bad model folder, before --out is created
         from src.models.loading import check_model_source
 
-        check_model_source(args.model, weights=True)
+        check_model_source(config.model, weights=True)
 
     from src.common.locks import hold, release
 
     out.mkdir(parents=True, exist_ok=True)
     hold(out, "make_qa")
     try:
-        _prepare_out(out, args.resume, args.overwrite)
+        _prepare_out(out, config.resume, config.overwrite)
         done, backend = DoneFile(out / DONE), None
         try:
             t_load = time.time()
-            backend = _open_backend(args)
+            backend = _open_backend(config)
             t_load = time.time() - t_load
             t_gen = time.time()
-            counts, now = _generate_all(args, backend, done, settings, measure)
+            counts, now = _generate_all(config, backend, done, settings, measure)
             t_gen = time.time() - t_gen
             if not counts["read"]:
-                raise DataError(args.input[0], "(all)", None, "no text: the inputs hold no non-empty paragraph")
-            report = _assemble(args, out, measure, done, checks, settings, backend.identity, counts, now, sample)
+                raise DataError(config.input[0], "(all)", None, "no text: the inputs hold no non-empty paragraph")
+            report = _assemble(config, measure, done, checks, settings, backend.identity, counts, now)
         finally:
             done.close()
             if backend is not None:
@@ -508,28 +481,26 @@ def run(args) -> dict:
     return report
 
 
-def _measure(args):
+def _measure(config: MakeQAConfig):
     """How a block's size is counted: characters (the paper's unit), or tokens of --tokenizer / --model."""
-    if args.block_unit != "tokens":
+    if config.block_unit != "tokens":
         return len
-    name = args.tokenizer or args.model
-    if not name:
-        raise UsageError("--tokenizer", "--block-unit tokens with --api-base needs --tokenizer (a model folder)")
+    name = config.tokenizer or config.model
     from src.models.loading import load_tokenizer
 
     return token_measure(load_tokenizer(name))
 
 
-def _open_backend(args):
-    if args.api_base:
-        return APIBackend(args.api_base, args.api_model, args.timeout, args.retries)
+def _open_backend(config: MakeQAConfig):
+    if config.api_base:
+        return APIBackend(config.api_base, config.api_model, config.timeout, config.retries)
     from src.models.loading import check_model_source
 
-    check_model_source(args.model, weights=True)
-    return HFBackend(args.model, args.device)
+    check_model_source(config.model, weights=True)
+    return HFBackend(config.model, config.device)
 
 
-def _generate_all(args, backend, done: DoneFile, settings, measure) -> tuple[dict, dict]:
+def _generate_all(config: MakeQAConfig, backend, done: DoneFile, settings, measure) -> tuple[dict, dict]:
     """Generate every block not already in the done file (a block whose text repeats an earlier one is generated
     once); returns the block counts and the tokens used now."""
     from tqdm import tqdm
@@ -537,11 +508,11 @@ def _generate_all(args, backend, done: DoneFile, settings, measure) -> tuple[dic
     counts = {"read": 0, "resumed": 0, "generated": 0, "repeated": 0}
     now = {"prompt_tokens": 0, "completion_tokens": 0}
     keys: set[str] = set()
-    bar = tqdm(desc=f"make_qa ({args.mode})", unit="block", disable=True if args.no_progress else None,
+    bar = tqdm(desc=f"make_qa ({config.mode})", unit="block", disable=True if config.no_progress else None,
                dynamic_ncols=True)
 
     def todo():
-        for b in iter_blocks(args, measure):
+        for b in iter_blocks(config, measure):
             k = block_key(b, settings, backend.identity)
             counts["read"] += 1
             if k in keys:  # the same text as an earlier block: generated once (then judged a duplicate)
@@ -567,7 +538,7 @@ def _generate_all(args, backend, done: DoneFile, settings, measure) -> tuple[dic
             from src.common.openai_client import run_concurrently
 
             for _, row in run_concurrently(lambda bk: generate_block(backend, bk[0], bk[1], settings), todo(),
-                                           args.concurrency):
+                                           config.concurrency):
                 finished(row)
         else:
             for b, k in todo():
@@ -575,8 +546,9 @@ def _generate_all(args, backend, done: DoneFile, settings, measure) -> tuple[dic
     return counts, now
 
 
-def _assemble(args, out, measure, done: DoneFile, checks, settings, identity, counts, now, sample) -> dict:
+def _assemble(config: MakeQAConfig, measure, done: DoneFile, checks, settings, identity, counts, now) -> dict:
     """Judge every block's generations in input order and write records.json, rejects.jsonl and report.json."""
+    out = config.out
     rejected = {r: 0 for r in rewrite.REASONS}
     by_source: dict[str, dict] = {}
     seen: set = set()
@@ -587,7 +559,7 @@ def _assemble(args, out, measure, done: DoneFile, checks, settings, identity, co
     writer = JsonArrayWriter(out / RECORDS)
     rejects = JsonLinesWriter(out / REJECTS)
     try:
-        for b in iter_blocks(args, measure, inputs, sizes):
+        for b in iter_blocks(config, measure, inputs, sizes):
             k = block_key(b, settings, identity)
             row = done.get(k)
             for t in total:
@@ -614,10 +586,10 @@ def _assemble(args, out, measure, done: DoneFile, checks, settings, identity, co
         "format_version": 1,
         "mode": settings.mode,
         "settings": {
-            **identity, **settings.generation(), "block_unit": args.block_unit, "block_sizes": sizes,
-            "merge_paragraphs": not args.no_merge, "min_question_chars": checks.min_question_chars,
+            **identity, **settings.generation(), "block_unit": config.block_unit, "block_sizes": sizes,
+            "merge_paragraphs": not config.no_merge, "min_question_chars": checks.min_question_chars,
             "min_answer_chars": checks.min_answer_chars, "min_script_share": checks.min_script_share,
-            "copy_share": checks.copy_share, "embedded_sample": sample, "limit": args.limit,
+            "copy_share": checks.copy_share, "embedded_sample": config.sample, "limit": config.limit,
         },
         "inputs": inputs,
         "blocks": {"read": counts["read"], "generated_now": counts["generated"], "resumed": counts["resumed"],
@@ -654,12 +626,11 @@ def _print_summary(report: dict, out: Path, t: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     from src.common import cli
     from src.common.openai_client import ApiError
 
     try:
-        run(args)
+        run(MakeQAConfig.from_args(build_parser().parse_args(argv)))
     except ApiError as e:  # the server failed for good (after retries): say so on one line, exit 2
         return cli.report(UsageError("--api-base", str(e)))
     except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:

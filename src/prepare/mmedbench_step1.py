@@ -1,10 +1,11 @@
 """Step 1 for MMedBench: MMedLM's zero-shot prompts for the Test split (``1.data_process_test_dev.sh --bench DIR``).
 
-Called by ``src.prepare.test_dev`` when ``--bench`` is an MMedBench release (or a split folder, or one language
-file). Writes ``test.jsonl`` (one record per item, ``task: "mmedbench"``), ``rejects.jsonl`` and ``report.json``;
-MMedBench has no dev split, so no ``dev.jsonl``. A record carries what step 4 needs: the gold letters (``answers``,
-several for some items; ``answer`` = them joined by ","; ``answer_idx`` = the gold string as MMedLM reads it), the
-gold ``rationale``, the ``human_checked``/``human_check_passed`` flags and ``with_rationale``.
+Called by ``src.prepare.bench_prompts`` (with its ``PromptConfig``) when ``--bench`` is an MMedBench release (or a
+split folder, or one language file). Writes ``test.jsonl`` (one record per item, ``task: "mmedbench"``),
+``rejects.jsonl`` and ``report.json``; MMedBench has no dev split, so no ``dev.jsonl``. A record carries what step 4
+needs: the gold letters (``answers``, several for some items; ``answer`` = them joined by ","; ``answer_idx`` = the
+gold string as MMedLM reads it), the gold ``rationale``, the ``human_checked``/``human_check_passed`` flags and
+``with_rationale``.
 
 ``--prompt-style fixed`` (default) or ``mmedlm`` (src/prepare/mmedlm_prompts.py); ``--rationale with`` (default:
 the model writes a rationale, then its answer) or ``without`` (answer only: the prompt of MMedLM's accuracy table);
@@ -15,9 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from pathlib import Path
 
-from src.common.defaults import ROOT, SAMPLE_DIR
 from src.common.errors import UsageError
 from src.common.io import file_sha256, write_json, write_jsonl
 from src.common.languages import family_id
@@ -25,21 +24,8 @@ from src.models.loading import load_tokenizer_and_format
 from src.common.rerun import check_rerun, normalised
 from src.prepare import mmedlm_prompts as prompts
 from src.evaluate.records import STEP1_FORMAT_VERSION, STEP1_REPORT
+from src.prepare.config import PromptConfig
 from src.prepare.mmedbench import LANGUAGES, TASK, MMedItem, load_split, split_files
-
-SAMPLE_MMEDBENCH = SAMPLE_DIR / "mmedbench"  # step 0 copies assets/sample/mmedbench/ here
-
-
-def check_flags(args) -> str:
-    """The prompt style to use; UsageError for a flag MMedBench cannot take."""
-    if args.prompt_style == "paper":
-        raise UsageError("--prompt-style", "'paper' is XMedBench's reference style; MMedBench takes 'fixed' or "
-                                           "'mmedlm'")
-    if args.shots:
-        raise UsageError("--shots", "MMedBench prompts are zero-shot, as MMedLM's")
-    if args.dev is not None:
-        raise UsageError("--dev", "MMedBench has no dev split (Train/ is step 2's input, Test/ step 1's)")
-    return args.prompt_style
 
 
 def record(item: MMedItem, prompt: str, n_tokens: int, style: str, with_rationale: bool) -> dict:
@@ -89,24 +75,15 @@ def _report(records: list[dict], items: list[MMedItem], settings: dict, fmt, sty
     }
 
 
-def default_out(bench: Path, model: str) -> Path:
-    stem = "mmedbench_sample" if Path(bench) == SAMPLE_MMEDBENCH else "mmedbench"
-    return ROOT / "data" / f"{stem}_{Path(model).name}"
-
-
-def main(args) -> int:
-    style = check_flags(args)
-    rationale = args.rationale or "with"
-    out = args.out or default_out(args.bench, args.model)
-    settings = {"bench": args.bench, "model": args.model, "format": args.format, "prompt_style": style,
-                "rationale": rationale, "max_tokens": args.max_tokens, "on_error": args.on_error}
-    check_rerun(out, STEP1_REPORT, settings, args.overwrite, "step 1")
+def run(config: PromptConfig) -> int:
+    style, rationale, out, settings = config.prompt_style, config.rationale, config.out, config.settings()
+    check_rerun(out, STEP1_REPORT, settings, config.overwrite, "step 1")
     t0 = time.time()
-    tokenizer, fmt = load_tokenizer_and_format(args.model, args.format)
-    items, rejects = load_split(args.bench, "Test", args.on_error == "skip")
-    records, too_long = build_records(items, fmt, tokenizer, style, rationale == "with", args.max_tokens)
+    tokenizer, fmt = load_tokenizer_and_format(config.model, config.format)
+    items, rejects = load_split(config.bench, "Test", config.on_error == "skip")
+    records, too_long = build_records(items, fmt, tokenizer, style, rationale == "with", config.max_tokens)
     if items and not records:
-        raise UsageError("--max-tokens", f"no test item fits in {args.max_tokens} tokens")
+        raise UsageError("--max-tokens", f"no test item fits in {config.max_tokens} tokens")
     out.mkdir(parents=True, exist_ok=True)
     (out / STEP1_REPORT).unlink(missing_ok=True)  # the mark of a complete folder goes until the new files are in
     write_jsonl(out / "test.jsonl", records)

@@ -38,7 +38,7 @@ import numpy as np
 
 from src.common import cli
 from src.common.chat_formats import FORMAT_NAMES, ChatFormat
-from src.common.defaults import DEFAULT_MODEL, IGNORE_INDEX, ROOT, SAMPLE_DIR, repo_relative
+from src.common.defaults import DEFAULT_MODEL, IGNORE_INDEX, ROOT, repo_relative
 from src.common.io import write_json, write_jsonl, writing
 from src.common.rerun import check_rerun, normalised
 from src.common.languages import (
@@ -63,12 +63,16 @@ from src.prepare.packing import (
     write_dataset_metadata,
     write_rows,
 )
-from src.prepare.records import Input, ReadResult, data_input, read_records, text_input
+from src.prepare.config import (
+    PAPER_MAX_SEQ_LEN,
+    SAMPLE_MAX_SEQ_LEN,
+    SAMPLE_TRAIN,
+    TrainDataConfig,
+    default_num_proc,
+)
+from src.prepare.records import ReadResult, read_records
 from src.prepare.tokenize_chat import ChatEncoder
 
-SAMPLE = SAMPLE_DIR / "train.json"
-PAPER_MAX_SEQ_LEN = 4096
-SAMPLE_MAX_SEQ_LEN = 1024  # the embedded sample's documents are < 400 tokens; short rows keep CPU training quick
 TOKENIZE_BATCH = 1000
 MAX_EXAMPLES = 20  # truncated records listed by name in mixture.json (all are counted)
 CLASS_OF_KIND = {"text": "text", "qa": "pretrain_qa", "sft": "sft"}  # mixture.json's by_class names
@@ -79,10 +83,6 @@ OUTPUTS = ("train", "train_rejects.jsonl", "train_leaks.jsonl", "curriculum.png"
 # Test hook: stop while the outputs are being moved into place, right after train/ ("ctrl-c": as if Ctrl-C were
 # pressed then; "crash": die there, as kill -9 would), to check that the folder changes as one unit.
 STOP_IN_PUBLISH_ENV = "APOLLO_STEP2_STOP_IN_PUBLISH"
-
-
-def default_num_proc() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "<category>_<lang>_text.json), .txt with documents separated by blank lines, or JSON Lines "
                         "of strings or {text[, source]} objects. SOURCE (<category>_<lang>_text) defaults to the "
                         "file name's stem. Loss on every token; documents longer than --max-seq-len are split")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder: its tokenizer and chat format")
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help=f"model folder: its tokenizer and chat format (default: {repo_relative(DEFAULT_MODEL)})")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: data/sample_<model> for the sample, else data/<data stem>_<model>)")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -149,36 +150,28 @@ def _counts(keys: np.ndarray, weights, n: int) -> np.ndarray:
     return np.bincount(keys, weights=weights, minlength=n)
 
 
-def run(args) -> dict:
+def run(config: TrainDataConfig) -> dict:
     t0 = time.time()
-    sample = args.data is None and args.text is None
-    inputs = [data_input(SAMPLE)] if sample else [data_input(p, args.prompt_style) for p in args.data or []] + \
-        [text_input(t) for t in args.text or []]
-    if sample and not SAMPLE.is_file():
-        raise FileNotFoundError(f"{SAMPLE}: the embedded sample is not there yet; run ./0.download_data.sh first "
-                                f"(it copies assets/sample/) or pass --data")
-    max_len = args.max_seq_len or (SAMPLE_MAX_SEQ_LEN if sample else PAPER_MAX_SEQ_LEN)
-    if max_len < 16:
-        raise ValueError(f"--max-seq-len must be at least 16, got {max_len}")
-    if args.num_proc < 1:
-        raise ValueError("--num-proc must be at least 1")
-    out = args.out or ROOT / "data" / f"{'sample' if sample else inputs[0].path.stem}_{Path(args.model).name}"
-    table = mx.PriorityTable.load(args.priorities)
+    if config.sample and not SAMPLE_TRAIN.is_file():
+        raise FileNotFoundError(f"{SAMPLE_TRAIN}: the embedded sample is not there yet; run ./0.download_data.sh "
+                                f"first (it copies assets/sample/) or pass --data")
+    out = config.out
+    table = mx.PriorityTable.load(config.priorities)
 
-    tokenizer, fmt = load_tokenizer_and_format(args.model, args.format)
-    encoder = ChatEncoder(tokenizer, fmt, max_len)
+    tokenizer, fmt = load_tokenizer_and_format(config.model, config.format)
+    encoder = ChatEncoder(tokenizer, fmt, config.max_seq_len)
 
     from src.common.locks import hold, release
 
     hold(out, "step 2")  # one writer per --out
     tmp = None
     try:
-        check_rerun(out, MIXTURE_FILE, _settings(args, inputs, max_len), args.overwrite, "step 2")
+        check_rerun(out, MIXTURE_FILE, config.settings(), config.overwrite, "step 2")
         _remove_stale(out)
         tmp = Path(tempfile.mkdtemp(dir=out, prefix=TMP_PREFIX))
         timings = {"load tokenizer": time.time() - t0}
         with writing(out):  # a full disk in a writer that names no file is reported as --out at least
-            report = _build(Build(args, inputs, out, tmp, max_len, table, tokenizer, fmt, encoder, timings))
+            report = _build(Build(config, tmp, table, tokenizer, fmt, encoder, timings))
         _publish(tmp / "outputs", out, tmp / "previous")
     finally:
         if tmp is not None:
@@ -193,11 +186,8 @@ def run(args) -> dict:
 @dataclass
 class Build:
     """What every step of one step-2 run needs: the settings, the loaded tokenizer and format, where to write."""
-    args: argparse.Namespace
-    inputs: list[Input]  # the input files: --data ones in order, then --text ones
-    out: Path
-    tmp: Path  # scratch folder inside out, removed at the end; the outputs are built in tmp/outputs
-    max_len: int
+    config: TrainDataConfig  # config.inputs: the input files, --data ones in order, then --text ones
+    tmp: Path  # scratch folder inside --out, removed at the end; the outputs are built in tmp/outputs
     table: mx.PriorityTable
     tokenizer: object
     fmt: ChatFormat
@@ -213,7 +203,7 @@ class Build:
     @property
     def data(self) -> list[Path]:
         """The input files' paths."""
-        return [i.path for i in self.inputs]
+        return [i.path for i in self.config.inputs]
 
     def lap(self, name: str) -> None:
         now = time.time()
@@ -276,11 +266,11 @@ def _build(ctx: Build) -> dict:
 def _read(ctx: Build) -> Records:
     """Read and validate every input, streamed into an Arrow file (leaks screened out when asked)."""
     screen = None
-    if ctx.args.decontaminate_against:
-        from src.prepare.decontaminate import Screen, load_bench
-        screen = Screen(load_bench(ctx.args.decontaminate_against), ctx.args.leak_min_chars)
+    if ctx.config.decontaminate_against:
+        from src.prepare.decontaminate import Screen, bench_questions
+        screen = Screen(bench_questions(ctx.config.decontaminate_against), ctx.config.leak_min_chars)
     with writing(ctx.tmp / "records.arrow"):
-        read = read_records(ctx.inputs, ctx.tmp / "records.arrow", skip_errors=ctx.args.on_error == "skip",
+        read = read_records(ctx.config.inputs, ctx.tmp / "records.arrow", skip_errors=ctx.config.on_error == "skip",
                             screen=screen)
     if read.records == 0:
         raise ValueError(f"no valid training records in {', '.join(map(str, ctx.data))}")
@@ -297,7 +287,7 @@ def _tokenize(ctx: Build, recs: Records) -> Tokens:
 
     records = datasets.Dataset(MemoryMappedTable.from_file(str(ctx.tmp / "records.arrow")),
                                fingerprint="step2-records")
-    num_proc = ctx.args.num_proc if ctx.args.num_proc > 1 else None
+    num_proc = ctx.config.num_proc if ctx.config.num_proc > 1 else None
     with writing(ctx.tmp / "tokenized.arrow"):
         tokenized = records.with_format("arrow").map(
             ctx.encoder, batched=True, batch_size=TOKENIZE_BATCH, num_proc=num_proc,
@@ -306,7 +296,7 @@ def _tokenize(ctx: Build, recs: Records) -> Tokens:
     ctx.lap("tokenize")
     rec = _per_record(tokenized.data.table)
     truncated = rec["full_length"] > rec["length"]
-    _require_loss_tokens(rec, truncated, ctx.max_len)
+    _require_loss_tokens(rec, truncated, ctx.config.max_seq_len)
     return Tokens(tokenized, tokenized.data.table, rec, truncated,
                   _truncated_examples(ctx, recs, tokenized, rec, truncated))
 
@@ -328,10 +318,10 @@ def _order(ctx: Build, recs: Records, tok: Tokens) -> Order:
     source = tok.rec["source"]
     src_prio = np.array([r.priority for r in recs.rules], dtype=np.float32)
     src_is_pretrain = np.array([k != "sft" for k in recs.kinds], dtype=bool)
-    lang_of = family_id if ctx.args.language_ids == "family" else language_id
+    lang_of = family_id if ctx.config.language_ids == "family" else language_id
     src_lang_id = np.array([lang_of(lang) for _, lang, _ in recs.parsed], dtype=np.int32)
     entry_record = mx.build_entries(source, [r.epochs for r in recs.rules])
-    perm = mx.exponential_order(src_prio[source[entry_record]], ctx.args.seed)
+    perm = mx.exponential_order(src_prio[source[entry_record]], ctx.config.seed)
     order = entry_record[perm]
     if len(order) == 0:
         raise ValueError("every source has epochs 0: nothing to train on")
@@ -343,7 +333,7 @@ def _pack(ctx: Build, tok: Tokens, order: Order) -> Rows:
     """Pack the entries next-fit in order and write the rows as train/ (moved into --out by ``_publish``), with the
     rows' digest in train/step2_rows.json (mixture.json records it too: step 3 checks that the two belong together)."""
     lengths = tok.rec["length"][order.order]
-    bounds = plan_rows(lengths, ctx.max_len)
+    bounds = plan_rows(lengths, ctx.config.max_seq_len)
     hasher = hashlib.sha256()
     train = ctx.stage / "train"
     shards = write_rows(tok.table, order.order, bounds, order.src_lang_id[tok.rec["source"]], train, hasher=hasher)
@@ -449,35 +439,24 @@ def _totals(recs: Records, tok: Tokens, order: Order, rows: Rows, max_len: int) 
     }
 
 
-def _settings(args, inputs, max_len: int) -> dict:
-    """What decides step 2's outputs besides the inputs' contents (a rerun with other settings needs --overwrite)."""
-    return {"inputs": [[str(i.path), i.kind, i.source] for i in inputs], "model": str(args.model),
-            "format": args.format, "max_seq_len": max_len, "seed": args.seed,
-            "priorities": str(args.priorities) if args.priorities else None, "language_ids": args.language_ids,
-            "on_error": args.on_error, "decontaminate_against": [str(p) for p in args.decontaminate_against or []],
-            "leak_min_chars": args.leak_min_chars,
-            # only with MMedBench inputs, so the settings of earlier runs without it still match
-            **({"prompt_style": args.prompt_style} if any(i.kind == "mmedbench" for i in inputs) else {})}
-
-
 def _report(ctx: Build, recs: Records, tok: Tokens, order: Order, rows: Rows) -> dict:
     """mixture.json: what went in, how it was ordered and packed, and what was left out."""
-    args, read, tokenizer = ctx.args, recs.read, ctx.tokenizer
+    config, read, tokenizer = ctx.config, recs.read, ctx.tokenizer
     by_source = _by_source(recs, tok, order)
     return {
         "format_version": STEP2_FORMAT_VERSION,
-        "settings": normalised(_settings(args, ctx.inputs, ctx.max_len)),
+        "settings": normalised(config.settings()),
         "inputs": [{"file": str(i.path), "kind": i.kind, "records_read": n}
-                   for i, n in zip(ctx.inputs, read.read_per_file)],
-        "model": repo_relative(args.model),
+                   for i, n in zip(ctx.config.inputs, read.read_per_file)],
+        "model": repo_relative(config.model),
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "size": len(tokenizer)},
         "chat_format": ctx.fmt.to_dict(),
         "stop_token_id": ctx.fmt.stop_token(tokenizer),
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        "max_seq_len": ctx.max_len,
-        "seed": args.seed,
-        "language_ids": args.language_ids,
-        "num_language_ids": len(families()) if args.language_ids == "family" else len(languages()),
+        "max_seq_len": ctx.config.max_seq_len,
+        "seed": config.seed,
+        "language_ids": config.language_ids,
+        "num_language_ids": len(families()) if config.language_ids == "family" else len(languages()),
         "pad_language_id": PAD_LANGUAGE_ID,
         "ignore_index": IGNORE_INDEX,
         "columns": ROW_SCHEMA.names,
@@ -486,11 +465,11 @@ def _report(ctx: Build, recs: Records, tok: Tokens, order: Order, rows: Rows) ->
                  "by seed, stable argsort); packed next-fit in that order; rows stored in training order, unpadded, "
                  "position_ids restart per document",
         "priority_table": {"default": str(mx.DEFAULT_PRIORITIES.relative_to(ROOT)),
-                           "override": str(args.priorities) if args.priorities else None,
+                           "override": str(config.priorities) if config.priorities else None,
                            "rules": [{k: v for k, v in r.items() if k != "origin"} | {"from": repo_relative(r["origin"])}
                                      for r in ctx.table.to_list()],
                            "unused_patterns": ctx.table.unused(read.sources)},
-        "totals": _totals(recs, tok, order, rows, ctx.max_len),
+        "totals": _totals(recs, tok, order, rows, ctx.config.max_seq_len),
         "by_source": by_source,
         "by_language": _group(by_source, "language", {"family": family_id, "language_id": language_id}),
         "by_family": {str(k): {"name": families()[k], **v}
@@ -524,7 +503,7 @@ def _write_report(ctx: Build, recs: Records, report: dict, order: Order, rows: R
         "raw text (*_text)" if "qa" not in kinds else "pretraining (*_text, *_qa)"
     with writing(out / "curriculum.png"):
         mx.plot_curriculum(report["curriculum"], out / "curriculum.png",
-                           f"Token share over training: seed {ctx.args.seed}, {len(order.order)} entries, "
+                           f"Token share over training: seed {ctx.config.seed}, {len(order.order)} entries, "
                            f"{tot_tokens:,} tokens\n{classes}", overall_qa_share=pretrain_share / tot_tokens,
                            label=label)
 
@@ -595,11 +574,9 @@ def _print_summary(report: dict, out: Path, timings: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Errors are raised; ``cli.run`` (below) turns them into one line and an exit code, as for every step."""
-    run(build_parser().parse_args(argv))
+    run(TrainDataConfig.from_args(build_parser().parse_args(argv)))
     return 0
 
 
 if __name__ == "__main__":
-    from src.common import cli
-
     sys.exit(cli.run(main))

@@ -4,22 +4,23 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from src.train.config import TrainConfig
 from src.train.runtime import moe_module, no_zero3_init
 
 
 def load_dev(path, limit: int | None) -> list[dict]:
-    from src.common.io import iter_jsonl
-    from src.evaluate.records import check_step1_file
+    """Step 1's dev records, read and checked as step 4 reads them (a dev.jsonl that step 1 left half rewritten,
+    another run's, or one with a bad record is refused with one line), ``limit`` of them evenly spread."""
+    from src.evaluate.records import load_records
 
-    check_step1_file(Path(path))  # a dev.jsonl that step 1 left half rewritten, or another run's, is refused
-    records = list(iter_jsonl(path))
+    records = load_records(Path(path))
     if limit is not None and 0 < limit < len(records):
         # Evenly spread, so that a small limit still covers every language of the (language-grouped) dev set.
         records = [records[(i * len(records)) // limit] for i in range(limit)]
     return records
 
 
-def evaluate_dev(accelerator, model, tokenizer, records, predict, score, args, save_dir: Path) -> dict:
+def evaluate_dev(accelerator, model, tokenizer, records, predict, score, config: TrainConfig, save_dir: Path) -> dict:
     """Each rank predicts a disjoint, equally long shard (so ZeRO-3's collective forwards stay in step; transformers
     syncs generation across ranks under ZeRO-3 by itself); rank 0 gathers, scores and returns flat metrics."""
     import torch
@@ -32,7 +33,7 @@ def evaluate_dev(accelerator, model, tokenizer, records, predict, score, args, s
     per = math.ceil(n / world)
     padded = records + [records[-1]] * (per * world - n)
     shard = padded[rank * per:(rank + 1) * per]
-    kwargs = dict(batch_size=args.dev_batch_size, max_new_tokens=args.dev_max_new_tokens, mode=args.dev_mode,
+    kwargs = dict(batch_size=config.dev_batch_size, max_new_tokens=config.dev_max_new_tokens, mode=config.dev_mode,
                   progress=accelerator.is_main_process)
     was_training = model.training
     model.eval()

@@ -20,13 +20,20 @@ import sys
 from src.common import cli
 
 
+def build_parser():
+    """accelerate's own ``accelerate launch`` parser (its flags, then the script and the script's arguments)."""
+    from accelerate.commands.launch import launch_command_parser
+
+    return launch_command_parser()
+
+
 def main(argv: list[str] | None = None) -> int:
     # accelerate and torch elastic are imported here: `--help` of the other steps must not pay for them.
-    from accelerate.commands.launch import launch_command, launch_command_parser
+    from accelerate.commands.launch import launch_command
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    args = launch_command_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if not cli.debug_enabled():  # its "failed (exitcode: 2) local_rank: 1 ..." line: the report below says it better
         logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
         logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # "Received 2 death signal, ..."

@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from src.common.errors import UsageError
+
 ALL_LINEAR = "all-linear"
 ROUTER_CHOICES = ("full", "frozen")
 EXPERT_CHOICES = ("frozen", "full", "lora")
@@ -43,46 +45,49 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--qlora", action="store_true", help="load the base in 4-bit NF4 (bitsandbytes, CUDA GPU only)")
 
 
-def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse inconsistent LoRA flags with one line (argparse's error)."""
-    if args.lora_r < 0:
-        p.error("--lora-r must be >= 0")
-    if not enabled(args):
-        given = [f for f, v in (("--lora-alpha", args.lora_alpha is not None), ("--lora-dropout", args.lora_dropout),
-                                ("--lora-targets", args.lora_targets != ALL_LINEAR),
-                                ("--lora-router", args.lora_router != "full"),
-                                ("--lora-experts", args.lora_experts != "frozen"), ("--qlora", args.qlora)) if v]
+def check(config) -> None:
+    """Refuse inconsistent LoRA flags of a ``TrainConfig`` with one line (called while it is built; the message
+    starts with the flag, as the parser's own errors do)."""
+    if config.lora_r < 0:
+        raise UsageError("", "--lora-r must be >= 0")
+    if not enabled(config):
+        given = [f for f, v in (("--lora-alpha", config.lora_alpha is not None),
+                                ("--lora-dropout", config.lora_dropout),
+                                ("--lora-targets", config.lora_targets != ALL_LINEAR),
+                                ("--lora-router", config.lora_router != "full"),
+                                ("--lora-experts", config.lora_experts != "frozen"), ("--qlora", config.qlora)) if v]
         if given:
-            p.error(f"{', '.join(given)}: only with --lora-r R (> 0)")
+            raise UsageError("", f"{', '.join(given)}: only with --lora-r R (> 0)")
         return
-    if not 0.0 <= args.lora_dropout < 1.0:
-        p.error("--lora-dropout must be in [0, 1)")
-    if args.lora_experts == "lora" and args.lora_dropout:
-        p.error("--lora-experts lora needs --lora-dropout 0 (peft applies LoRA to a 3D parameter as a weight delta, "
-                "which cannot drop inputs)")
-    if args.qlora:
+    if not 0.0 <= config.lora_dropout < 1.0:
+        raise UsageError("", "--lora-dropout must be in [0, 1)")
+    if config.lora_experts == "lora" and config.lora_dropout:
+        raise UsageError("", "--lora-experts lora needs --lora-dropout 0 (peft applies LoRA to a 3D parameter as a "
+                             "weight delta, which cannot drop inputs)")
+    if config.qlora:
         import torch
 
         if not torch.cuda.is_available():
-            p.error("--qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --lora-r alone")
-        if args.zero == 3:
-            p.error("--qlora works with --zero 1 or 2 (ZeRO-3 cannot partition 4-bit weights)")
+            raise UsageError("", "--qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --lora-r alone")
+        if config.zero == 3:
+            raise UsageError("", "--qlora works with --zero 1 or 2 (ZeRO-3 cannot partition 4-bit weights)")
 
 
-def enabled(args) -> bool:
-    return getattr(args, "lora_r", 0) > 0
+def enabled(config) -> bool:
+    return getattr(config, "lora_r", 0) > 0
 
 
-def alpha(args) -> float:
-    return args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r
+def alpha(config) -> float:
+    return config.lora_alpha if config.lora_alpha is not None else 2.0 * config.lora_r
 
 
-def settings(args) -> dict | None:
+def settings(config) -> dict | None:
     """The LoRA settings of a run (None without LoRA): part of the resume signature and of trainer_state.json."""
-    if not enabled(args):
+    if not enabled(config):
         return None
-    return {"r": args.lora_r, "alpha": alpha(args), "dropout": args.lora_dropout, "targets": args.lora_targets,
-            "router": args.lora_router, "experts": args.lora_experts, "qlora": bool(args.qlora)}
+    return {"r": config.lora_r, "alpha": alpha(config), "dropout": config.lora_dropout,
+            "targets": config.lora_targets, "router": config.lora_router, "experts": config.lora_experts,
+            "qlora": bool(config.qlora)}
 
 
 # ----------------------------------------------------------------------------------------------------- the model
@@ -144,15 +149,15 @@ def lora_targets(model, spec: str, exclude: list[str]) -> list[str]:
     return wanted
 
 
-def build_config(model, args):
+def build_config(model, config):
     """peft LoraConfig for this model and these flags."""
     from peft import LoraConfig
 
     routers, experts = moe_parts(model)
-    save = (routers if args.lora_router == "full" else []) + (experts if args.lora_experts == "full" else [])
-    params = [f"{e}.{p}" for e in experts for p in EXPERT_PARAMS] if args.lora_experts == "lora" else None
-    return LoraConfig(r=args.lora_r, lora_alpha=alpha(args), lora_dropout=args.lora_dropout,
-                      target_modules=lora_targets(model, args.lora_targets, routers), modules_to_save=save or None,
+    save = (routers if config.lora_router == "full" else []) + (experts if config.lora_experts == "full" else [])
+    params = [f"{e}.{p}" for e in experts for p in EXPERT_PARAMS] if config.lora_experts == "lora" else None
+    return LoraConfig(r=config.lora_r, lora_alpha=alpha(config), lora_dropout=config.lora_dropout,
+                      target_modules=lora_targets(model, config.lora_targets, routers), modules_to_save=save or None,
                       target_parameters=params, bias="none", task_type="CAUSAL_LM")
 
 
@@ -162,23 +167,23 @@ def base_reference(base) -> str:
     return str(path.resolve()) if path.exists() else str(base)
 
 
-def apply(model, args, *, base, is_moe: bool):
+def apply(model, config, *, base, is_moe: bool):
     """The peft LoRA model for these flags (``model`` itself without ``--lora-r``)."""
-    if not enabled(args):
+    if not enabled(config):
         return model
     if not is_moe:
-        for flag, value, default in (("--lora-experts", args.lora_experts, "frozen"),
-                                     ("--lora-router", args.lora_router, "full")):
+        for flag, value, default in (("--lora-experts", config.lora_experts, "frozen"),
+                                     ("--lora-router", config.lora_router, "full")):
             if value != default:
                 raise SystemExit(f"{flag} {value}: {base} is a dense model (no experts, no router)")
-    if args.qlora:
+    if config.qlora:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, build_config(model, args))
+    peft_model = get_peft_model(model, build_config(model, config))
     peft_model.peft_config["default"].base_model_name_or_path = base_reference(base)
     return peft_model
 

@@ -35,9 +35,10 @@ def deepspeed_config(zero: int, *, batch_size: int, bf16: bool, clip: float) -> 
     return cfg
 
 
-def peak_flops(args, device) -> float | None:
-    if args.peak_tflops:
-        return args.peak_tflops * 1e12
+def peak_flops(config, device) -> float | None:
+    """Per-device peak FLOP/s for MFU: ``config.peak_tflops`` (--peak-tflops), else the known GPU's."""
+    if config.peak_tflops:
+        return config.peak_tflops * 1e12
     if device.type != "cuda":
         return None
     import torch

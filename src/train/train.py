@@ -16,12 +16,13 @@ import os
 import socket
 import sys
 
+from src.train import lora
+from src.train.config import TrainConfig
 from src.train.runtime import DENSE_LR, MOE_LR
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    from src.train import lora
-
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of step 3; ``TrainConfig`` (src/train/config.py) checks them."""
     p = argparse.ArgumentParser(prog="python -m src.train.train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("inputs and outputs")
@@ -81,15 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_speed_args(p)
     lora.add_args(p)
-    args = p.parse_args(argv)
-    lora.check_args(p, args)
-    check_speed_args(p, args)
-    for name in ("batch_size", "grad_accum", "epochs"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.max_steps is not None and args.max_steps < 1:
-        p.error("--max-steps must be >= 1")
-    return args
+    return p
 
 
 def add_speed_args(p: argparse.ArgumentParser) -> None:
@@ -110,29 +103,6 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile every decoder layer")
 
 
-def check_speed_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse a speed option that cannot run on this machine or setup with one line, before anything is written."""
-    import torch
-
-    from src.train import attention, kernels
-
-    on_gpu = torch.cuda.is_available()
-    if args.attn_impl in ("varlen", "flex"):
-        attention.choose(args.attn_impl, on_gpu)  # raises a UsageError naming what is missing
-    for flag in ("--kernels", "--loss"):
-        why_not = kernels.liger_unavailable(on_gpu, None) if getattr(args, flag[2:]) == "liger" else None
-        if why_not:
-            p.error(f"{flag} liger: {why_not}")
-    if args.loss == "liger" and args.kernels == "none":
-        p.error("--loss liger: needs Liger's kernels (--kernels liger or auto), not --kernels none")
-    if args.zero == 3 and args.loss in ("chunked", "liger"):
-        p.error(f"--loss {args.loss}: ZeRO-3 partitions the output projection, which this loss reads directly; use "
-                "--zero 1 or 2, or --loss full")
-    if args.zero == 3 and args.compile:
-        p.error("--compile: with --zero 1 or 2 (ZeRO-3 gathers each layer's weights in hooks inside the compiled "
-                "layers; not supported here)")
-
-
 # ----------------------------------------------------------------------------------------------------------- setup
 def _free_port() -> int:
     with socket.socket() as s:
@@ -149,23 +119,23 @@ def single_process_env() -> None:
                       MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
 
 
-def check_inputs(args) -> None:
+def check_inputs(config: TrainConfig) -> None:
     """The model folder and step 2's rows, checked before any process group, accelerator or output folder exists:
     a wrong path is one line, not a failure deep in DeepSpeed's setup (the trainer checks them in full again)."""
     from src.models.loading import check_model_source
     from src.train.data import rows_folder
 
-    check_model_source(args.model, weights=True)
-    rows_folder(args.train)
+    check_model_source(config.model, weights=True)
+    rows_folder(config.train)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    check_inputs(args)
+    config = TrainConfig.from_args(build_parser().parse_args(argv))
+    check_inputs(config)
     single_process_env()
     from src.train.trainer import Trainer
 
-    Trainer(args).fit()
+    Trainer(config).fit()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Step 3's trainer, read top to bottom: ``Trainer(args)`` sets everything up in named steps, ``fit()`` runs the
+"""Step 3's trainer, read top to bottom: ``Trainer(config)`` sets everything up in named steps, ``fit()`` runs the
 optimizer steps (``train_step``), logs them, evaluates on dev and saves checkpoints when due.
 
 One optimizer step (``train_step``):
@@ -26,6 +26,7 @@ from src.common.errors import BadFile
 from src.models import integrity
 from src.train import checkpoint as ckpt
 from src.train import lora
+from src.train.config import TrainConfig
 from src.train.dev_eval import evaluate_dev, format_dev, load_dev, materialize_copy
 from src.train.runtime import (
     DENSE_LR,
@@ -62,8 +63,8 @@ class Throughput:
 
 
 class Trainer:
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, config: TrainConfig):
+        self.config = config
         self._setup_accelerator()
         self._setup_out_dir()
         self._build_model()
@@ -81,29 +82,29 @@ class Trainer:
 
         # DeepSpeed's ZeRO code still calls this torch API; the warning is noise for our users.
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
-        args = self.args
+        config = self.config
         self.on_gpu = torch.cuda.is_available()
-        self.is_moe = is_moe_path(args.model)
-        if args.expect == "moe" and not self.is_moe:
-            raise SystemExit(f"--expect moe: {args.model} is not a Post-MoE checkpoint (scripts/upcycle_moe.sh makes "
+        self.is_moe = is_moe_path(config.model)
+        if config.expect == "moe" and not self.is_moe:
+            raise SystemExit(f"--expect moe: {config.model} is not a Post-MoE checkpoint (scripts/upcycle_moe.sh makes "
                              "one)")
-        if args.expect == "dense" and self.is_moe:
-            raise SystemExit(f"--expect dense: {args.model} is a Post-MoE checkpoint")
+        if config.expect == "dense" and self.is_moe:
+            raise SystemExit(f"--expect dense: {config.model} is a Post-MoE checkpoint")
         self.rows_note = None
         if self.is_moe:  # the rows' language ids must match the experts (7 families or 50 languages)
             try:
                 from src.train.data import rows_folder
 
                 # rows_folder: --train may be step 2's output folder as well as the train/ inside it
-                self.rows_note = moe_module().check_training_rows(args.model, rows_folder(args.train))
+                self.rows_note = moe_module().check_training_rows(config.model, rows_folder(config.train))
             except ValueError as e:
                 raise SystemExit(str(e)) from None
-        self.lr = args.lr if args.lr is not None else (MOE_LR if self.is_moe else DENSE_LR)
-        self.out_dir = Path(args.out)
-        log_dir = Path(args.log_dir) if args.log_dir else self.out_dir / "logs"
-        ds_cfg = deepspeed_config(args.zero, batch_size=args.batch_size, bf16=self.on_gpu, clip=args.clip)
-        self.plugin = DeepSpeedPlugin(hf_ds_config=ds_cfg, zero3_init_flag=args.zero == 3)
-        if args.wandb:
+        self.lr = config.lr if config.lr is not None else (MOE_LR if self.is_moe else DENSE_LR)
+        self.out_dir = Path(config.out)
+        log_dir = Path(config.log_dir) if config.log_dir else self.out_dir / "logs"
+        ds_cfg = deepspeed_config(config.zero, batch_size=config.batch_size, bf16=self.on_gpu, clip=config.clip)
+        self.plugin = DeepSpeedPlugin(hf_ds_config=ds_cfg, zero3_init_flag=config.zero == 3)
+        if config.wandb:
             try:
                 import wandb  # noqa: F401
             except ImportError:
@@ -111,9 +112,9 @@ class Trainer:
                                  "nothing)") from None
         self.accelerator = Accelerator(
             deepspeed_plugin=self.plugin,
-            gradient_accumulation_steps=args.grad_accum,
+            gradient_accumulation_steps=config.grad_accum,
             mixed_precision="bf16" if self.on_gpu else "no",
-            log_with=["tensorboard"] + (["wandb"] if args.wandb else []),
+            log_with=["tensorboard"] + (["wandb"] if config.wandb else []),
             project_config=ProjectConfiguration(project_dir=str(log_dir), logging_dir=str(log_dir)),
             step_scheduler_with_optimizer=False,
             kwargs_handlers=[InitProcessGroupKwargs(backend="nccl" if self.on_gpu else "gloo",
@@ -124,7 +125,7 @@ class Trainer:
         self.device = self.accelerator.device
         if self.rows_note:
             self.log(f"[train] note: {self.rows_note}")
-        set_seed(args.seed)
+        set_seed(config.seed)
 
     def log(self, msg: str) -> None:
         if self.main_proc:
@@ -143,57 +144,57 @@ class Trainer:
             for p in ckpt.clean_stale(self.out_dir):
                 print(f"[train] removed {p.name} (left by an interrupted save)", flush=True)
         self.accelerator.project_configuration.save_on_each_node = not shared_fs
-        self.resume_from = ckpt.resolve_resume(self.args.resume, self.out_dir)
+        self.resume_from = ckpt.resolve_resume(self.config.resume, self.out_dir)
         # A fresh run into a folder with an earlier run's checkpoints refuses to start unless --overwrite (every rank
         # refuses alike); with it, the earlier run's files go first.
-        stale = ckpt.check_out_dir(self.out_dir, self.resume_from, overwrite=self.args.overwrite)
+        stale = ckpt.check_out_dir(self.out_dir, self.resume_from, overwrite=self.config.overwrite)
         self.accelerator.wait_for_everyone()
         if self.renamer and stale:
             ckpt.clear_previous_run(stale, log=self.log)
         self.accelerator.wait_for_everyone()
-        if self.args.resume == "latest" and self.resume_from is None:
+        if self.config.resume == "latest" and self.resume_from is None:
             self.log(f"[train] --resume latest: no checkpoint in {self.out_dir}, starting from scratch")
 
     def _build_model(self) -> None:
         from src.models.loading import load_model, load_tokenizer
 
-        args = self.args
-        self.tokenizer = load_tokenizer(args.model, padding_side="left")
+        config = self.config
+        self.tokenizer = load_tokenizer(config.model, padding_side="left")
         self.dtype = torch.bfloat16 if self.on_gpu else torch.float32
         t0 = time.time()
-        if args.qlora:
-            model = lora.load_4bit(args.model, self.dtype, self.accelerator.local_process_index, is_moe=self.is_moe)
-        elif (self.is_moe or lora.enabled(args)) and args.zero == 3:
+        if config.qlora:
+            model = lora.load_4bit(config.model, self.dtype, self.accelerator.local_process_index, is_moe=self.is_moe)
+        elif (self.is_moe or lora.enabled(config)) and config.zero == 3:
             # The MoE loader builds and fills a full model, and peft wraps full layers: DeepSpeed partitions it later.
             with no_zero3_init(self.plugin):
-                model = load_model(args.model, torch_dtype=self.dtype)
+                model = load_model(config.model, torch_dtype=self.dtype)
         else:
-            model = load_model(args.model, torch_dtype=self.dtype)  # ZeRO-3 dense: partitioned while loading
+            model = load_model(config.model, torch_dtype=self.dtype)  # ZeRO-3 dense: partitioned while loading
         speed = self._speed_choices(model)
-        if args.gradient_checkpointing:
+        if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        model = lora.apply(model, args, base=args.model, is_moe=self.is_moe)  # unchanged without --lora-r
-        if self.is_moe and args.zero == 3:
+        model = lora.apply(model, config, base=config.model, is_moe=self.is_moe)  # unchanged without --lora-r
+        if self.is_moe and config.zero == 3:
             from deepspeed.utils import set_z3_leaf_modules
 
             set_z3_leaf_modules(model, list(moe_module().SPARSE_BLOCK_CLASSES))
         from src.train import kernels, loss
 
-        self.loss, why = loss.choose(args.loss, model, zero=args.zero, kernels=self.kernels, on_gpu=self.on_gpu)
+        self.loss, why = loss.choose(config.loss, model, zero=config.zero, kernels=self.kernels, on_gpu=self.on_gpu)
         speed.append(f"loss {self.loss} ({why})")
-        if args.compile:
+        if config.compile:
             speed.append(f"torch.compile on {kernels.compile_layers(lora.plain_view(model))} decoder layers")
         self.n_flop_params = flop_params(model)
         self.model = model
-        self.log(f"[train] model {args.model} ({'Post-MoE' if self.is_moe else 'dense'}, "
+        self.log(f"[train] model {config.model} ({'Post-MoE' if self.is_moe else 'dense'}, "
                  f"{self.n_flop_params / 1e6:.1f}M compute params"
-                 f"{', gradient checkpointing' if args.gradient_checkpointing else ''}) loaded in "
+                 f"{', gradient checkpointing' if config.gradient_checkpointing else ''}) loaded in "
                  f"{time.time() - t0:.1f}s")
         self.log("[train] " + "; ".join(speed))
         self.param_counts = lora.param_counts(model)
-        if lora.enabled(args):
-            self.log(f"[train] LoRA r {args.lora_r}, alpha {lora.alpha(args)}, targets {args.lora_targets}: "
+        if lora.enabled(config):
+            self.log(f"[train] LoRA r {config.lora_r}, alpha {lora.alpha(config)}, targets {config.lora_targets}: "
                      f"{lora.describe(self.param_counts)}")
 
     def _speed_choices(self, model) -> list[str]:
@@ -202,10 +203,10 @@ class Trainer:
         from src.generation.attention import attn_implementation
         from src.train import attention, kernels
 
-        self.attn_impl, attn_why = attention.choose(self.args.attn_impl, self.on_gpu, model.config)
+        self.attn_impl, attn_why = attention.choose(self.config.attn_impl, self.on_gpu, model.config)
         if attn_implementation(model.config) != self.attn_impl:
             model.set_attn_implementation(self.attn_impl)
-        self.kernels, kernels_why = kernels.choose(self.args.kernels, self.on_gpu, model.config.model_type)
+        self.kernels, kernels_why = kernels.choose(self.config.kernels, self.on_gpu, model.config.model_type)
         if self.kernels == "liger":
             kernels_why = f"{kernels.apply_liger(model, is_moe=self.is_moe)}; {kernels_why}"
         return [f"attention {self.attn_impl} ({attn_why})", f"kernels {self.kernels} ({kernels_why})"]
@@ -213,45 +214,46 @@ class Trainer:
     def _build_data(self) -> None:
         from src.train.data import BatchPlan, Collator, load_rows
 
-        args = self.args
-        self.rows = load_rows(args.train, tokenizer=self.tokenizer, model_name=args.model,
+        config = self.config
+        self.rows = load_rows(config.train, tokenizer=self.tokenizer, model_name=config.model,
                               vocab_size=self.model.get_input_embeddings().num_embeddings,
-                              allow_tokenizer_mismatch=args.allow_tokenizer_mismatch, log=self.log)
-        self.plan = BatchPlan(len(self.rows), self.world, args.batch_size, args.grad_accum)
-        self.total_steps = args.max_steps or self.plan.steps_per_epoch * args.epochs
+                              allow_tokenizer_mismatch=config.allow_tokenizer_mismatch, log=self.log)
+        self.plan = BatchPlan(len(self.rows), self.world, config.batch_size, config.grad_accum)
+        self.total_steps = config.max_steps or self.plan.steps_per_epoch * config.epochs
         if self.plan.dropped_rows_per_epoch:
             self.log(f"[train] {self.plan.dropped_rows_per_epoch} of {len(self.rows)} rows at the end of each epoch "
                      f"do not fill a global micro-batch of {self.plan.rows_per_micro_step} rows and are not trained on")
-        self.eval_every = args.eval_every if args.eval_every is not None else max(1, self.total_steps // 10)
-        self.save_every = args.save_every if args.save_every is not None else max(1, self.total_steps // 20)
+        self.eval_every = config.eval_every if config.eval_every is not None else max(1, self.total_steps // 10)
+        self.save_every = config.save_every if config.save_every is not None else max(1, self.total_steps // 20)
         from src.train.attention import needs_flat_rows
 
         self.collator = Collator(self.tokenizer.pad_token_id, flatten=needs_flat_rows(self.attn_impl),
                                  with_language_ids=self.is_moe)
-        self.num_workers = args.num_workers if args.num_workers is not None else (2 if self.on_gpu else 0)
-        self.log(f"[train] {len(self.rows)} rows, {self.world} process(es) x {args.batch_size} rows x "
-                 f"{args.grad_accum} accumulation = {self.plan.rows_per_micro_step * args.grad_accum} rows per step, "
-                 f"{self.plan.steps_per_epoch} steps per epoch, {self.total_steps} steps in all, ZeRO-{args.zero}, "
+        self.num_workers = config.num_workers if config.num_workers is not None else (2 if self.on_gpu else 0)
+        rows_per_step = self.plan.rows_per_micro_step * config.grad_accum
+        self.log(f"[train] {len(self.rows)} rows, {self.world} process(es) x {config.batch_size} rows x "
+                 f"{config.grad_accum} accumulation = {rows_per_step} rows per step, "
+                 f"{self.plan.steps_per_epoch} steps per epoch, {self.total_steps} steps in all, ZeRO-{config.zero}, "
                  f"{'bf16' if self.on_gpu else 'fp32'} on {self.device}")
 
     def _build_optimizer(self) -> None:
         from src.train.optim import build_optimizer, build_scheduler, no_decay_names
 
-        args = self.args
-        optimizer = build_optimizer(self.model, self.lr, args.weight_decay, args.adam_betas, args.adam_eps,
+        config = self.config
+        optimizer = build_optimizer(self.model, self.lr, config.weight_decay, config.adam_betas, config.adam_eps,
                                     fused=self.on_gpu)
-        self.log(f"[train] AdamW lr {self.lr}, weight decay {args.weight_decay} ({len(no_decay_names(self.model))} "
+        self.log(f"[train] AdamW lr {self.lr}, weight decay {config.weight_decay} ({len(no_decay_names(self.model))} "
                  f"bias/norm tensors without decay), cosine to 0 over {self.total_steps} steps, warmup ratio "
-                 f"{args.warmup_ratio}")
-        scheduler = build_scheduler(optimizer, self.total_steps, args.warmup_ratio)
+                 f"{config.warmup_ratio}")
+        scheduler = build_scheduler(optimizer, self.total_steps, config.warmup_ratio)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
-        if lora.enabled(args):
+        if lora.enabled(config):
             lora.drop_frozen_tied_weights_on_save(self.model)
         # The settings an exact resume depends on: they must not change between the runs.
-        self.signature = {"num_rows": len(self.rows), "world_size": self.world, "batch_size": args.batch_size,
-                          "grad_accum": args.grad_accum, "total_steps": self.total_steps, "zero": args.zero,
-                          "lora": lora.settings(args)}
+        self.signature = {"num_rows": len(self.rows), "world_size": self.world, "batch_size": config.batch_size,
+                          "grad_accum": config.grad_accum, "total_steps": self.total_steps, "zero": config.zero,
+                          "lora": lora.settings(config)}
 
     def _resume(self) -> int:
         """Weights, optimizer, scheduler and RNG states from ``--resume``; returns the step to continue from. Refused
@@ -275,19 +277,19 @@ class Trainer:
         self._check_restored_counters(step)
         self.log(f"[train] resumed from {self.resume_from} at step {step} (weights, optimizer, scheduler, RNG, data "
                  f"position: epoch {step // self.plan.steps_per_epoch}, row "
-                 f"{(step % self.plan.steps_per_epoch) * self.args.grad_accum * self.plan.rows_per_micro_step})")
+                 f"{(step % self.plan.steps_per_epoch) * self.config.grad_accum * self.plan.rows_per_micro_step})")
         return step
 
     def _data_position(self, step: int) -> dict:
         """What trainer_state.json records about the data position of ``step`` (see save)."""
         epoch, in_epoch = divmod(step, self.plan.steps_per_epoch)
         return {"epoch": epoch, "step_in_epoch": in_epoch,
-                "rows_consumed_in_epoch": in_epoch * self.args.grad_accum * self.plan.rows_per_micro_step}
+                "rows_consumed_in_epoch": in_epoch * self.config.grad_accum * self.plan.rows_per_micro_step}
 
     def _run_end(self) -> str:
-        if self.args.max_steps:
-            return f"--max-steps {self.args.max_steps}"
-        return f"--epochs {self.args.epochs} of {self.plan.steps_per_epoch} steps"
+        if self.config.max_steps:
+            return f"--max-steps {self.config.max_steps}"
+        return f"--epochs {self.config.epochs} of {self.plan.steps_per_epoch} steps"
 
     def _recorded_step(self, state: dict) -> int:
         """The checkpoint's step, checked against this run's end and against the data position recorded with it."""
@@ -322,22 +324,22 @@ class Trainer:
     def _setup_logging(self) -> None:
         from src.common.io import iter_jsonl, write_jsonl
 
-        args = self.args
-        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+        config = self.config
+        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(config).items()}
         hparams.update(lr=self.lr, world_size=self.world, total_steps=self.total_steps, is_moe=self.is_moe,
                        attn_impl=self.attn_impl, loss=self.loss, kernels=self.kernels)
-        self.accelerator.init_trackers(args.run_name or self.out_dir.resolve().name, config=hparams)
+        self.accelerator.init_trackers(config.run_name or self.out_dir.resolve().name, config=hparams)
         self.accelerator.log({f"params/{k}": v for k, v in self.param_counts.items()}, step=self.start_step)
         self.metrics_path = self.out_dir / "train_log.jsonl"
         if self.main_proc:
             # On resume keep the records up to the resumed step (a crashed run may have logged steps past it).
             old = iter_jsonl(self.metrics_path) if self.metrics_path.is_file() else []
             write_jsonl(self.metrics_path, [r for r in old if r.get("step", 0) <= self.start_step])
-        self.dev_records = load_dev(args.dev, args.dev_limit) if args.dev and self.eval_every >= 0 else None
+        self.dev_records = load_dev(config.dev, config.dev_limit) if config.dev and self.eval_every >= 0 else None
         if self.dev_records:
             self.log(f"[train] dev evaluation on {len(self.dev_records)} prompts "
                      f"{'at the end' if self.eval_every == 0 else f'every {self.eval_every} steps and at the end'}")
-        self.peak = peak_flops(args, self.device)
+        self.peak = peak_flops(config, self.device)
         self.moe = moe_module() if self.is_moe else None
         # counts expert selections for the logs
         self.routing = self.moe.RoutingStats(self.unwrapped).__enter__() if self.moe is not None else None
@@ -360,9 +362,9 @@ class Trainer:
             set_sync_gradients(acc, i == m - 1)
             ce_sum, aux = forward_loss(self.model, batch, self.device, is_moe=self.is_moe, moe=self.moe,
                                        loss=self.loss)
-            loss = ce_sum * (self.args.grad_accum * self.world / n_label)
+            loss = ce_sum * (self.config.grad_accum * self.world / n_label)
             if aux is not None:
-                loss = loss + aux * (self.args.grad_accum / m)
+                loss = loss + aux * (self.config.grad_accum / m)
                 aux_total += float(aux.detach())
             acc.backward(loss)
             ce_total += ce_sum.detach().double()
@@ -407,7 +409,7 @@ class Trainer:
 
         t = time.time()
         tmp = self.out_dir / f"{ckpt.EVAL_TMP_PREFIX}{step}"
-        if self.args.zero == 3:
+        if self.config.zero == 3:
             # ZeRO-3 forwards are collective and step 4's decoder loop runs a data-dependent number of them per rank:
             # every rank evaluates its shard on a plain full copy of the current weights instead.
             eval_model = materialize_copy(self.accelerator, self.plugin, self.unwrapped, self.tokenizer, tmp,
@@ -415,8 +417,8 @@ class Trainer:
         else:
             eval_model = self.unwrapped
         try:
-            res = evaluate_dev(self.accelerator, lora.plain_view(eval_model), self.tokenizer, self.dev_records, predict, score,
-                               self.args, self.out_dir / "dev" / f"step-{step}")
+            res = evaluate_dev(self.accelerator, lora.plain_view(eval_model), self.tokenizer, self.dev_records,
+                               predict, score, self.config, self.out_dir / "dev" / f"step-{step}")
         finally:
             if eval_model is not self.unwrapped:
                 self._drop_eval_copy(eval_model, tmp)
@@ -440,12 +442,12 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def save(self, step: int) -> None:
-        args = self.args
-        state = {"step": step, **self._data_position(step), "signature": self.signature, "model": str(args.model),
-                 "train": str(args.train), "lr": self.lr, "is_moe": self.is_moe, "seed": args.seed,
+        config = self.config
+        state = {"step": step, **self._data_position(step), "signature": self.signature, "model": str(config.model),
+                 "train": str(config.train), "lr": self.lr, "is_moe": self.is_moe, "seed": config.seed,
                  "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         ckpt.save_checkpoint(self.accelerator, self.model, self.tokenizer, self.out_dir, step, state,
-                             is_moe=self.is_moe, max_ckpts=args.max_ckpts, renamer=self.renamer, log=self.log)
+                             is_moe=self.is_moe, max_ckpts=config.max_ckpts, renamer=self.renamer, log=self.log)
 
     # -- the loop ---------------------------------------------------------------------------------------------------
     def _micro_batches(self, in_epoch: int):
@@ -460,12 +462,12 @@ class Trainer:
     def fit(self) -> None:
         from tqdm.auto import tqdm
 
-        args, total = self.args, self.total_steps
-        stop_at = min(total, args.stop_at_step) if args.stop_at_step else total
+        config, total = self.config, self.total_steps
+        stop_at = min(total, config.stop_at_step) if config.stop_at_step else total
         if self._already_at_end(stop_at):
             return
         bar = tqdm(total=total, initial=self.start_step, desc="train", unit="step",
-                   disable=not self.main_proc or args.no_progress, dynamic_ncols=True)
+                   disable=not self.main_proc or config.no_progress, dynamic_ncols=True)
         step, last_eval = self.start_step, -1
         in_out = self.resume_from is not None and self.resume_from.parent.resolve() == self.out_dir.resolve()
         last_saved = self.start_step if in_out else -1  # a checkpoint resumed from --out is already here
@@ -482,7 +484,7 @@ class Trainer:
                 result = self.train_step(micro, started)
                 step += 1
                 bar.update(1)
-                if step % args.log_every == 0 or step == stop_at:
+                if step % config.log_every == 0 or step == stop_at:
                     self.log_step(step, epoch, result, window, bar)
                 if self.eval_every > 0 and step % self.eval_every == 0 and step < total:
                     self.evaluate(step)

@@ -1,9 +1,10 @@
-"""Upcycle a dense checkpoint into a Post-MoE one (docs/moe.md).
+"""Upcycle a dense checkpoint into a Post-MoE one (docs/moe.md; ``scripts/upcycle_moe.sh`` runs this). The model
+code is src/models/moe.py (``upcycle``, ``save_moe``) and src/models/moe_export.py.
 
-    python -m src.models.upcycle --model models/SmolLM2-135M-Instruct --out models/SmolLM2-135M-MoE
-    python -m src.models.upcycle --model models/Qwen2-0.5B --out models/Qwen2-0.5B-MoE --moe-layers 22,23 \\
+    python -m util.upcycle_moe --model models/SmolLM2-135M-Instruct --out models/SmolLM2-135M-MoE
+    python -m util.upcycle_moe --model models/Qwen2-0.5B --out models/Qwen2-0.5B-MoE --moe-layers 22,23 \\
         --export-qwen2-moe models/Qwen2-0.5B-MoE-hf
-    python -m src.models.upcycle --model models/Qwen2-0.5B --out models/Qwen2-0.5B-LS --moe-layers all \\
+    python -m util.upcycle_moe --model models/Qwen2-0.5B --out models/Qwen2-0.5B-LS --moe-layers all \\
         --experts 12 --top-k 1 --routing hard --shared-expert          # the language-specific variant
 
 Defaults are the paper's: 7 language-family experts, top-2, the last 2 layers. With renormalised top-k weights
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from src.common.errors import UsageError
 from src.models import moe, moe_export, router
+from src.models.loading import check_model_source, load_model, load_tokenizer
 
 CHECK_TEXT = "The patient presented with fever and a persistent cough. Le patient a de la fièvre. 患者发烧。"
 # Max abs logit difference allowed, relative to the logits' scale: fp32 is near exact; bf16/fp16 round the k weights.
@@ -44,7 +47,8 @@ def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m util.upcycle_moe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="dense checkpoint folder (local; this step is offline)")
     parser.add_argument("--out", required=True, help="output folder for the MoE checkpoint")
     parser.add_argument("--experts", type=int, default=7, help="experts per MoE layer (default 7: language families)")
@@ -80,30 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     source = Path(args.model)
     if not (source / "config.json").is_file():
         parser.error(f"{source} is not a local model folder (run 0.download_data.sh to fetch or convert models)")
     if moe.is_moe_checkpoint(source):
         parser.error(f"{source} is already an MoE checkpoint")
-    from src.common.outputs import check_out, staged_folder
-    from src.models.loading import check_model_source, load_model
-
-    check_model_source(source, weights=True)  # whole safetensors weights only: never unpickle a pytorch_model.bin
-    check_out(args.out, [source], overwrite=args.overwrite)
-    if args.export_qwen2_moe:
-        check_out(args.export_qwen2_moe, [source, args.out], overwrite=args.overwrite, flag="--export-qwen2-moe")
-    torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = load_model(source, torch_dtype=args.dtype).eval()  # "auto": the checkpoint's own dtype
-    input_ids = tokenizer(CHECK_TEXT, return_tensors="pt").input_ids
-    if input_ids.numel() == 0:
-        parser.error(f"the tokenizer in {source} turns the check text into no tokens")
-    before = logits(model, input_ids)
-    dense_params = sum(p.numel() for p in model.parameters())
-
     language_loss = args.router_language_loss_coef
     if language_loss is None:
         language_loss = HARD_LANGUAGE_LOSS if args.routing == "hard" else 0.0
@@ -111,26 +96,54 @@ def main(argv: list[str] | None = None) -> int:
         router.check_settings(args.routing, args.top_k, not args.no_norm_topk, language_loss)
     except ValueError as e:
         parser.error(str(e))
+    from src.common.outputs import check_out
+
+    check_model_source(source, weights=True)  # whole safetensors weights only: never unpickle a pytorch_model.bin
+    check_out(args.out, [source], overwrite=args.overwrite)
+    if args.export_qwen2_moe:
+        check_out(args.export_qwen2_moe, [source, args.out], overwrite=args.overwrite, flag="--export-qwen2-moe")
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, torch_dtype=args.dtype).eval()  # "auto": the checkpoint's own dtype
+    input_ids = tokenizer(CHECK_TEXT, return_tensors="pt").input_ids
+    if input_ids.numel() == 0:
+        parser.error(f"the tokenizer in {source} turns the check text into no tokens")
+    dense_params = sum(p.numel() for p in model.parameters())
+    after = upcycle_checked(model, input_ids, args, language_loss)
+    save(model, tokenizer, source, Path(args.out), dense_params)
+    if args.export_qwen2_moe:
+        export(model, tokenizer, input_ids, after, Path(args.out), Path(args.export_qwen2_moe))
+    return 0
+
+
+def upcycle_checked(model, input_ids: torch.Tensor, args, language_loss: float) -> torch.Tensor:
+    """Upcycle ``model`` in place; with renormalised top-k weights it must give the dense model's logits (else a
+    RuntimeError, nothing saved). Returns the upcycled model's logits on the check text."""
+    before = logits(model, input_ids)
     moe.upcycle(model, num_experts=args.experts, top_k=args.top_k, moe_layers=args.moe_layers,
                 norm_topk_prob=not args.no_norm_topk, shared_expert=args.shared_expert,
                 router_aux_loss_coef=args.aux_loss_coef, router_init_std=args.router_init_std,
                 routing=args.routing, router_language_loss_coef=language_loss)
-    settings = moe.moe_settings(model)
     after = logits(model, input_ids)
     diff = (after - before).abs().max().item()
     dtype = next(model.parameters()).dtype
     tolerance = TOLERANCE.get(dtype, LOW_PRECISION_TOLERANCE) * max(1.0, before.abs().max().item())
     print(f"[upcycle] max |logit difference| dense vs MoE on {input_ids.shape[1]} tokens: {diff:.3g} ({dtype})")
-    if settings.norm_topk_prob and diff > tolerance:
-        print(f"[upcycle] ERROR: the upcycled model does not reproduce the dense one (tolerance {tolerance:.3g}); "
-              "nothing saved")
-        return 1
-    if not settings.norm_topk_prob:
+    norm_topk_prob = moe.moe_settings(model).norm_topk_prob
+    if norm_topk_prob and diff > tolerance:
+        raise RuntimeError(f"the upcycled model does not reproduce the dense one (max |logit difference| {diff:.3g}, "
+                           f"tolerance {tolerance:.3g}); nothing saved")
+    if not norm_topk_prob:
         print("[upcycle] raw top-k probabilities (--no-norm-topk): the output differs from the dense model by design")
+    return after
 
-    with staged_folder(args.out) as tmp:  # whole or not at all
+
+def save(model, tokenizer, source: Path, out: Path, dense_params: int) -> None:
+    from src.common.outputs import staged_folder
+
+    with staged_folder(out) as tmp:  # whole or not at all
         moe.save_moe(model, tokenizer, tmp)
-    out = Path(args.out)
+    settings = moe.moe_settings(model)
     moe_params = sum(p.numel() for p in model.parameters())
     print(f"[upcycle] {source} -> {out}: {settings.num_experts} experts, top-{settings.top_k}, MoE layers "
           f"{list(settings.moe_layers)}, norm_topk_prob={settings.norm_topk_prob}, "
@@ -138,19 +151,20 @@ def main(argv: list[str] | None = None) -> int:
           f"routing={settings.routing}, router_language_loss_coef={settings.router_language_loss_coef}")
     print(f"[upcycle] parameters: dense {dense_params / 1e6:.1f}M -> MoE {moe_params / 1e6:.1f}M")
 
-    if args.export_qwen2_moe:
-        try:
-            with staged_folder(args.export_qwen2_moe) as tmp:
-                moe_export.export_qwen2_moe(model, tmp, tokenizer)
-            exported_dir = Path(args.export_qwen2_moe)
-        except ValueError as e:
-            print(f"[upcycle] ERROR: export refused: {e} (the MoE checkpoint {out} was written)")
-            return 1
-        exported = AutoModelForCausalLM.from_pretrained(exported_dir, dtype=dtype).eval()
-        export_diff = (logits(exported, input_ids) - after).abs().max().item()
-        print(f"[upcycle] exported {type(exported).__name__} -> {exported_dir}; max |logit difference| "
-              f"vs our MoE: {export_diff:.3g}")
-    return 0
+
+def export(model, tokenizer, input_ids: torch.Tensor, after: torch.Tensor, out: Path, exported_dir: Path) -> None:
+    """The stock Qwen2MoeForCausalLM copy (--export-qwen2-moe), read back as another tool would."""
+    from src.common.outputs import staged_folder
+
+    try:
+        with staged_folder(exported_dir) as tmp:
+            moe_export.export_qwen2_moe(model, tmp, tokenizer)
+    except ValueError as e:
+        raise UsageError("--export-qwen2-moe", f"export refused: {e} (the MoE checkpoint {out} was written)") from None
+    exported = load_model(exported_dir, torch_dtype=next(model.parameters()).dtype).eval()
+    export_diff = (logits(exported, input_ids) - after).abs().max().item()
+    print(f"[upcycle] exported {type(exported).__name__} -> {exported_dir}; max |logit difference| "
+          f"vs our MoE: {export_diff:.3g}")
 
 
 if __name__ == "__main__":

@@ -25,19 +25,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 from src.common.chat_formats import FORMAT_NAMES
-from src.common.defaults import DEFAULT_MODEL, ROOT, SAMPLE_DIR
-from src.common.errors import UsageError, require_at_least
+from src.common.defaults import DEFAULT_MODEL, repo_relative
+from src.common.errors import UsageError
 from src.common.io import file_sha256, write_json, write_jsonl
 from src.common.rerun import check_rerun, normalised
 from src.common.languages import family_id
 from src.models.loading import load_tokenizer_and_format
-from src.prepare import mmedbench, mmedbench_step1, mmedlm_prompts
+from src.prepare import mmedbench_step1, mmedlm_prompts
 from src.evaluate.records import STEP1_FILES, STEP1_FORMAT_VERSION, STEP1_REPORT
 from src.prepare.bench_items import BenchItem, load_bench
+from src.prepare.config import SAMPLE_BENCH, XMEDBENCH_SHOTS, PromptConfig
 from src.prepare.prompts import PAPER_MAX_CHARS, STYLES, PromptBuilder, candidate_shots
-
-XMEDBENCH_SHOTS = 3  # the paper's k
-
 
 def _token_counts(tokenizer, texts: list[str], desc: str, batch: int = 2048) -> list[int]:
     out: list[int] = []
@@ -135,34 +133,17 @@ def _dev_sample(test: list[BenchItem], fraction: float, seed: int) -> list[Bench
     return out
 
 
-def check_flags(args) -> None:
-    require_at_least(args, {"--shots": 0, "--max-tokens": 1})
-    if not 0 <= args.dev_fraction <= 1:
-        raise UsageError("--dev-fraction", f"must be between 0 and 1, got {args.dev_fraction}")
-
-
-def check_xmedbench_flags(args) -> None:
-    """The MMedBench-only flags are refused for XMedBench items; --shots defaults to the paper's 3."""
-    if args.prompt_style == "mmedlm":
-        raise UsageError("--prompt-style", "'mmedlm' is for MMedBench (--bench a folder with Test/<Language>.jsonl)")
-    if args.rationale is not None:
-        raise UsageError("--rationale", "is for MMedBench prompts only")
-    if args.format == "raw":
-        raise UsageError("--format", "'raw' is for MMedBench's Alpaca prompts, which carry their own markers")
-    if args.shots is None:
-        args.shots = XMEDBENCH_SHOTS
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="1.data_process_test_dev.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", type=Path, default=SAMPLE_DIR / "bench_test.json",
+    p.add_argument("--bench", type=Path, default=SAMPLE_BENCH,
                    help="test items (default: the sample), or an MMedBench release: a folder with Test/ (or a "
                         "split folder, or one <Language>.jsonl) for MMedLM's zero-shot prompts (docs/mmedbench.md)")
     p.add_argument("--dev", type=Path, default=None,
                    help="dev items: the shot pool and dev.jsonl (default: the sample's dev file when --bench is the "
                         "sample; without one, dev.jsonl is a seeded 10%% sample of test, as in the reference)")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="tokenizer/config to format and count tokens for")
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help=f"tokenizer/config to format and count tokens for (default: {repo_relative(DEFAULT_MODEL)})")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: data/sample_<model> for the sample, else data/<bench>_<model>)")
     p.add_argument("--shots", type=int, default=None,
                    help=f"shots per prompt (default: {XMEDBENCH_SHOTS}; MMedBench prompts are zero-shot)")
@@ -189,36 +170,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    check_flags(args)
-    if mmedbench.is_release(args.bench):  # MMedBench: MMedLM's zero-shot prompts
-        return mmedbench_step1.main(args)
-    check_xmedbench_flags(args)
-    if args.dev is None and args.bench == SAMPLE_DIR / "bench_test.json":
-        args.dev = SAMPLE_DIR / "bench_dev.json"
-    stem = "sample" if args.bench == SAMPLE_DIR / "bench_test.json" else args.bench.stem
-    out = args.out or ROOT / "data" / f"{stem}_{Path(args.model).name}"
-    settings = _settings(args)
-    check_rerun(out, STEP1_REPORT, settings, args.overwrite, "step 1")
+    config = PromptConfig.from_args(build_parser().parse_args(argv))
+    if config.mmedbench:  # MMedBench: MMedLM's zero-shot prompts
+        return mmedbench_step1.run(config)
+    return run(config)
+
+
+def run(config: PromptConfig) -> int:
+    """Step 1 on XMedBench items: test.jsonl, dev.jsonl, rejects.jsonl and report.json (written last) in --out."""
+    out, settings = config.out, config.settings()
+    check_rerun(out, STEP1_REPORT, settings, config.overwrite, "step 1")
     t0 = time.time()
 
-    tokenizer, fmt = load_tokenizer_and_format(args.model, args.format)
-    builder = PromptBuilder(fmt, args.prompt_style)
-    test, dev, pool, missing, rejects = load_items(args)
-    fixed = args.shot_mode == "fixed"
-    test_rec, test_rep, test_long = build_split(test, pool, builder, tokenizer, args.shots, args.seed, fixed,
-                                                args.max_tokens, "test")
-    dev_pool = _by_source(dev) if args.dev else pool
-    dev_rec, dev_rep, dev_long = build_split(dev, dev_pool, builder, tokenizer, args.shots, args.seed, fixed,
-                                             args.max_tokens, "dev")
+    tokenizer, fmt = load_tokenizer_and_format(config.model, config.format)
+    builder = PromptBuilder(fmt, config.prompt_style)
+    test, dev, pool, missing, rejects = load_items(config)
+    fixed = config.shot_mode == "fixed"
+    test_rec, test_rep, test_long = build_split(test, pool, builder, tokenizer, config.shots, config.seed, fixed,
+                                                config.max_tokens, "test")
+    dev_pool = _by_source(dev) if config.dev else pool
+    dev_rec, dev_rep, dev_long = build_split(dev, dev_pool, builder, tokenizer, config.shots, config.seed, fixed,
+                                             config.max_tokens, "dev")
     malformed = len(rejects)
-    rejects += [{"file": str(args.bench), **r} for r in test_long] + \
-               [{"file": str(args.dev or args.bench), **r} for r in dev_long]
+    rejects += [{"file": str(config.bench), **r} for r in test_long] + \
+               [{"file": str(config.dev or config.bench), **r} for r in dev_long]
     if test and not test_rec:
-        if args.prompt_style == "paper":
+        if config.prompt_style == "paper":
             raise UsageError("--prompt-style", f"no test item fits the reference's limit of {PAPER_MAX_CHARS} "
                                                "characters, even with zero shots (--max-tokens does not apply here)")
-        raise UsageError("--max-tokens", f"no test item fits in {args.max_tokens} tokens, even with zero shots")
+        raise UsageError("--max-tokens", f"no test item fits in {config.max_tokens} tokens, even with zero shots")
 
     out.mkdir(parents=True, exist_ok=True)
     (out / STEP1_REPORT).unlink(missing_ok=True)  # the mark of a complete folder goes until the new files are in
@@ -228,37 +208,30 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "format_version": STEP1_FORMAT_VERSION,
         "settings": normalised(settings),
-        "bench": str(args.bench), "dev_file": str(args.dev) if args.dev else None, "model": str(args.model),
-        "format": fmt.to_dict(), "prompt_style": args.prompt_style, "shots": args.shots, "shot_mode": args.shot_mode,
-        "seed": args.seed, "max_tokens": args.max_tokens,
-        "shot_pool": "dev items of the same source" if args.dev else "other test items of the same source",
+        "bench": str(config.bench), "dev_file": str(config.dev) if config.dev else None, "model": str(config.model),
+        "format": fmt.to_dict(), "prompt_style": config.prompt_style, "shots": config.shots,
+        "shot_mode": config.shot_mode, "seed": config.seed, "max_tokens": config.max_tokens,
+        "shot_pool": "dev items of the same source" if config.dev else "other test items of the same source",
         "sources_without_dev_items": missing,
-        "dev_is_subset_of_test": not args.dev,
+        "dev_is_subset_of_test": not config.dev,
         "rejected_malformed": malformed,
         "test": test_rep, "dev": dev_rep,
         # what step 4 and step 3's dev evaluation check that they read (src/evaluate/records.py)
         "files": {name: {"sha256": file_sha256(out / name)} for name in STEP1_FILES},
     }
     write_json(out / STEP1_REPORT, report)  # last: it marks a complete folder
-    print_summary(args, fmt, out, report, bool(rejects), time.time() - t0)
+    print_summary(config, fmt, report, bool(rejects), time.time() - t0)
     return 0
 
 
-def _settings(args) -> dict:
-    """What decides step 1's outputs besides the items themselves (a rerun with other settings needs --overwrite)."""
-    keys = ("bench", "dev", "model", "format", "prompt_style", "shots", "shot_mode", "seed", "max_tokens",
-            "dev_fraction", "on_error")
-    return {k: getattr(args, k) for k in keys}
-
-
-def load_items(args) -> tuple[list, list, dict, list[str], list[dict]]:
+def load_items(config: PromptConfig) -> tuple[list, list, dict, list[str], list[dict]]:
     """Test items, dev items, the shot pool per source, the sources whose shots come from their own test items
     (no dev items), and the malformed items rejected (``--on-error skip``)."""
-    skip = args.on_error == "skip"
-    test, rejects = load_bench(args.bench, skip)
-    if not args.dev:
-        return test, _dev_sample(test, args.dev_fraction, args.seed), _by_source(test), [], rejects
-    dev, dev_rejects = load_bench(args.dev, skip)
+    skip = config.on_error == "skip"
+    test, rejects = load_bench(config.bench, skip)
+    if not config.dev:
+        return test, _dev_sample(test, config.dev_fraction, config.seed), _by_source(test), [], rejects
+    dev, dev_rejects = load_bench(config.dev, skip)
     pool = _by_source(dev)
     missing = sorted(set(_by_source(test)) - set(pool))
     for source in missing:  # a source with no dev items draws its shots from its own test items
@@ -266,17 +239,18 @@ def load_items(args) -> tuple[list, list, dict, list[str], list[dict]]:
     return test, dev, pool, missing, rejects + dev_rejects
 
 
-def print_summary(args, fmt, out: Path, report: dict, any_rejects: bool, seconds: float) -> None:
-    print(f"[step 1] format={fmt.name} prompts={args.prompt_style} shots={args.shots} ({args.shot_mode}) "
-          f"seed={args.seed} -> {out}")
+def print_summary(config: PromptConfig, fmt, report: dict, any_rejects: bool, seconds: float) -> None:
+    out = config.out
+    print(f"[step 1] format={fmt.name} prompts={config.prompt_style} shots={config.shots} ({config.shot_mode}) "
+          f"seed={config.seed} -> {out}")
     for split in ("test", "dev"):
         rep = report[split]
         print(f"  {split}: read {rep['read']}, wrote {rep['written']}, over budget {rep['over_budget']}, "
-              f"fewer than {args.shots} shots {rep['fewer_than_k_shots']}, languages {len(rep['by_language'])}, "
+              f"fewer than {config.shots} shots {rep['fewer_than_k_shots']}, languages {len(rep['by_language'])}, "
               f"longest prompt {rep['max_prompt_tokens']} tokens")
     print(f"  malformed items rejected: {report['rejected_malformed']}"
           + (f" (see {out / 'rejects.jsonl'})" if any_rejects else ""))
-    if not args.dev:
+    if not config.dev:
         print("  note: no --dev given, so dev.jsonl is a sample of test (checkpoint selection on it leaks test)")
     print(f"  done in {seconds:.1f}s")
 
