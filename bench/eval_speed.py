@@ -477,7 +477,8 @@ def main(argv=None) -> int:
     emit(bench, end, record=False)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(bench["lines"][bench["n_previous"]:] + [end], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        lines = bench["lines"][bench["n_previous"]:] + [end]
+        args.json.write_text(json.dumps(lines, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return 0
 
 

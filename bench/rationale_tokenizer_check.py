@@ -9,7 +9,8 @@ This script compares that tokenization with the two stand-ins one would use with
 * ``untrained``: NLTK's Punkt algorithm with empty parameters (no abbreviation list), then the word tokenizer.
 
 For each language it reads the user turns (exam questions: clinical vignettes of several sentences) of the
-``medicalExam_<lang>`` training records (release format, e.g. the real slice's dataset_train.json), and reports the share of texts tokenized differently and the effect on BLEU-1 between
+``medicalExam_<lang>`` training records (release format, e.g. the real slice's dataset_train.json), and reports the
+share of texts tokenized differently and the effect on BLEU-1 between
 consecutive texts of the language (text i as the candidate, text i+1 as the reference), in BLEU-1 points x 100.
 
     python -m bench.rationale_tokenizer_check --data DATASET_TRAIN.json [--limit 400]
@@ -31,7 +32,8 @@ def texts_by_language(path: Path, limit: int) -> dict[str, list[str]]:
     for rec in iter_json_array(path):
         lang = str(rec.get("source", "")).removeprefix("medicalExam_")
         if lang in LANGUAGES and len(out[lang]) < limit:
-            out[lang] += [t["value"] for t in rec["conversations"][0::2] if t["value"].strip()][: limit - len(out[lang])]
+            texts = [t["value"] for t in rec["conversations"][0::2] if t["value"].strip()]
+            out[lang] += texts[: limit - len(out[lang])]
     return {lang: out[lang] for lang in LANGUAGES if lang in out}
 
 

@@ -10,7 +10,8 @@ A conversation with turns q1, a1, q2, a2 is rendered as::
 ``prefix`` holds what a document starts with (a BOS token, a default system block), ``end`` is what the model learns to
 emit after an answer (its last special token is the generation stop), ``sep`` separates turns.
 
-The release formats of ApolloMoE/Apollo2 (docs/reference.md, "Prompts") are registered by name and chosen from the model type.
+The release formats of ApolloMoE/Apollo2 (docs/reference.md, "Prompts") are registered by name and chosen from the
+model type.
 Models without a release format use their tokenizer's chat template, from which the same five pieces are derived by
 rendering a probe conversation, so one code path serves every family.
 """
