@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -281,8 +282,15 @@ def run_method(method: str, inputs: dict, out: Path, args) -> dict:
         records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     result = {"status": status, **(report or {})}
     if status != "ok":
-        result["error"] = err.strip().splitlines()[-1] if err.strip() else ""
+        result["error"] = last_message(err)
     return {**result, "records": records}
+
+
+def last_message(stderr: str) -> str:
+    """The last line of a child's stderr that is not a progress bar (tqdm redraws its bar with carriage returns)."""
+    lines = [line.strip() for line in re.split(r"[\r\n]", stderr) if line.strip()]
+    messages = [line for line in lines if not re.search(r"\d+%\|", line)]
+    return messages[-1] if messages else ""
 
 
 def measure(run: dict, args) -> dict:

@@ -431,3 +431,16 @@ def test_train_speed_reports_each_method_as_it_ends(monkeypatch, tmp_path, capsy
     assert moe["tokens_x_params_vs_dense"] == pytest.approx(50 * 15 / (100 * 10))
     assert compiled["steps_timed"] == 1 and compiled["tokens_per_s"] == 100  # what it measured before the limit
     assert json.loads((tmp_path / "r.json").read_text())["ratio_wall"] == 1.0
+
+
+def test_train_speed_error_is_the_last_message_not_a_progress_bar():
+    """A failed or timed-out run's "error" field: the child's last stderr line, skipping tqdm's redrawn bars."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_speed", ROOT / "bench" / "train_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bar = "Loading weights:   0%|   | 0/20 [00:00<?, ?it/s]\rLoading weights: 100%|##| 20/20 [00:00<00:00, 548.7it/s]\n"
+    assert bench.last_message("[train] step 3 loss 2.1\n" + bar) == "[train] step 3 loss 2.1"
+    assert bench.last_message(bar + "Traceback ...\nValueError: bad rows\n") == "ValueError: bad rows"
+    assert bench.last_message(bar) == ""

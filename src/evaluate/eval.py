@@ -355,24 +355,25 @@ def write_scores(out: Path, cfg: EvalConfig, selected: list[dict], records: list
     from src.evaluate.scoring import format_table, score
 
     result = score(selected, cfg.exclude_source)
-    write_json(out / "score.json", result)
     header = (f"# Step 4 scores: {shown(cfg.model)}\n\ninput: `{shown(cfg.input)}`, {len(selected)} items, "
               f"mode {cfg.mode}, max_new_tokens {cfg.max_new_tokens}. Accuracy in %, 95% intervals "
               f"({result['ci_method']}).\n\n")
-    table = format_table(result)
-    write_text(out / "score.md", header + table)
-    return table
+    return _write_score_files(out, result, header, format_table(result))
 
 
 def write_mmedbench_scores(out: Path, cfg: EvalConfig, selected: list[dict], records: list[dict]) -> str:
     from src.evaluate.mmedlm_scoring import format_table, score
 
     result = score(selected, records, cfg.parsing, cfg.rationale_metric, progress=not cfg.no_progress)
-    write_json(out / "score.json", result)
     header = (f"# Step 4 scores (MMedBench): {shown(cfg.model)}\n\ninput: `{shown(cfg.input)}`, "
               f"{len(selected)} items, max_new_tokens {cfg.max_new_tokens}, parsing {cfg.parsing}, rationale metric "
               f"{cfg.rationale_metric}. Accuracy and similarity in %, 95% intervals (docs/mmedbench.md).\n\n")
-    table = format_table(result)
+    return _write_score_files(out, result, header, format_table(result))
+
+
+def _write_score_files(out: Path, result: dict, header: str, table: str) -> str:
+    """score.json (the result) and score.md (header and table); returns the table for the terminal."""
+    write_json(out / "score.json", result)
     write_text(out / "score.md", header + table)
     return table
 
