@@ -58,12 +58,7 @@ class InProcess:
                  on_result: Callable[[Generation], None] | None = None, progress: bool = False,
                  stats: dict | None = None, desc: str | None = None) -> list[Generation]:
         extra = {"desc": desc} if desc else {}
-        if self.name != "custom":
-            return self.generator.generate(prompts, config, on_result, progress, stats, **extra)
-        out = self.generator.generate(prompts, config, on_result, progress, **extra)
-        if stats is not None:
-            stats.update(self.generator.stats.as_dict(), batch_size_final=self.generator.batch_size)
-        return out
+        return self.generator.generate(prompts, config, on_result, progress, stats, **extra)
 
     def stream_ids(self, prompt: Prompt, config: GenerationConfig) -> Iterator[int]:
         """The new token ids one at a time (a stop token ends the reply and is not yielded)."""

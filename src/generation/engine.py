@@ -379,8 +379,9 @@ class Engine:
     # -- public -------------------------------------------------------------------------------------------------
     def generate(self, prompts: list[Prompt], config: GenerationConfig,
                  on_result: Callable[[Generation], None] | None = None, progress: bool = False,
-                 desc: str = "generate") -> list[Generation]:
-        """Greedy generations of ``prompts`` (in their order); ``on_result`` gets each as soon as its row stops."""
+                 stats: dict | None = None, desc: str = "generate") -> list[Generation]:
+        """Greedy generations of ``prompts`` (in their order); ``on_result`` gets each as soon as its row stops;
+        ``stats`` (when given) is updated with the engine's counters, as the other backends do."""
         if not config.sampling.greedy:
             raise ValueError("the custom engine decodes greedily; sampling runs on the hf backend")
         self.max_new_tokens, self.min_new_tokens = config.max_new_tokens, config.min_new_tokens
@@ -399,6 +400,8 @@ class Engine:
                     on_result(g)
             self._generate(ids, groups, device, emit)
         self._run(len(prompts), progress, desc, work)
+        if stats is not None:
+            stats.update(self.stats.as_dict(), batch_size_final=self.batch_size)
         return out
 
     def next_token_logprobs(self, prompts: list[Prompt], on_result: Callable[[int, torch.Tensor], None],
