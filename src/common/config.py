@@ -77,9 +77,14 @@ class StepConfig:
         """The fields marked ``rerun``, in declaration order: what decides the step's outputs besides its inputs."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("rerun")}
 
+    @classmethod
+    def resume_keys(cls) -> tuple[str, ...]:
+        """The names of the fields marked ``resume``, in declaration order (to compare recorded settings)."""
+        return tuple(f.name for f in fields(cls) if f.metadata.get("resume"))
+
     def resume_settings(self) -> dict:
         """The fields marked ``resume``: what a resumed run must share with the results already in its folder."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("resume")}
+        return {name: getattr(self, name) for name in self.resume_keys()}
 
     def require(self, ok: bool, name: str, message: str) -> None:
         """A UsageError on the field's flag unless ``ok`` (checks that involve several fields)."""

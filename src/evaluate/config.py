@@ -9,7 +9,7 @@ from the fields) and the chats (``ChatConfig``: the terminal chat and the web ch
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from src.common.config import StepConfig, setting
@@ -73,10 +73,6 @@ class EvalConfig(StepConfig):
         if self.backend == "openai":
             self.require(bool(self.api_base), "backend", "openai needs --api-base URL")
             self.require(not self.proxy_tuned, "proxy_tuned", "decodes in this process: not with --backend openai")
-
-    @classmethod
-    def resume_keys(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls) if f.metadata.get("resume"))
 
     @classmethod
     def answer_settings(cls) -> tuple[str, ...]:
