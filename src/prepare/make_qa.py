@@ -144,15 +144,13 @@ class HFBackend:
     def __init__(self, model_path: str, device: str | None = None):
         import torch
 
-        from src.common.chat_formats import resolve_format
         from src.generation.backends import open_backend
         from src.generation.stops import stop_token_ids
-        from src.models.loading import load_model, load_tokenizer
+        from src.models.loading import load_model, load_tokenizer_and_format
 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = load_tokenizer(model_path)
+        self.tokenizer, self.fmt = load_tokenizer_and_format(model_path)
         model = load_model(model_path, device=dev).eval()
-        self.fmt = resolve_format(self.tokenizer, model.config)
         self.stops = tuple(stop_token_ids(self.tokenizer, self.fmt, model))
         self.backend = open_backend("hf", model, self.tokenizer, batch_size=1)
         self.identity = {"backend": "model", "model": repo_relative(model_path)}
